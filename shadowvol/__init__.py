@@ -1,0 +1,13 @@
+"""shadowvol: look into live Linux virtual machines from the outside.
+
+Layers of the stack, top to bottom, and the module that owns each:
+
+- ``plugins/`` (repository top level): Volatility-3 plugins of our own.
+- :mod:`shadowvol.volbridge`: runs stock volatility3 plugins on live layers.
+- :mod:`shadowvol.symbols`: ISF profiles built from BTF, kallsyms, DWARF.
+- :mod:`shadowvol.paging` / :mod:`shadowvol.kaslr`: x86-64 translation, KASLR.
+- :mod:`shadowvol.backends`: physical memory sources (shadow, libvmi, dump).
+- :mod:`shadowvol.vm`: building, booting and driving test guests under QEMU.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,45 @@
+"""Exceptions shared by every layer.
+
+:class:`ShadowvolError` is the one a user sees: its message is one line, and
+the CLI prints it without a traceback and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class ShadowvolError(Exception):
+    """An error meant for the user: a clear one-line message."""
+
+
+class VMError(ShadowvolError):
+    """A VM is unknown, stopped, failed to boot, or cannot be driven."""
+
+
+class ProfileError(ShadowvolError):
+    """A symbol profile is missing, corrupt, or does not match the guest."""
+
+
+class BackendError(ShadowvolError):
+    """A memory backend cannot be opened or read (bad dump, dead VM...)."""
+
+
+class InvalidAddressError(ShadowvolError):
+    """An address cannot be read or translated.
+
+    ``layer`` names the layer, ``address`` the faulting address, and ``entry``
+    the page-table entry that stopped the walk (None for physical reads).
+    """
+
+    def __init__(self, layer: str, address: int, message: str = "", entry: int | None = None,
+                 level: str | None = None) -> None:
+        self.layer = layer
+        self.address = address
+        self.entry = entry
+        self.level = level
+        text = f"{layer}: invalid address {address:#x}"
+        if level is not None:
+            text += f" (not present at {level}"
+            text += f", entry {entry:#x})" if entry is not None else ")"
+        if message:
+            text += f": {message}"
+        super().__init__(text)
