@@ -1,0 +1,341 @@
+"""Guest images built from Debian packages only.
+
+An image is a directory in the cache, keyed by kernel release::
+
+    images/<release>/vmlinuz, config, initramfs.cpio.gz, manifest.json
+    images/<release>/headers/   (linux-headers + kbuild, extracted, for modules)
+
+The initramfs holds busybox-static, busybox init with our rc script (the web01
+story: httpd and long-lived workers), the control agent on ttyS1, the static
+workload programs compiled on the host, and the few kernel modules a stock
+guest would load on QEMU (qemu_fw_cfg, which feeds the vmcoreinfo device).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .. import paths
+from ..errors import VMError
+from . import debpkg
+
+GUEST_DIR = Path(__file__).parent / "guest"
+BUSYBOX = Path("/bin/busybox")
+DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
+# Modules a Debian guest on QEMU loads through udev, copied with their deps.
+GUEST_MODULES = ["qemu_fw_cfg"]
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built guest image on disk."""
+
+    release: str
+    root: Path
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.root / "vmlinuz"
+
+    @property
+    def initramfs(self) -> Path:
+        return self.root / "initramfs.cpio.gz"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config"
+
+    @property
+    def headers(self) -> Path:
+        return self.root / "headers"
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.root / "manifest.json").read_text())
+
+    @property
+    def profile(self) -> Path:
+        return self.root / "profile.isf"
+
+
+def images_dir() -> Path:
+    d = paths.cache_dir() / "images"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def list_images() -> list[Image]:
+    out = []
+    for d in sorted(images_dir().iterdir()):
+        if (d / "manifest.json").exists() and (d / "initramfs.cpio.gz").exists():
+            out.append(Image(d.name, d))
+    return out
+
+
+def find_image(spec: str | None = None) -> Image:
+    """The image for a release, a kernel package name, or the default one."""
+    images = list_images()
+    if not images:
+        raise VMError("no guest image built yet: run 'shadowvol vm build' first")
+    if spec is None:
+        for img in images:
+            if img.manifest.get("package") == DEFAULT_KERNEL_PACKAGE:
+                return img
+        return images[-1]
+    for img in images:
+        if spec in (img.release, img.manifest.get("package"), img.manifest.get("image_package")):
+            return img
+    raise VMError(f"no image for {spec!r}; built: {', '.join(i.release for i in images)}")
+
+
+def _inputs_digest() -> str:
+    """Hash of everything that goes into the initramfs, to detect stale builds."""
+    h = hashlib.sha256()
+    for p in sorted(GUEST_DIR.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(GUEST_DIR).as_posix().encode())
+            h.update(p.read_bytes())
+    h.update(hashlib.sha256(BUSYBOX.read_bytes()).digest())
+    stub = _stub_dir()
+    if stub is not None:
+        for p in sorted(stub.glob("*")):
+            if p.is_file() and p.suffix in (".c", ".h") or p.name in ("Kbuild", "Makefile"):
+                h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _stub_dir() -> Path | None:
+    """guest_stub/ of the source checkout, when present (issue 4's module)."""
+    d = Path(__file__).resolve().parents[2] / "guest_stub"
+    return d if (d / "Kbuild").exists() or (d / "Makefile").exists() else None
+
+
+class CpioWriter:
+    """Write a ``newc`` cpio archive (the initramfs format)."""
+
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+        self.ino = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", nlink: int = 1) -> None:
+        nameb = name.encode() + b"\0"
+        hdr = "070701" + "".join(f"{v:08x}" for v in (
+            self.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(nameb), 0))
+        self.ino += 1
+        self.buf.write(hdr.encode() + nameb)
+        self.buf.write(b"\0" * (-(110 + len(nameb)) % 4))
+        self.buf.write(data)
+        self.buf.write(b"\0" * (-len(data) % 4))
+
+    def add_tree(self, root: Path) -> None:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            rel = Path(dirpath).relative_to(root)
+            if rel != Path("."):
+                self._entry(rel.as_posix(), stat.S_IFDIR | 0o755, nlink=2)
+            for fn in sorted(filenames):
+                p = Path(dirpath) / fn
+                name = (rel / fn).as_posix()
+                st = p.lstat()
+                if stat.S_ISLNK(st.st_mode):
+                    self._entry(name, stat.S_IFLNK | 0o777, os.readlink(p).encode())
+                else:
+                    self._entry(name, stat.S_IFREG | (st.st_mode & 0o7777), p.read_bytes())
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return self.buf.getvalue()
+
+
+def _module_deps(moddir: Path, names: list[str]) -> list[Path]:
+    """The .ko files for ``names`` and their dependencies, in load order."""
+    dep_lines = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        mod, _, deps = line.partition(":")
+        dep_lines[Path(mod).name.split(".ko")[0].replace("-", "_")] = (mod, deps.split())
+    order: list[Path] = []
+
+    def visit(rel: str) -> None:
+        base = Path(rel).name.split(".ko")[0].replace("-", "_")
+        mod, deps = dep_lines[base]
+        for d in reversed(deps):
+            visit(d)
+        p = moddir / mod
+        if p not in order:
+            order.append(p)
+
+    for n in names:
+        if n in dep_lines:
+            visit(dep_lines[n][0])
+    return order
+
+
+def _decompress_module(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        import lzma
+        return lzma.decompress(data)
+    if path.suffix == ".zst":
+        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+    if path.suffix == ".gz":
+        return gzip.decompress(data)
+    return data
+
+
+def compile_workloads(dest: Path) -> list[Path]:
+    """Compile the static workload programs (syscall loop, fork/exec, file copy)."""
+    out = []
+    for src in sorted((GUEST_DIR / "workloads").glob("*.c")):
+        exe = dest / src.stem
+        proc = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-o", str(exe), str(src)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise VMError(f"compiling {src.name} failed: {proc.stderr.strip().splitlines()[-1:]}"
+                          " (static glibc comes with libc6-dev)")
+        out.append(exe)
+    return out
+
+
+def _build_initramfs(modules: list[Path], stub_ko: Path | None, work: Path) -> bytes:
+    root = work / "initramfs"
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/init.d", "proc", "sys", "dev",
+              "tmp", "run", "root", "lib/modules", "lib/shadowvol", "var/log", "etc/crontabs"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, root / "bin/busybox")
+    applets = subprocess.run([str(BUSYBOX), "--list-full"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    for applet in applets:
+        link = root / applet
+        if link.name == "busybox" or link.exists():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to("/bin/busybox")
+    (root / "init").symlink_to("/bin/busybox")
+    shutil.copy2(GUEST_DIR / "inittab", root / "etc/inittab")
+    for src, dst in (("rcS", "etc/init.d/rcS"), ("sv-agent", "sbin/sv-agent")):
+        shutil.copy2(GUEST_DIR / src, root / dst)
+        os.chmod(root / dst, 0o755)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc/group").write_text("root:x:0:\n")
+    compile_workloads(root / "usr/bin")
+    for i, m in enumerate(modules):
+        name = m.name.split(".ko")[0]
+        (root / "lib/modules" / f"{i:02d}-{name}.ko").write_bytes(_decompress_module(m))
+    if stub_ko is not None:
+        shutil.copy2(stub_ko, root / "lib/shadowvol/shadow_stub.ko")
+    w = CpioWriter()
+    w.add_tree(root)
+    return gzip.compress(w.finish(), compresslevel=6)
+
+
+def prepare_headers(debs: list[Path], dest: Path) -> Path:
+    """Extract linux-headers/kbuild .debs into ``dest`` and fix the Makefile include.
+
+    The flavour Makefile includes ``/usr/src/linux-headers-<ver>-common/Makefile``
+    by absolute path; it is rewritten to point into ``dest``. Returns the
+    flavour build directory (``dest/usr/src/linux-headers-<release>``).
+    """
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for deb in debs:
+        debpkg.extract(deb, tmp)
+    for mk in (tmp / "usr/src").glob("linux-headers-*/Makefile"):
+        text = mk.read_text()
+        fixed = re.sub(r"(/usr/src/linux-headers-[^/\s]+)", lambda m: str(tmp) + m.group(1), text)
+        fixed = fixed.replace(str(tmp), str(dest))
+        mk.write_text(fixed)
+    # kbuild's scripts dir is a symlink into /usr/lib/linux-kbuild-*: make it relative.
+    for link in (tmp / "usr/src").rglob("*"):
+        if link.is_symlink():
+            target = os.readlink(link)
+            if target.startswith("/"):
+                link.unlink()
+                link.symlink_to(os.path.relpath(tmp / target.lstrip("/"), link.parent))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    flavour = [p for p in (dest / "usr/src").glob("linux-headers-*") if not p.name.endswith("-common")]
+    if not flavour:
+        raise VMError(f"no linux-headers flavour directory in {dest}")
+    return flavour[0]
+
+
+def headers_build_dir(image: Image) -> Path:
+    """The directory to pass as ``make -C`` when building modules for ``image``."""
+    d = image.headers / "usr/src" / f"linux-headers-{image.release}"
+    if not (d / "Makefile").exists():
+        raise VMError(f"image {image.release} has no kernel headers; rebuild it with 'shadowvol vm build'")
+    return d
+
+
+def build_image(package: str = DEFAULT_KERNEL_PACKAGE, progress: Progress | None = None,
+                force: bool = False) -> tuple[Image, bool]:
+    """Build (or reuse) the image for a Debian kernel package.
+
+    Returns the image and whether anything was built. A second build with
+    the same inputs is a no-op.
+    """
+    say = progress or (lambda msg: None)
+    say(f"resolving {package}")
+    image_pkg = debpkg.resolve_kernel_package(package)
+    release = debpkg.kernel_release(image_pkg)
+    img = Image(release, images_dir() / release)
+    digest = _inputs_digest()
+    if not force and (img.root / "manifest.json").exists() and img.initramfs.exists():
+        man = img.manifest
+        if man.get("inputs") == digest and man.get("package") == package:
+            return img, False
+        if man.get("inputs") == digest:
+            # same kernel reached through another package name: record both
+            pass
+    img.root.mkdir(parents=True, exist_ok=True)
+    debs_dir = paths.cache_dir() / "debs"
+    header_pkgs = debpkg.headers_packages(release)
+    say(f"downloading {image_pkg} and {len(header_pkgs)} header packages")
+    debs = debpkg.download([image_pkg, *header_pkgs], debs_dir)
+    with tempfile.TemporaryDirectory(prefix="shadowvol-build-") as tmp:
+        work = Path(tmp)
+        say(f"extracting {debs[0].name}")
+        debpkg.extract(debs[0], work / "kernel")
+        boot = work / "kernel/boot"
+        vmlinuz = boot / f"vmlinuz-{release}"
+        if not vmlinuz.exists():
+            raise VMError(f"{image_pkg} has no /boot/vmlinuz-{release}")
+        shutil.copy2(vmlinuz, img.vmlinuz)
+        shutil.copy2(boot / f"config-{release}", img.config)
+        moddir = work / "kernel/lib/modules" / release
+        modules = _module_deps(moddir, GUEST_MODULES) if (moddir / "modules.dep").exists() else []
+        if not img.headers.exists() or force:
+            say("extracting kernel headers for guest modules")
+            prepare_headers(debs[1:], img.headers)
+        stub_ko = None
+        if _stub_dir() is not None:
+            say("building the guest stub module")
+            from . import kmod
+            stub_ko = kmod.build_module(img, _stub_dir())[0]
+        say("building initramfs (busybox, agent, workloads)")
+        img.initramfs.write_bytes(_build_initramfs(modules, stub_ko, work))
+    manifest = {
+        "release": release,
+        "package": package,
+        "image_package": image_pkg,
+        "debs": [d.name for d in debs],
+        "inputs": digest,
+        "modules": [m.name for m in modules],
+        "stub": stub_ko is not None,
+    }
+    (img.root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return img, True

@@ -1,0 +1,53 @@
+"""Build out-of-tree kernel modules for a guest image, against its Debian headers.
+
+The headers (``linux-headers-<release>``, ``-common``, ``linux-kbuild-*``) are
+extracted, not installed, by :func:`shadowvol.vm.image.prepare_headers`; here
+we run kbuild on a copy of the module's source directory and return the .ko.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ..errors import VMError
+from .image import Image, headers_build_dir
+
+
+def build_module(image: Image, src_dir: Path, out_dir: Path | None = None,
+                 extra_cflags: str = "") -> list[Path]:
+    """``make -C <headers> M=<copy of src_dir> modules``; returns the built .ko paths.
+
+    ``src_dir`` holds a Kbuild (or Makefile with ``obj-m``) and the sources.
+    The .ko files are copied to ``out_dir`` (default: ``src_dir``'s build
+    cache in the image directory).
+    """
+    kdir = headers_build_dir(image)
+    src_dir = Path(src_dir).resolve()
+    if not src_dir.is_dir():
+        raise VMError(f"module source {src_dir} is not a directory")
+    out = Path(out_dir) if out_dir else image.root / "modules" / src_dir.name
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="shadowvol-kmod-") as tmp:
+        build = Path(tmp) / src_dir.name
+        shutil.copytree(src_dir, build, ignore=shutil.ignore_patterns(
+            "*.o", "*.ko", "*.mod*", ".*.cmd", "Module.symvers", "modules.order"))
+        cmd = ["make", "-s", "-C", str(kdir), f"M={build}", "modules"]
+        if extra_cflags:
+            cmd.append(f"ccflags-y={extra_cflags}")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = [l for l in (proc.stderr + proc.stdout).splitlines() if l.strip()]
+            err = next((l for l in lines if "error" in l), lines[-1] if lines else "?")
+            raise VMError(f"building module in {src_dir.name} failed: {err.strip()}")
+        kos = sorted(build.glob("*.ko"))
+        if not kos:
+            raise VMError(f"building module in {src_dir.name} produced no .ko")
+        result = []
+        for ko in kos:
+            dst = out / ko.name
+            shutil.copy2(ko, dst)
+            result.append(dst)
+    return result

@@ -1,0 +1,233 @@
+"""Boot and stop guests under QEMU.
+
+Guest RAM lives in a shared file (``memory-backend-file,share=on`` on
+/dev/shm), which the shadow backend maps. QMP, the gdbstub, the control serial
+port (ttyS1) and the console (ttyS0, also logged to a file) listen on unix
+sockets in the VM's private directory. KVM is used only when a probe shows it
+boots this kernel; otherwise TCG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .. import paths
+from ..errors import VMError
+from ..qmp import QMPClient
+from . import registry
+from .image import Image
+
+QEMU = "qemu-system-x86_64"
+
+
+def parse_memory(text: str | int) -> int:
+    """'512M', '1G', '768' (MiB) -> MiB."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+)\s*([MmGg]?)i?[Bb]?\s*", str(text))
+    if not m:
+        raise VMError(f"invalid memory size {text!r}: use e.g. 512M or 1G")
+    n = int(m.group(1)) * (1024 if m.group(2).lower() == "g" else 1)
+    if not 128 <= n <= 64 * 1024:
+        raise VMError(f"memory size {text!r} out of range (128M..64G)")
+    return n
+
+
+def _qemu_version() -> str:
+    try:
+        out = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        raise VMError(f"{QEMU} not found: install the qemu-system-x86 package") from None
+    return out.split("\n")[0]
+
+
+def probe_kvm(image: Image, timeout: float = 6.0) -> bool:
+    """True when KVM can boot this kernel to its first printk.
+
+    The host's /dev/kvm may be a paravirtual KVM (PVM) on which stock kernels
+    never leave the decompressor, so opening /dev/kvm is not enough: we boot
+    the kernel with no initramfs and wait for "Linux version" on the console.
+    The answer is cached per host kernel, QEMU version and guest release.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    key = f"{platform.release()}|{_qemu_version()}|{image.release}"
+    cache = paths.cache_dir() / "kvm-probe.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return bool(known[key])
+    with tempfile.TemporaryDirectory(prefix="shadowvol-kvm-") as tmp:
+        log = Path(tmp) / "console.log"
+        proc = subprocess.Popen(
+            [QEMU, "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-m", "256M", "-nodefaults",
+             "-no-user-config", "-display", "none", "-no-reboot", "-kernel", str(image.vmlinuz),
+             "-append", "console=ttyS0 panic=-1", "-serial", f"file:{log}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ok = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if log.exists() and b"Linux version" in log.read_bytes():
+                ok = True
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait()
+    known[key] = ok
+    cache.write_text(json.dumps(known, indent=1))
+    return ok
+
+
+def console_tail(log: Path, lines: int = 25) -> str:
+    try:
+        text = log.read_bytes().decode(errors="replace")
+    except OSError:
+        return "(no console output)"
+    text = text.replace("\r", "")
+    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(no console output)"
+
+
+def build_command(entry: registry.VMEntry, image: Image, accel: str, pidfile: Path,
+                  qemu_log: Path) -> list[str]:
+    append = ["console=ttyS0", "panic=-1", f"shadowvol.name={entry.name}", "loglevel=6"]
+    if not entry.kaslr:
+        append.append("nokaslr")
+    if entry.stub:
+        append.append("shadowvol.stub=1")
+    mem = f"{entry.memory_mb}M"
+    return [
+        QEMU, "-name", f"{entry.name},process=shadowvol-{entry.name}",
+        "-machine", "q35,memory-backend=mem", "-accel", accel,
+        "-cpu", "host" if accel == "kvm" else "max",
+        "-smp", str(entry.cpus), "-m", mem,
+        "-object", f"memory-backend-file,id=mem,size={mem},mem-path={entry.ram_file},share=on",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(image.vmlinuz), "-initrd", str(image.initramfs),
+        "-append", " ".join(append),
+        "-device", "vmcoreinfo",
+        "-chardev", f"socket,id=con0,path={entry.console},server=on,wait=off,"
+                    f"logfile={entry.console_log},logappend=on",
+        "-serial", "chardev:con0",
+        "-chardev", f"socket,id=ctl0,path={entry.ctl},server=on,wait=off",
+        "-serial", "chardev:ctl0",
+        "-chardev", f"socket,id=gdb0,path={entry.gdb},server=on,wait=off",
+        "-gdb", "chardev:gdb0",
+        "-qmp", f"unix:{entry.qmp},server=on,wait=off",
+        "-daemonize", "-pidfile", str(pidfile), "-D", str(qemu_log),
+    ]
+
+
+def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
+             kaslr: bool = True, accel: str = "auto", stub: bool | None = None,
+             timeout: float = 120.0) -> registry.VMEntry:
+    """Boot ``image`` as VM ``name`` and return once its control agent answers."""
+    from .console import Console
+
+    registry.validate_name(name)
+    memory_mb = parse_memory(memory)
+    if not 1 <= cpus <= 64:
+        raise VMError(f"invalid CPU count {cpus}")
+    if accel not in ("auto", "kvm", "tcg"):
+        raise VMError(f"invalid accelerator {accel!r}: auto, kvm or tcg")
+    if stub is None:
+        stub = bool(image.manifest.get("stub"))
+    elif stub and not image.manifest.get("stub"):
+        raise VMError(f"image {image.release} has no guest stub; rebuild it with 'shadowvol vm build'")
+    if accel == "auto":
+        accel = "kvm" if probe_kvm(image) else "tcg"
+    d = registry.vm_dir(name)
+    with registry.locked():
+        registry.cleanup_stale()
+        if d.exists():
+            raise VMError(f"VM {name!r} is already running (stop it with 'shadowvol vm stop {name}')")
+        d.mkdir(mode=0o700)
+        (d / "starting").write_text(str(os.getpid()))
+    entry = registry.VMEntry(
+        name=name, pid=0, release=image.release, memory_mb=memory_mb, cpus=cpus, accel=accel,
+        kaslr=kaslr, stub=stub, dir=str(d), ram_file=str(paths.shm_dir() / f"{name}.ram"),
+        qmp=str(d / "qmp.sock"), gdb=str(d / "gdb.sock"), ctl=str(d / "ctl.sock"),
+        console=str(d / "console.sock"), console_log=str(d / "console.log"),
+        image=str(image.root), started=time.time())
+    pidfile, qemu_log = d / "qemu.pid", d / "qemu.log"
+    old_umask = os.umask(0o077)
+    try:
+        proc = subprocess.run(build_command(entry, image, accel, pidfile, qemu_log),
+                              capture_output=True, text=True)
+    except FileNotFoundError:
+        registry.remove_files(d, entry.ram_file)
+        raise VMError(f"{QEMU} not found: install the qemu-system-x86 package") from None
+    finally:
+        os.umask(old_umask)
+    if proc.returncode != 0:
+        registry.remove_files(d, entry.ram_file)
+        msg = (proc.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise VMError(f"QEMU failed to start {name}: {msg}")
+    entry.pid = int(pidfile.read_text().strip())
+    entry.save()
+    (d / "starting").unlink(missing_ok=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        if not entry.alive():
+            tail = console_tail(Path(entry.console_log))
+            registry.remove_files(d, entry.ram_file)
+            raise VMError(f"VM {name} failed to boot (QEMU exited). Console tail:\n{tail}")
+        if time.monotonic() > deadline:
+            tail = console_tail(Path(entry.console_log))
+            stop_vm(name)
+            raise VMError(f"VM {name} did not become ready within {timeout:.0f}s. Console tail:\n{tail}")
+        try:
+            with Console(entry) as con:
+                if con.ping(timeout=2.0):
+                    break
+        except VMError:
+            pass
+        time.sleep(0.2)
+    return entry
+
+
+def stop_vm(name: str, timeout: float = 10.0) -> None:
+    """Quit QEMU (QMP ``quit``, then signals) and remove the VM's files."""
+    d = registry.vm_dir(name)
+    entry = registry._load(d)
+    if entry is None:
+        raise VMError(f"no VM named {name!r} (see 'shadowvol vm list')")
+    if entry.alive():
+        try:
+            with QMPClient(entry.qmp, timeout=3.0) as q:
+                q.execute("quit")
+        except (VMError, OSError):
+            pass
+        deadline = time.monotonic() + timeout
+        sig = signal.SIGTERM
+        while entry.alive():
+            if time.monotonic() > deadline:
+                try:
+                    os.kill(entry.pid, sig)
+                except ProcessLookupError:
+                    break
+                sig = signal.SIGKILL
+                deadline = time.monotonic() + 3
+            time.sleep(0.05)
+    with registry.locked():
+        registry.remove_files(d, entry.ram_file)
+
+
+def vm_state(entry: registry.VMEntry) -> str:
+    """QEMU's run state (running, paused, ...), or 'unresponsive'."""
+    try:
+        with QMPClient(entry.qmp, timeout=2.0) as q:
+            return q.execute("query-status").get("status", "?")
+    except VMError:
+        return "unresponsive"
