@@ -52,8 +52,11 @@ def cmd_vm_build(args: argparse.Namespace) -> int:
 
 def cmd_vm_start(args: argparse.Namespace) -> int:
     from .vm.image import find_image
-    from .vm.qemu import start_vm
+    from .vm.qemu import parse_memory, start_vm
+    from .vm.registry import validate_name
 
+    validate_name(args.name)
+    parse_memory(args.memory)
     img = find_image(args.image)
     update, stop = _progress()
     update(f"booting {args.name} ({img.release})")

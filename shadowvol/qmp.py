@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 from typing import Any
 
 from .errors import VMError
@@ -60,6 +61,15 @@ class QMPClient:
     def hmp(self, command_line: str) -> str:
         """Run a human-monitor command (e.g. ``info registers``) and return its text."""
         return self.execute("human-monitor-command", **{"command-line": command_line})
+
+    def peer_pid(self) -> int | None:
+        """The pid of the QEMU at the other end of the socket (SO_PEERCRED), if known."""
+        try:
+            creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except (OSError, AttributeError):
+            return None
+        pid = struct.unpack("3i", creds)[0]
+        return pid or None
 
     def close(self) -> None:
         try:

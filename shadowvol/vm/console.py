@@ -59,6 +59,8 @@ class Console:
                 chunk = self._sock.recv(65536)
             except socket.timeout:
                 raise TimeoutError from None
+            except OSError as exc:
+                raise VMError(f"control channel of {self.entry.name} failed: {exc.strerror}") from None
             if not chunk:
                 raise VMError(f"control channel of {self.entry.name} closed (has the VM stopped?)")
             self._buf += chunk
@@ -71,9 +73,16 @@ class Console:
             if line.startswith(prefix):
                 return line[len(prefix):]
 
+    def _send(self, *parts: bytes) -> None:
+        try:
+            for part in parts:
+                self._sock.sendall(part)
+        except OSError as exc:
+            raise VMError(f"control channel of {self.entry.name} failed: {exc.strerror}") from None
+
     def ping(self, timeout: float = 2.0) -> bool:
         tok = secrets.token_hex(6).encode()
-        self._sock.sendall(b"\nSVPING " + tok + b"\n")
+        self._send(b"\nSVPING " + tok + b"\n")
         try:
             self._until(tok + b" PONG", time.monotonic() + timeout)
             return True
@@ -83,7 +92,7 @@ class Console:
     def run(self, command: str, timeout: float = 120.0) -> tuple[int, bytes]:
         """Run a shell command in the guest; returns (exit status, output)."""
         tok = secrets.token_hex(6).encode()
-        self._sock.sendall(b"SVRUN " + tok + b" " + base64.b64encode(command.encode()) + b"\n")
+        self._send(b"SVRUN " + tok + b" " + base64.b64encode(command.encode()) + b"\n")
         deadline = time.monotonic() + timeout
         try:
             self._until(tok + b" BEGIN", deadline)
@@ -102,9 +111,8 @@ class Console:
         """Write ``data`` to ``guest_path`` in the guest."""
         tok = secrets.token_hex(6).encode()
         payload = base64.b64encode(data)
-        self._sock.sendall(b"SVPUT " + tok + b" " + base64.b64encode(guest_path.encode()) + b" "
-                           + str(len(payload)).encode() + b"\n")
-        self._sock.sendall(payload)
+        self._send(b"SVPUT " + tok + b" " + base64.b64encode(guest_path.encode()) + b" "
+                   + str(len(payload)).encode() + b"\n", payload)
         try:
             rc = int(self._until(tok + b" PUT ", time.monotonic() + timeout))
         except TimeoutError:

@@ -73,24 +73,26 @@ def headers_packages(release: str) -> list[str]:
 
 
 def download(packages: list[str], dest: Path) -> list[Path]:
-    """``apt-get download`` each package into ``dest`` (cached: skips present .debs)."""
+    """``apt-get download`` each package into ``dest``; returns .debs in request order.
+
+    Packages already in ``dest`` are not fetched again.
+    """
     dest.mkdir(parents=True, exist_ok=True)
-    want = []
-    found: list[Path] = []
-    for pkg in packages:
+
+    def cached(pkg: str) -> Path | None:
         have = sorted(dest.glob(f"{pkg}_*.deb"))
-        if have:
-            found.append(have[-1])
-        else:
-            want.append(pkg)
+        return have[-1] if have else None
+
+    want = [pkg for pkg in packages if cached(pkg) is None]
     if want:
         # apt drops privileges to _apt, which cannot write to a private cache dir.
         _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", *want], cwd=dest)
-        for pkg in want:
-            have = sorted(dest.glob(f"{pkg}_*.deb"))
-            if not have:
-                raise VMError(f"apt-get download {pkg} produced no .deb")
-            found.append(have[-1])
+    found = []
+    for pkg in packages:
+        deb = cached(pkg)
+        if deb is None:
+            raise VMError(f"apt-get download {pkg} produced no .deb")
+        found.append(deb)
     return found
 
 

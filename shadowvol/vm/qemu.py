@@ -99,6 +99,18 @@ def console_tail(log: Path, lines: int = 25) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:]) or "(no console output)"
 
 
+def boot_failure_cause(log: Path) -> str:
+    """The console lines that explain a failed boot (initramfs errors, the panic)."""
+    try:
+        text = log.read_bytes().decode(errors="replace")
+    except OSError:
+        return "no console output"
+    keys = ("Initramfs unpacking failed", "Kernel panic", "No working init found", "Run /init as init")
+    hits = [re.sub(r"^\[\s*[\d.]+\]\s*", "", line.strip()) for line in text.splitlines()
+            if any(k in line for k in keys[:3])]
+    return "; ".join(dict.fromkeys(hits)) or "no panic message on the console"
+
+
 def build_command(entry: registry.VMEntry, image: Image, accel: str, pidfile: Path,
                   qemu_log: Path) -> list[str]:
     append = ["console=ttyS0", "panic=-1", f"shadowvol.name={entry.name}", "loglevel=6"]
@@ -181,12 +193,15 @@ def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
     while True:
         if not entry.alive():
             tail = console_tail(Path(entry.console_log))
+            cause = boot_failure_cause(Path(entry.console_log))
             registry.remove_files(d, entry.ram_file)
-            raise VMError(f"VM {name} failed to boot (QEMU exited). Console tail:\n{tail}")
+            raise VMError(f"VM {name} failed to boot: {cause}. Console tail:\n{tail}")
         if time.monotonic() > deadline:
             tail = console_tail(Path(entry.console_log))
+            cause = boot_failure_cause(Path(entry.console_log))
             stop_vm(name)
-            raise VMError(f"VM {name} did not become ready within {timeout:.0f}s. Console tail:\n{tail}")
+            raise VMError(f"VM {name} did not become ready within {timeout:.0f}s ({cause}). "
+                          f"Console tail:\n{tail}")
         try:
             with Console(entry) as con:
                 if con.ping(timeout=2.0):

@@ -21,12 +21,12 @@ from typing import Iterator
 from .. import paths
 from ..errors import VMError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 
 
 def validate_name(name: str) -> str:
     """VM names are 1-32 of [A-Za-z0-9_-], starting alphanumeric: no path tricks."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise VMError(f"invalid VM name {name!r}: use 1-32 letters, digits, '-' or '_', "
                       "starting with a letter or digit")
     return name

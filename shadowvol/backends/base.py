@@ -1,0 +1,220 @@
+"""The physical-memory interface every backend implements.
+
+Modelled on memflow's ``PhysicalMemory``: a backend provides ``read``,
+``ranges`` and ``metadata``; batched and partial reads are derived from them.
+There is deliberately no write method: shadowvol never writes guest memory.
+
+:class:`BufferMemory` is the one implementation for any memory that is a
+bytes-like buffer (an mmap of a shared RAM file, an mmap of a dump, an
+anonymous mmap in tests) plus a map of guest-physical segments.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BackendError, InvalidAddressError
+
+__all__ = [
+    "PAGE_SIZE",
+    "PhysicalMemory",
+    "PartialRead",
+    "Segment",
+    "BufferMemory",
+    "merge_ranges",
+]
+
+PAGE_SIZE = 0x1000
+
+
+@dataclass
+class PartialRead:
+    """A read that may have crossed holes.
+
+    ``data`` always has the requested length; bytes in ``failed`` runs
+    (``(address, length)`` pairs, page-granular) are filled with ``pad``.
+    """
+
+    address: int
+    data: bytes
+    failed: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """True if no part of the read failed."""
+        return not self.failed
+
+
+class PhysicalMemory(ABC):
+    """Guest-physical memory, read-only.
+
+    ``read`` raises :class:`InvalidAddressError` (``layer=self.name``) for
+    any byte outside :meth:`ranges`.
+    """
+
+    name: str = "physical"
+
+    @abstractmethod
+    def read(self, paddr: int, length: int) -> bytes:
+        """Return ``length`` bytes at guest-physical ``paddr``."""
+
+    @abstractmethod
+    def ranges(self) -> list[tuple[int, int]]:
+        """Guest-physical RAM as sorted, disjoint ``[start, end)`` pairs."""
+
+    @abstractmethod
+    def metadata(self) -> dict[str, Any]:
+        """Facts about the source: at least backend, size, source, live."""
+
+    def read_batch(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Read several ``(paddr, length)`` runs; raises on the first bad one."""
+        read = self.read
+        return [read(paddr, length) for paddr, length in requests]
+
+    def read_partial(self, paddr: int, length: int, pad: bytes = b"\0") -> PartialRead:
+        """Read what is readable; report unreadable pages instead of raising."""
+        try:
+            return PartialRead(paddr, self.read(paddr, length))
+        except InvalidAddressError:
+            pass
+        out = bytearray()
+        failed: list[tuple[int, int]] = []
+        addr, end = paddr, paddr + length
+        while addr < end:
+            chunk = min(end, (addr | (PAGE_SIZE - 1)) + 1) - addr
+            try:
+                out += self.read(addr, chunk)
+            except InvalidAddressError:
+                out += pad * chunk
+                if failed and failed[-1][0] + failed[-1][1] == addr:
+                    failed[-1] = (failed[-1][0], failed[-1][1] + chunk)
+                else:
+                    failed.append((addr, chunk))
+            addr += chunk
+        return PartialRead(paddr, bytes(out), failed)
+
+    def size(self) -> int:
+        """Bytes of RAM (sum of :meth:`ranges`)."""
+        return sum(end - start for start, end in self.ranges())
+
+    def is_valid(self, paddr: int, length: int = 1) -> bool:
+        """True if ``[paddr, paddr+length)`` lies inside one RAM range."""
+        return any(start <= paddr and paddr + length <= end for start, end in self.ranges())
+
+    def close(self) -> None:
+        """Release the source (sockets, mmaps, attached debuggers)."""
+
+    def __enter__(self) -> "PhysicalMemory":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Guest-physical ``[start, end)`` stored at ``offset`` in a buffer."""
+
+    start: int
+    end: int
+    offset: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def merge_ranges(ranges: Iterator[tuple[int, int]] | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sort and merge touching or overlapping ``[start, end)`` pairs."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            if end > out[-1][1]:
+                out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+class BufferMemory(PhysicalMemory):
+    """Physical memory backed by a buffer (``bytes`` or ``mmap``) and segments.
+
+    The segment holding physical address 0 (or else the largest) is the fast
+    path: a read inside it costs two comparisons and one slice.
+    """
+
+    def __init__(self, buffer: bytes | mmap.mmap, segments: Sequence[Segment], name: str = "physical",
+                 meta: dict[str, Any] | None = None) -> None:
+        if not isinstance(buffer, (bytes, mmap.mmap)):
+            raise TypeError("BufferMemory needs bytes or an mmap (their slices are bytes)")
+        segs = sorted(segments, key=lambda s: s.start)
+        for a, b in zip(segs, segs[1:]):
+            if b.start < a.end:
+                raise ValueError(f"overlapping segments {a} and {b}")
+        for s in segs:
+            if s.end < s.start or s.offset < 0 or s.offset + s.length > len(buffer):
+                raise ValueError(f"segment {s} lies outside the buffer ({len(buffer):#x} bytes)")
+        self.name = name
+        self._buf = buffer
+        self._segments = segs
+        self._starts = [s.start for s in segs]
+        self._meta = dict(meta or {})
+        self._closed = False
+        fast = next((s for s in segs if s.start == 0), max(segs, key=lambda s: s.length, default=None))
+        if fast is None:
+            self._fast_start, self._fast_end, self._fast_delta = 0, -1, 0
+        else:
+            self._fast_start, self._fast_end, self._fast_delta = fast.start, fast.end, fast.offset - fast.start
+
+    def read(self, paddr: int, length: int) -> bytes:
+        if self._fast_start <= paddr and paddr + length <= self._fast_end and length >= 0:
+            paddr += self._fast_delta
+            return self._buf[paddr:paddr + length]
+        return self._read_slow(paddr, length)
+
+    def _read_slow(self, paddr: int, length: int) -> bytes:
+        if length < 0:
+            raise ValueError("negative length")
+        if self._closed:
+            raise BackendError(f"{self.name}: read after close")
+        if length == 0:
+            return b""
+        parts: list[bytes] = []
+        addr, end = paddr, paddr + length
+        i = bisect.bisect_right(self._starts, addr) - 1
+        while addr < end:
+            if i < 0 or i >= len(self._segments) or not (self._segments[i].start <= addr < self._segments[i].end):
+                raise InvalidAddressError(self.name, addr, "not in guest RAM")
+            seg = self._segments[i]
+            stop = min(end, seg.end)
+            off = seg.offset + addr - seg.start
+            parts.append(self._buf[off:off + stop - addr])
+            addr = stop
+            i += 1
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def segments(self) -> list[Segment]:
+        """The guest-physical -> buffer-offset map."""
+        return list(self._segments)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return merge_ranges((s.start, s.end) for s in self._segments if s.end > s.start)
+
+    def metadata(self) -> dict[str, Any]:
+        meta = {"backend": type(self).__name__, "size": self.size(), "source": None, "live": False}
+        meta.update(self._meta)
+        return meta
+
+    def close(self) -> None:
+        buf, self._buf = self._buf, b""
+        self._closed = True
+        self._fast_end = -1
+        self._segments = []
+        self._starts = []
+        if isinstance(buf, mmap.mmap):
+            buf.close()

@@ -1,0 +1,222 @@
+"""The slow out-of-VM fallback: physical reads the way LibVMI does on stock KVM.
+
+Three sources, best first:
+
+1. the real LibVMI Python bindings (``libvmi`` module), if they import and
+   a domain name is given;
+2. QEMU's gdbstub in physical-memory mode (``Qqemu.PhyMemMode:1``), about
+   30-60 µs per 8-byte read;
+3. QMP ``human-monitor-command xp /Nxb``, about 0.4 ms per read.
+
+Pause policy (gdbstub): attaching halts the VM, and it stays halted while
+the backend is open; :meth:`close` detaches, which resumes it. Every read is
+therefore from one consistent snapshot. If a QMP socket is also given and
+the VM was already paused before we attached, it is paused again after
+detaching. The QMP ``xp`` source does not pause unless ``pause=True``.
+
+QEMU answers physical reads outside RAM with device or unassigned memory
+instead of an error, so reads are checked against the RAM layout QEMU
+reports (``info mtree``), the same layout the shadow backends use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import BackendError, InvalidAddressError, ShadowvolError
+from ..gdbstub import GdbStub
+from ..qmp import QMPClient
+from .base import PhysicalMemory, Segment, merge_ranges
+from .shadow import qemu_ram_layout
+
+__all__ = ["GdbPhysicalMemory", "QmpPhysicalMemory", "LibvmiBindingMemory", "open_libvmi", "parse_xp"]
+
+XP_CHUNK = 0x1000
+
+
+def parse_xp(text: str) -> bytes:
+    """Bytes from HMP ``xp /Nxb`` output (``ADDR: 0x00 0x01 ...`` lines)."""
+    out = bytearray()
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        for tok in line.split(":", 1)[1].split():
+            out.append(int(tok, 16))
+    return bytes(out)
+
+
+class _CheckedMemory(PhysicalMemory):
+    """Range checking against QEMU's RAM layout around a raw ``_raw_read``."""
+
+    def __init__(self, segments: Sequence[Segment], name: str) -> None:
+        self.name = name
+        self._ranges = merge_ranges((s.start, s.end) for s in segments)
+
+    def _raw_read(self, paddr: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def read(self, paddr: int, length: int) -> bytes:
+        if length < 0:
+            raise ValueError("negative length")
+        for start, end in self._ranges:
+            if start <= paddr and paddr + length <= end:
+                return self._raw_read(paddr, length)
+        bad = paddr
+        for start, end in self._ranges:
+            if start <= paddr < end:
+                bad = end
+        raise InvalidAddressError(self.name, bad, "not in guest RAM")
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(self._ranges)
+
+
+class GdbPhysicalMemory(_CheckedMemory):
+    """Guest-physical reads through QEMU's gdbstub in physical-memory mode (VM halted while open)."""
+
+    def __init__(self, gdb_target: str, qmp_path: str | None = None, name: str = "libvmi-gdb") -> None:
+        self._qmp_path = qmp_path
+        self._was_running = True
+        if qmp_path is not None:
+            with QMPClient(qmp_path) as qmp:
+                self._was_running = bool(qmp.execute("query-status").get("running", True))
+        self.stub: GdbStub | None = GdbStub(gdb_target)
+        try:
+            _block, _size, segs = qemu_ram_layout(self.stub.monitor)
+            self.stub.set_physical_mode(True)
+        except BaseException:
+            self.stub.close()
+            self.stub = None
+            raise
+        self.source = str(gdb_target)
+        super().__init__(segs, name)
+
+    def _live_stub(self) -> GdbStub:
+        if self.stub is None:
+            raise BackendError(f"{self.name}: read after close")
+        return self.stub
+
+    def _raw_read(self, paddr: int, length: int) -> bytes:
+        return self._live_stub().read_memory(paddr, length, layer=self.name)
+
+    def read_registers(self) -> dict[str, int]:
+        """The current CPU's registers (cr3 included) from the attached stub."""
+        return self._live_stub().read_registers()
+
+    def metadata(self) -> dict[str, Any]:
+        return {"backend": "libvmi-gdbstub", "size": self.size(), "source": self.source, "live": True,
+                "paused": True}
+
+    def close(self) -> None:
+        """Detach (QEMU resumes the VM); re-pause it if it was paused before we attached."""
+        if self.stub is None:
+            return
+        stub, self.stub = self.stub, None
+        stub.close()
+        if not self._was_running and self._qmp_path is not None:
+            try:
+                with QMPClient(self._qmp_path) as qmp:
+                    qmp.execute("stop")
+            except ShadowvolError:
+                pass
+
+
+class QmpPhysicalMemory(_CheckedMemory):
+    """Guest-physical reads through HMP ``xp`` over QMP (VM keeps running unless ``pause``)."""
+
+    def __init__(self, qmp_path: str, pause: bool = False, name: str = "libvmi-qmp") -> None:
+        self.qmp = QMPClient(qmp_path)
+        self.source = qmp_path
+        self._resume = False
+        try:
+            _block, _size, segs = qemu_ram_layout(self.qmp)
+            if pause and self.qmp.execute("query-status").get("running"):
+                self.qmp.execute("stop")
+                self._resume = True
+        except BaseException:
+            self.qmp.close()
+            raise
+        self.paused = pause
+        super().__init__(segs, name)
+
+    def _raw_read(self, paddr: int, length: int) -> bytes:
+        out = bytearray()
+        pos, end = paddr, paddr + length
+        while pos < end:
+            n = min(XP_CHUNK, end - pos)
+            data = parse_xp(self.qmp.hmp(f"xp /{n}xb {pos:#x}"))
+            if len(data) != n:
+                raise BackendError(f"QMP xp at {pos:#x} returned {len(data)} of {n} bytes")
+            out += data
+            pos += n
+        return bytes(out)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"backend": "libvmi-qmp", "size": self.size(), "source": self.source, "live": True,
+                "paused": self.paused}
+
+    def close(self) -> None:
+        if self._resume:
+            try:
+                self.qmp.execute("cont")
+            except ShadowvolError:
+                pass
+            self._resume = False
+        self.qmp.close()
+
+
+class LibvmiBindingMemory(PhysicalMemory):
+    """Reads through the real LibVMI bindings (``libvmi.Libvmi(domain).read_pa``)."""
+
+    def __init__(self, domain: str, name: str = "libvmi") -> None:
+        try:
+            module = importlib.import_module("libvmi")
+        except ImportError:
+            raise BackendError("the libvmi Python bindings are not installed") from None
+        self.name = name
+        self.domain = domain
+        try:
+            self.vmi = module.Libvmi(domain)
+            self._size = int(self.vmi.get_memsize())
+        except Exception as exc:  # the bindings raise their own LibvmiError
+            raise BackendError(f"libvmi cannot open domain {domain!r}: {exc}") from None
+
+    def read(self, paddr: int, length: int) -> bytes:
+        if paddr < 0 or paddr + length > self._size:
+            raise InvalidAddressError(self.name, paddr, "not in guest RAM")
+        try:
+            data, count = self.vmi.read_pa(paddr, length)
+        except Exception as exc:
+            raise InvalidAddressError(self.name, paddr, f"libvmi: {exc}") from None
+        if count != length:
+            raise InvalidAddressError(self.name, paddr + count, "libvmi short read")
+        return bytes(data)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(0, self._size)]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"backend": "libvmi", "size": self._size, "source": self.domain, "live": True}
+
+    def close(self) -> None:
+        destroy: Callable[[], None] | None = getattr(self.vmi, "destroy", None)
+        if destroy is not None:
+            destroy()
+
+
+def open_libvmi(gdb_path: str | None, qmp_path: str | None, *, domain: str | None = None,
+                pause: bool = False) -> PhysicalMemory:
+    """Open the slow fallback: LibVMI bindings (with ``domain``), else gdbstub, else QMP ``xp``."""
+    if domain is not None:
+        try:
+            return LibvmiBindingMemory(domain)
+        except BackendError:
+            if gdb_path is None and qmp_path is None:
+                raise
+    if gdb_path is not None:
+        return GdbPhysicalMemory(gdb_path, qmp_path)
+    if qmp_path is not None:
+        return QmpPhysicalMemory(qmp_path, pause=pause)
+    raise BackendError("open_libvmi needs a gdbstub socket, a QMP socket or a LibVMI domain")

@@ -1,0 +1,467 @@
+"""A GDB remote serial protocol client for QEMU 7.2's gdbstub.
+
+Written against the behaviour of QEMU 7.2 (see NOTES-lab.md):
+
+- acknowledgements are always on (7.2 has no ``QStartNoAckMode``);
+- an unprompted stop packet may arrive on connect; :meth:`GdbStub.connect`
+  resynchronises and discards it;
+- attaching halts the VM; ``D`` (detach) resumes it;
+- ``P`` needs ``qXfer:features:read:target.xml`` to have been fetched;
+- ``Qqemu.PhyMemMode:1`` makes ``m`` read guest-physical addresses.
+
+Register layout comes from the target description QEMU serves, so the
+``g`` packet is decoded by name rather than by a hard-coded order.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BackendError, InvalidAddressError
+
+__all__ = [
+    "GdbError",
+    "Register",
+    "checksum",
+    "encode_packet",
+    "decode_payload",
+    "parse_target_xml",
+    "GdbStub",
+    "stop_signal",
+]
+
+#: Largest memory chunk per ``m`` packet: QEMU 7.2 advertises PacketSize=0x1000
+#: and hex-encodes, so 2 KiB per reply fits.
+MAX_MEM_CHUNK = 0x800
+
+_ESCAPE = frozenset(b"$#}*")
+_STOP_RE = re.compile(rb"[ST][0-9a-fA-F]{2}")
+
+
+class GdbError(BackendError):
+    """The gdbstub refused a request or broke the protocol."""
+
+
+def checksum(payload: bytes) -> int:
+    """The modulo-256 sum of the raw (escaped, encoded) payload."""
+    return sum(payload) & 0xFF
+
+
+def encode_packet(payload: bytes) -> bytes:
+    """Frame ``payload`` as ``$payload#xx``, escaping ``$ # } *`` with ``}`` and XOR 0x20."""
+    if any(b in _ESCAPE for b in payload):
+        out = bytearray()
+        for b in payload:
+            if b in _ESCAPE:
+                out += bytes((0x7D, b ^ 0x20))
+            else:
+                out.append(b)
+        payload = bytes(out)
+    return b"$" + payload + b"#%02x" % checksum(payload)
+
+
+def decode_payload(raw: bytes) -> bytes:
+    """Undo escaping (``}x`` -> ``x^0x20``) and run-length encoding (``c*n``: n-29 more c)."""
+    if b"}" not in raw and b"*" not in raw:
+        return raw
+    out = bytearray()
+    i, n = 0, len(raw)
+    while i < n:
+        b = raw[i]
+        if b == 0x7D:
+            if i + 1 >= n:
+                raise GdbError("gdbstub packet ends in an escape character")
+            out.append(raw[i + 1] ^ 0x20)
+            i += 2
+        elif b == 0x2A:
+            if not out or i + 1 >= n:
+                raise GdbError("gdbstub packet has a dangling run-length marker")
+            out += bytes((out[-1],)) * (raw[i + 1] - 29)
+            i += 2
+        else:
+            out.append(b)
+            i += 1
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class Register:
+    """One register of the target description: name, bit size, number, feature."""
+
+    name: str
+    bitsize: int
+    regnum: int
+    feature: str
+    type: str = "int"
+
+
+def parse_target_xml(documents: dict[str, str], root: str = "target.xml") -> list[Register]:
+    """Registers in ``g``-packet order from a target description and its includes."""
+    regs: list[Register] = []
+    next_num = 0
+
+    def walk(name: str) -> None:
+        nonlocal next_num
+        text = re.sub(r"<!DOCTYPE[^>]*>", "", documents[name])
+        text = re.sub(r"<(/?)xi:", r"<\1", text).replace("xmlns:xi=", "xmlns_xi=")
+        feature = ""
+        for el in ET.fromstring(text).iter():
+            if el.tag == "include" and "href" in el.attrib:
+                walk(el.attrib["href"])
+            elif el.tag == "feature":
+                feature = el.attrib.get("name", "")
+            elif el.tag == "reg":
+                num = int(el.attrib.get("regnum", next_num))
+                regs.append(Register(el.attrib["name"], int(el.attrib["bitsize"]), num, feature,
+                                     el.attrib.get("type", "int")))
+                next_num = num + 1
+
+    walk(root)
+    return sorted(regs, key=lambda r: r.regnum)
+
+
+def _address(target: str | tuple[str, int]) -> tuple[int, Any]:
+    if isinstance(target, tuple):
+        return socket.AF_INET, target
+    if target.startswith("unix:"):
+        return socket.AF_UNIX, target[5:].split(",")[0]
+    if target.startswith("tcp:"):
+        target = target[4:]
+    m = re.fullmatch(r"(.*):(\d+)", target)
+    if m and "/" not in target:
+        return socket.AF_INET, (m.group(1) or "127.0.0.1", int(m.group(2)))
+    return socket.AF_UNIX, target
+
+
+class GdbStub:
+    """One session with a QEMU gdbstub (unix socket path, ``unix:PATH``, ``HOST:PORT`` or (host, port)).
+
+    Connecting halts the VM. :meth:`close` detaches, which resumes it.
+    """
+
+    def __init__(self, target: str | tuple[str, int], timeout: float = 10.0, connect: bool = True) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buf = bytearray()
+        self._last_sent = b""
+        self._xml: dict[str, str] | None = None
+        self._regs: list[Register] | None = None
+        self._phys = False
+        self.last_stop: str | None = None
+        self.features: dict[str, str] = {}
+        if connect:
+            self.connect()
+
+    # -- transport -------------------------------------------------------
+
+    def connect(self) -> None:
+        """Open the socket, ack and drop any unprompted stop packet, and resynchronise."""
+        family, addr = _address(self.target)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(addr)
+        except OSError as exc:
+            sock.close()
+            raise BackendError(f"cannot connect to gdbstub {self.target}: {exc.strerror or exc}") from None
+        if family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.attach_socket(sock)
+
+    def attach_socket(self, sock: socket.socket) -> None:
+        """Use an already connected socket (tests pass one end of a socketpair)."""
+        self._sock = sock
+        self._buf.clear()
+        # qSupported always gets a non-stop reply; stop packets that arrive
+        # before it (the unprompted one on connect) are discarded by _request.
+        # No "multiprocess+": with it, QEMU 7.2 answers a bare "D" with E22.
+        reply = self._request(b"qSupported:xmlRegisters=i386")
+        self.features = {}
+        for item in reply.decode(errors="replace").split(";"):
+            if "=" in item:
+                k, v = item.split("=", 1)
+                self.features[k] = v
+            elif item:
+                self.features[item[:-1]] = item[-1]
+        self.last_stop = self._request(b"?", stop_reply=True).decode(errors="replace")
+
+    def _fill(self) -> None:
+        assert self._sock is not None, "not connected"
+        try:
+            chunk = self._sock.recv(65536)
+        except socket.timeout:
+            raise GdbError(f"gdbstub {self.target} timed out") from None
+        except OSError as exc:
+            raise GdbError(f"gdbstub {self.target}: {exc.strerror or exc}") from None
+        if not chunk:
+            raise GdbError(f"gdbstub {self.target} closed the connection (has QEMU exited?)")
+        self._buf += chunk
+
+    def _send(self, payload: bytes) -> None:
+        if self._sock is None:
+            raise GdbError("gdbstub session is closed")
+        self._last_sent = encode_packet(payload)
+        self._sock.sendall(self._last_sent)
+
+    def _read_packet(self) -> bytes:
+        """Next valid packet payload (decoded); handles acks, nacks and bad checksums."""
+        buf = self._buf
+        while True:
+            # Skip acks and noise before '$'; a '-' asks us to resend.
+            while True:
+                start = buf.find(b"$")
+                noise = buf if start < 0 else buf[:start]
+                if b"-" in noise:
+                    assert self._sock is not None
+                    self._sock.sendall(self._last_sent)
+                if start >= 0:
+                    del buf[:start]
+                    break
+                buf.clear()
+                self._fill()
+            end = buf.find(b"#")
+            while end < 0 or len(buf) < end + 3:
+                self._fill()
+                end = buf.find(b"#")
+            raw = bytes(buf[1:end])
+            want = bytes(buf[end + 1:end + 3])
+            del buf[:end + 3]
+            try:
+                ok = int(want, 16) == checksum(raw)
+            except ValueError:
+                ok = False
+            assert self._sock is not None
+            if not ok:
+                self._sock.sendall(b"-")
+                continue
+            self._sock.sendall(b"+")
+            return decode_payload(raw)
+
+    def _request(self, payload: bytes, stop_reply: bool = False) -> bytes:
+        """Send a packet and return its reply; stale stop packets are skipped unless one is wanted."""
+        self._send(payload)
+        while True:
+            reply = self._read_packet()
+            # No reply we ask for other than a stop reply looks like "Txx"/"Sxx".
+            if not stop_reply and _STOP_RE.match(reply):
+                continue
+            return reply
+
+    def close(self, detach: bool = True) -> None:
+        """Leave physical mode, detach (QEMU then resumes the VM) and close the socket."""
+        if self._sock is None:
+            return
+        try:
+            if detach:
+                if self._phys:
+                    self.set_physical_mode(False)
+                if self._request(b"D") != b"OK":
+                    self._send(b"c")  # detach refused: at least resume the VM
+        except BackendError:
+            pass
+        finally:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def __enter__(self) -> "GdbStub":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- queries ----------------------------------------------------------
+
+    def halt_reason(self) -> str:
+        """The ``?`` stop reply, e.g. ``T05thread:01;``."""
+        self.last_stop = self._request(b"?", stop_reply=True).decode(errors="replace")
+        return self.last_stop
+
+    def xfer(self, obj: str, annex: str) -> str:
+        """Read a whole ``qXfer:<obj>:read:<annex>`` object."""
+        out = bytearray()
+        size = int(self.features.get("PacketSize", "1000"), 16) - 16
+        while True:
+            reply = self._request(f"qXfer:{obj}:read:{annex}:{len(out):x},{size:x}".encode())
+            if reply[:1] == b"E" or not reply:
+                raise GdbError(f"gdbstub cannot read {obj} {annex}: {reply.decode(errors='replace')}")
+            out += reply[1:]
+            if reply[:1] == b"l":
+                return out.decode()
+
+    def target_xml(self) -> dict[str, str]:
+        """target.xml and every file it includes, by name (fetched once)."""
+        if self._xml is None:
+            docs: dict[str, str] = {}
+            todo = ["target.xml"]
+            while todo:
+                name = todo.pop()
+                if name in docs:
+                    continue
+                docs[name] = self.xfer("features", name)
+                todo += re.findall(r'<xi:include href="([^"]+)"', docs[name])
+            self._xml = docs
+        return self._xml
+
+    def registers(self) -> list[Register]:
+        """The register list of the target description, in ``g`` order."""
+        if self._regs is None:
+            self._regs = parse_target_xml(self.target_xml())
+        return self._regs
+
+    def read_registers(self) -> dict[str, int]:
+        """All registers of the current CPU from ``g``, by target.xml name (cr3 if QEMU sends it).
+
+        QEMU 7.2 x86-64 sends rax..r15, rip, eflags, cs..gs, fs_base, gs_base,
+        k_gs_base, cr0, cr2, cr3, cr4, cr8, efer, then x87/SSE state.
+        """
+        regs = self.registers()
+        hexdata = self._request(b"g")
+        if hexdata[:1] == b"E":
+            raise GdbError(f"gdbstub g failed: {hexdata.decode()}")
+        data = bytes.fromhex(hexdata.decode())
+        out: dict[str, int] = {}
+        pos = 0
+        for reg in regs:
+            n = reg.bitsize // 8
+            if pos + n > len(data):
+                break
+            out[reg.name] = int.from_bytes(data[pos:pos + n], "little")
+            pos += n
+        return out
+
+    def read_register(self, name: str) -> int:
+        """One register by name via ``p`` (falls back to ``g``)."""
+        reg = next((r for r in self.registers() if r.name == name), None)
+        if reg is None:
+            raise GdbError(f"the gdbstub has no register {name!r}")
+        reply = self._request(b"p%x" % reg.regnum)
+        if reply[:1] == b"E" or not reply:
+            return self.read_registers()[name]
+        return int.from_bytes(bytes.fromhex(reply.decode()), "little")
+
+    def write_register(self, name: str, value: int) -> None:
+        """Set one register with ``P`` (fetches target.xml first, as QEMU 7.2 requires)."""
+        reg = next((r for r in self.registers() if r.name == name), None)
+        if reg is None:
+            raise GdbError(f"the gdbstub has no register {name!r}")
+        data = value.to_bytes(reg.bitsize // 8, "little").hex()
+        reply = self._request(f"P{reg.regnum:x}={data}".encode())
+        if reply != b"OK":
+            raise GdbError(f"gdbstub refused to set {name}: {reply.decode(errors='replace')}")
+
+    # -- memory -----------------------------------------------------------
+
+    def set_physical_mode(self, on: bool) -> None:
+        """Switch ``m`` between virtual (current CPU's page tables) and guest-physical addresses."""
+        reply = self._request(b"Qqemu.PhyMemMode:%d" % (1 if on else 0))
+        if reply != b"OK":
+            raise GdbError(f"gdbstub does not support Qqemu.PhyMemMode: {reply.decode(errors='replace')}")
+        self._phys = on
+
+    def physical_mode(self) -> bool:
+        """Ask QEMU whether ``m`` reads physical memory (``qqemu.PhyMemMode``)."""
+        reply = self._request(b"qqemu.PhyMemMode")
+        return reply == b"1"
+
+    def read_memory(self, addr: int, length: int, layer: str = "gdbstub") -> bytes:
+        """Read with ``m`` packets of at most 2 KiB; an ``E`` reply raises InvalidAddressError."""
+        out = bytearray()
+        pos, end = addr, addr + length
+        while pos < end:
+            n = min(MAX_MEM_CHUNK, end - pos)
+            reply = self._request(b"m%x,%x" % (pos, n))
+            if reply[:1] == b"E" or len(reply) != 2 * n:
+                raise InvalidAddressError(layer, pos, f"gdbstub m failed ({reply[:8].decode(errors='replace')})")
+            out += bytes.fromhex(reply.decode())
+            pos += n
+        return bytes(out)
+
+    # -- monitor ----------------------------------------------------------
+
+    def monitor(self, command: str) -> str:
+        """Run a QEMU monitor command through ``qRcmd`` and return its output."""
+        self._send(b"qRcmd," + command.encode().hex().encode())
+        out = bytearray()
+        while True:
+            reply = self._read_packet()
+            if reply[:1] == b"O" and reply != b"OK":
+                out += bytes.fromhex(reply[1:].decode())
+            elif reply == b"OK":
+                return out.decode(errors="replace")
+            elif reply[:1] == b"E":
+                raise GdbError(f"monitor command {command!r} failed: {reply.decode(errors='replace')}")
+            elif reply[:1] in (b"T", b"S"):
+                continue
+            else:
+                out += bytes.fromhex(reply.decode())
+                return out.decode(errors="replace")
+
+    # -- execution control ------------------------------------------------
+
+    def insert_breakpoint(self, addr: int, kind: int = 1) -> None:
+        """Software breakpoint (``Z0``) at a guest-virtual address."""
+        reply = self._request(b"Z0,%x,%x" % (addr, kind))
+        if reply != b"OK":
+            raise GdbError(f"cannot set breakpoint at {addr:#x}: {reply.decode(errors='replace') or 'unsupported'}")
+
+    def remove_breakpoint(self, addr: int, kind: int = 1) -> None:
+        """Remove a ``Z0`` breakpoint."""
+        reply = self._request(b"z0,%x,%x" % (addr, kind))
+        if reply != b"OK":
+            raise GdbError(f"cannot remove breakpoint at {addr:#x}: {reply.decode(errors='replace')}")
+
+    def step(self) -> str:
+        """Single-step the current CPU; returns the stop reply."""
+        self.last_stop = self._request(b"s", stop_reply=True).decode(errors="replace")
+        return self.last_stop
+
+    def cont(self, wait: bool = True, timeout: float | None = None) -> str | None:
+        """Resume the VM (``c``); with ``wait``, block until it stops again and return the stop reply."""
+        self._send(b"c")
+        if not wait:
+            return None
+        return self.wait_stop(timeout)
+
+    def wait_stop(self, timeout: float | None = None) -> str:
+        """Block until the next stop reply (breakpoint hit, interrupt...)."""
+        assert self._sock is not None
+        old = self._sock.gettimeout()
+        self._sock.settimeout(timeout)
+        try:
+            while True:
+                reply = self._read_packet()
+                if reply[:1] in (b"T", b"S", b"W", b"X"):
+                    self.last_stop = reply.decode(errors="replace")
+                    return self.last_stop
+                if reply[:1] == b"O" and reply != b"OK":
+                    continue
+        finally:
+            self._sock.settimeout(old)
+
+    def interrupt(self, timeout: float | None = 5.0) -> str:
+        """Stop a running VM (0x03) and return the stop reply."""
+        assert self._sock is not None
+        self._sock.sendall(b"\x03")
+        return self.wait_stop(timeout)
+
+    def step_over_breakpoint(self, addr: int, kind: int = 1) -> str:
+        """Leave a breakpoint at the current RIP: remove, step, re-insert (QEMU 7.2 re-stops on plain ``c``)."""
+        self.remove_breakpoint(addr, kind)
+        try:
+            return self.step()
+        finally:
+            self.insert_breakpoint(addr, kind)
+
+
+def stop_signal(stop: str) -> int | None:
+    """The signal number of a ``T``/``S`` stop reply (5 = SIGTRAP, 2 = SIGINT)."""
+    if stop[:1] in ("T", "S") and len(stop) >= 3:
+        return int(stop[1:3], 16)
+    return None

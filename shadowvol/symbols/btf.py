@@ -1,0 +1,213 @@
+"""BTF parser (include/uapi/linux/btf.h, Documentation/bpf/btf.rst).
+
+Reads a raw BTF blob: the ``.BTF`` section of a vmlinux, or the bytes a live
+kernel holds between ``__start_BTF`` and ``__stop_BTF``. Every kind up to
+BTF_KIND_ENUM64 is decoded into a :class:`~shadowvol.symbols.typegraph.TypeGraph`.
+Split BTF (kernel modules) is read on top of a base graph.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from shadowvol.errors import ProfileError
+from shadowvol.symbols.typegraph import CType, Kind, Member, TypeGraph
+
+__all__ = ["BTF_MAGIC", "parse_btf", "find_btf", "btf_from_elf"]
+
+BTF_MAGIC = 0xEB9F
+_HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type_off/len, str_off/len
+
+
+def _header(blob: bytes | memoryview) -> tuple[str, int, int, int, int, int]:
+    """Decodes ``struct btf_header``: (byte order, hdr_len, type_off,
+    type_len, str_off, str_len), offsets relative to the blob start."""
+    if len(blob) < _HEADER.size:
+        raise ProfileError("BTF blob is shorter than its header")
+    for order in ("<", ">"):
+        magic, version, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
+            order + "HBBIIIII", blob, 0)
+        if magic == BTF_MAGIC:
+            break
+    else:
+        raise ProfileError("not BTF data (bad magic)")
+    if version != 1:
+        raise ProfileError(f"unsupported BTF version {version}")
+    if hdr_len + max(type_off + type_len, str_off + str_len) > len(blob):
+        raise ProfileError("BTF blob is truncated")
+    return order, hdr_len, hdr_len + type_off, type_len, hdr_len + str_off, str_len
+
+
+def btf_size(blob: bytes | memoryview) -> int:
+    """Total length of the BTF blob starting at ``blob[0]``, from its header."""
+    _, hdr_len, type_start, type_len, str_start, str_len = _header(blob)
+    return max(type_start + type_len, str_start + str_len)
+
+
+def find_btf(buf: bytes | memoryview, start: int = 0) -> int:
+    """Offset of the first plausible BTF header in ``buf`` at or after
+    ``start`` (for memory images holding BTF between __start_BTF and
+    __stop_BTF), or -1."""
+    data = buf if isinstance(buf, bytes) else bytes(buf)
+    view = memoryview(data)
+    pos = data.find(b"\x9f\xeb\x01", start)
+    while pos >= 0:
+        try:
+            _, hdr_len, type_start, type_len, str_start, _ = _header(view[pos:])
+        except ProfileError:
+            pass
+        else:
+            if hdr_len == 24 and type_start == 24 and str_start == type_start + type_len and type_len:
+                return pos
+        pos = data.find(b"\x9f\xeb\x01", pos + 1)
+    return -1
+
+
+def parse_btf(blob: bytes | memoryview, base: TypeGraph | None = None) -> TypeGraph:
+    """Decodes a BTF blob into a :class:`TypeGraph`.
+
+    :param blob: BTF bytes starting at ``struct btf_header``; trailing bytes
+        are ignored.
+    :param base: for split BTF (modules), the vmlinux graph; type ids and
+        string offsets then continue from it. The base graph is not modified.
+    """
+    order, _hdr_len, type_start, type_len, str_start, str_len = _header(blob)
+    raw = bytes(blob[type_start:type_start + type_len])
+    strings = bytes(blob[str_start:str_start + str_len])
+    if type_len % 4:
+        raise ProfileError("BTF type section length is not a multiple of 4")
+    words = memoryview(raw).cast("I")
+    if order == ">":
+        import array
+        arr = array.array("I", raw)
+        arr.byteswap()
+        words = memoryview(arr.tobytes()).cast("I")
+
+    base_str_len = base.btf_str_len if base is not None else 0
+    name_cache: dict[int, str] = {}
+
+    def name_at(off: int) -> str:
+        if off == 0:
+            return ""
+        got = name_cache.get(off)
+        if got is None:
+            if off < base_str_len:
+                got = base.btf_name_at(off)  # type: ignore[union-attr,misc]
+            else:
+                local = off - base_str_len
+                end = strings.index(b"\0", local)
+                got = strings[local:end].decode("utf-8", "replace")
+            name_cache[off] = got
+        return got
+
+    types: list[CType] = list(base.types) if base is not None else [CType(Kind.UNKN, "void")]
+    n = len(words)
+    i = 0
+    while i < n:
+        name_off, info, size_type = words[i], words[i + 1], words[i + 2]
+        i += 3
+        kind_no = (info >> 24) & 0x1F
+        vlen = info & 0xFFFF
+        kflag = bool(info >> 31)
+        try:
+            kind = Kind(kind_no)
+        except ValueError:
+            raise ProfileError(f"unknown BTF kind {kind_no} at type {len(types)}") from None
+        t = CType(kind, name_at(name_off), flag=kflag)
+        if kind == Kind.INT:
+            enc = words[i]
+            i += 1
+            t.size = size_type
+            t.encoding = (enc >> 24) & 0x0F
+            t.bits = enc & 0xFF
+            t.vlen = (enc >> 16) & 0xFF  # BTF_INT_OFFSET
+        elif kind == Kind.ARRAY:
+            t.type_id, t.vlen, t.nelems = words[i], words[i + 1], words[i + 2]  # vlen = index type
+            i += 3
+        elif kind in (Kind.STRUCT, Kind.UNION):
+            t.size = size_type
+            members = []
+            for _ in range(vlen):
+                m_name, m_type, m_off = words[i], words[i + 1], words[i + 2]
+                i += 3
+                if kflag:
+                    members.append(Member(name_at(m_name), m_type, m_off & 0xFFFFFF, m_off >> 24))
+                else:
+                    members.append(Member(name_at(m_name), m_type, m_off, 0))
+            t.members = members
+        elif kind == Kind.ENUM:
+            t.size = size_type
+            t.encoding = int(kflag)
+            enums = []
+            for _ in range(vlen):
+                e_name, val = words[i], words[i + 1]
+                i += 2
+                if not kflag and val >= 0x80000000:
+                    val -= 1 << 32
+                enums.append((name_at(e_name), val))
+            t.enumerators = enums
+        elif kind == Kind.ENUM64:
+            t.size = size_type
+            t.encoding = int(kflag)
+            enums = []
+            for _ in range(vlen):
+                e_name, lo, hi = words[i], words[i + 1], words[i + 2]
+                i += 3
+                val = (hi << 32) | lo
+                if kflag and val >= 1 << 63:
+                    val -= 1 << 64
+                enums.append((name_at(e_name), val))
+            t.enumerators = enums
+        elif kind == Kind.FUNC_PROTO:
+            t.type_id = size_type
+            t.members = []
+            for _ in range(vlen):
+                t.members.append(Member(name_at(words[i]), words[i + 1]))
+                i += 2
+        elif kind == Kind.VAR:
+            t.type_id = size_type
+            t.vlen = words[i]  # linkage
+            i += 1
+        elif kind == Kind.DATASEC:
+            t.size = size_type
+            t.members = []
+            for _ in range(vlen):
+                t.members.append(Member("", words[i], words[i + 1], words[i + 2]))
+                i += 3
+        elif kind == Kind.FLOAT:
+            t.size = size_type
+        elif kind == Kind.DECL_TAG:
+            t.type_id = size_type
+            comp = words[i]
+            t.vlen = comp - (1 << 32) if comp >= 0x80000000 else comp
+            i += 1
+        elif kind == Kind.FUNC:
+            t.type_id = size_type
+            t.vlen = vlen  # linkage
+        else:  # PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG
+            t.type_id = size_type
+        types.append(t)
+    if i != n:
+        raise ProfileError("BTF type section ends inside a type")
+
+    graph = TypeGraph(types)
+    graph.btf_str_len = base_str_len + len(strings)
+    graph.btf_name_at = name_at
+    return graph
+
+
+def btf_from_elf(path_or_bytes: Path | bytes) -> bytes | None:
+    """The ``.BTF`` section of an ELF file (path or bytes), or None."""
+    import io
+
+    from elftools.elf.elffile import ELFFile
+
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        elf = ELFFile(io.BytesIO(path_or_bytes))
+        sec = elf.get_section_by_name(".BTF")
+        return None if sec is None else sec.data()
+    with open(path_or_bytes, "rb") as fh:
+        elf = ELFFile(fh)
+        sec = elf.get_section_by_name(".BTF")
+        return None if sec is None else sec.data()
