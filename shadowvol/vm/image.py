@@ -110,6 +110,8 @@ def _inputs_digest() -> str:
             h.update(p.relative_to(GUEST_DIR).as_posix().encode())
             h.update(p.read_bytes())
     h.update(hashlib.sha256(BUSYBOX.read_bytes()).digest())
+    h.update(repr(GUEST_MODULES).encode())
+    h.update(Path(__file__).read_bytes())
     stub = _stub_dir()
     if stub is not None:
         for p in sorted(stub.glob("*")):
@@ -317,7 +319,14 @@ def build_image(package: str = DEFAULT_KERNEL_PACKAGE, progress: Progress | None
         shutil.copy2(vmlinuz, img.vmlinuz)
         shutil.copy2(boot / f"config-{release}", img.config)
         moddir = work / "kernel/lib/modules" / release
-        modules = _module_deps(moddir, GUEST_MODULES) if (moddir / "modules.dep").exists() else []
+        modules = []
+        if moddir.is_dir():
+            # modules.dep is made at install time by depmod, so make it here.
+            proc = subprocess.run(["depmod", "-b", str(work / "kernel"), release],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise VMError(f"depmod failed for {release}: {proc.stderr.strip()[-200:]}")
+            modules = _module_deps(moddir, GUEST_MODULES)
         if not img.headers.exists() or force:
             say("extracting kernel headers for guest modules")
             prepare_headers(debs[1:], img.headers)

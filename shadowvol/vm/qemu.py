@@ -26,6 +26,10 @@ from . import registry
 from .image import Image
 
 QEMU = "qemu-system-x86_64"
+# TCG's "max" CPU has LA57, and Linux then runs 5-level paging. Most deployed
+# x86 servers (and stock volatility3's LinuxIntel32e) use 4-level paging, so
+# that is the default; ``--cpu max`` gives a 5-level guest.
+DEFAULT_TCG_CPU = "max,la57=off"
 
 
 def parse_memory(text: str | int) -> int:
@@ -122,7 +126,7 @@ def build_command(entry: registry.VMEntry, image: Image, accel: str, pidfile: Pa
     return [
         QEMU, "-name", f"{entry.name},process=shadowvol-{entry.name}",
         "-machine", "q35,memory-backend=mem", "-accel", accel,
-        "-cpu", "host" if accel == "kvm" else "max",
+        "-cpu", entry.extra.get("cpu") or ("host" if accel == "kvm" else DEFAULT_TCG_CPU),
         "-smp", str(entry.cpus), "-m", mem,
         "-object", f"memory-backend-file,id=mem,size={mem},mem-path={entry.ram_file},share=on",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -143,7 +147,7 @@ def build_command(entry: registry.VMEntry, image: Image, accel: str, pidfile: Pa
 
 def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
              kaslr: bool = True, accel: str = "auto", stub: bool | None = None,
-             timeout: float = 120.0) -> registry.VMEntry:
+             timeout: float = 120.0, cpu: str | None = None) -> registry.VMEntry:
     """Boot ``image`` as VM ``name`` and return once its control agent answers."""
     from .console import Console
 
@@ -171,7 +175,7 @@ def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
         kaslr=kaslr, stub=stub, dir=str(d), ram_file=str(paths.shm_dir() / f"{name}.ram"),
         qmp=str(d / "qmp.sock"), gdb=str(d / "gdb.sock"), ctl=str(d / "ctl.sock"),
         console=str(d / "console.sock"), console_log=str(d / "console.log"),
-        image=str(image.root), started=time.time())
+        image=str(image.root), started=time.time(), extra={"cpu": cpu} if cpu else {})
     pidfile, qemu_log = d / "qemu.pid", d / "qemu.log"
     old_umask = os.umask(0o077)
     try:
