@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from .backends.base import PhysicalMemory
+from .backends.dump import parse_vmcoreinfo
 from .errors import InvalidAddressError, ProfileError
 from .paging import CR3_ADDRESS_MASK, CR4_LA57, FIVE_LEVEL, FOUR_LEVEL, PagedMemory, PagingFormat, \
     TranslationCache
@@ -67,18 +68,6 @@ class KernelLocation:
     @classmethod
     def from_json(cls, d: Mapping) -> "KernelLocation":
         return cls(int(d["dtb"]), int(d["virt_shift"]), int(d["phys_base"]), bool(d["la57"]), str(d["source"]))
-
-
-def parse_vmcoreinfo(text: str | bytes) -> dict[str, str]:
-    """``KEY=value`` lines of a VMCOREINFO note into a dict."""
-    if isinstance(text, bytes):
-        text = text.decode("ascii", errors="replace")
-    out = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            out[key.strip()] = value.strip()
-    return out
 
 
 def _banner_matches(kernel: PagedMemory, banner_va: int, banner: bytes) -> bool:

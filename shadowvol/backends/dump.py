@@ -170,7 +170,8 @@ def parse_qemu_cpu_state(desc: bytes) -> dict[str, int]:
     for i in range(5):
         regs[f"cr{i}"] = struct.unpack_from("<Q", desc, pos)[0]
         pos += 8
-    if version >= 2 and len(desc) >= pos + 8:
+    # kernel_gs_base was appended later without a version bump: trust ``size``.
+    if size >= pos + 8 and len(desc) >= pos + 8:
         regs["kernel_gs_base"] = struct.unpack_from("<Q", desc, pos)[0]
     return regs
 

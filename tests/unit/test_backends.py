@@ -1,0 +1,194 @@
+"""Tests for shadowvol.backends (base, shadow, libvmi parsing) without a VM.
+
+The HMP texts below were captured from QEMU 7.2.22 (``-machine q35 -m 64M``
+with and without ``memory-backend=mem``). ShadowProcess is exercised on this
+test process's own memory through /proc/self/mem.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from shadowvol.backends.base import BufferMemory, PhysicalMemory, Segment, merge_ranges
+from shadowvol.backends.libvmi import open_libvmi, parse_xp
+from shadowvol.backends.shadow import (GiB, ShadowFile, ShadowProcess, _qmp_path_from_argv,
+                                       _ram_size_from_argv, parse_flat_ram, parse_ram_aliases,
+                                       parse_ramblocks, q35_layout)
+from shadowvol.errors import BackendError, InvalidAddressError
+
+RAMBLOCK = """\
+              Block Name    PSize              Offset               Used              Total
+                     mem    4 KiB  0x0000000000000000 0x0000000004000000 0x0000000004000000
+   0000:00:01.0/vga.vram    4 KiB  0x0000000004080000 0x0000000001000000 0x0000000001000000
+                 pc.bios    4 KiB  0x0000000004000000 0x0000000000040000 0x0000000000040000
+"""
+
+MTREE = """\
+address-space: cpu-memory-0
+address-space: memory
+  0000000000000000-ffffffffffffffff (prio 0, i/o): system
+    0000000000000000-000000007fffffff (prio 0, ram): alias ram-below-4g @mem 0000000000000000-000000007fffffff
+    0000000000000000-ffffffffffffffff (prio -1, i/o): pci
+      00000000000a0000-00000000000bffff (prio 1, i/o): vga-lowmem
+    00000000000a0000-00000000000bffff (prio 1, i/o): alias smram-region @pci 00000000000a0000-00000000000bffff
+    0000000100000000-000000017fffffff (prio 0, ram): alias ram-above-4g @mem 0000000080000000-00000000ffffffff
+
+address-space: I/O
+  0000000000000000-000000000000ffff (prio 0, i/o): io
+"""
+
+FLAT = """\
+FlatView #1
+ AS "cpu-smm-0", root: memory
+ Root memory region: memory
+  0000000000000000-000000000009ffff (prio 0, ram): pc.ram
+
+FlatView #2
+ AS "memory", root: system
+ AS "cpu-memory-0", root: system
+ Root memory region: system
+  0000000000000000-000000000009ffff (prio 0, ram): mem
+  00000000000a0000-00000000000bffff (prio 1, i/o): vga-lowmem
+  00000000000c0000-00000000000dffff (prio 1, rom): pc.rom
+  00000000000e0000-00000000000fffff (prio 0, rom): pc.bios @0000000000020000
+  0000000000100000-0000000003ffffff (prio 0, ram): mem @0000000000100000
+  00000000fffc0000-00000000ffffffff (prio 0, rom): pc.bios
+"""
+
+
+def anon(size: int, seed: int = 1) -> mmap.mmap:
+    mm = mmap.mmap(-1, size)
+    mm[:] = random.Random(seed).randbytes(size)
+    return mm
+
+
+def test_buffer_memory_fast_and_slow_paths() -> None:
+    mm = anon(0x6000)
+    mem = BufferMemory(mm, [Segment(0, 0x2000, 0), Segment(0x2000, 0x3000, 0x4000), Segment(0x10000, 0x11000, 0x2000)])
+    assert isinstance(mem, PhysicalMemory)
+    assert mem.read(0x10, 8) == mm[0x10:0x18]
+    assert type(mem.read(0x10, 8)) is bytes
+    assert mem.read(0x1FF8, 16) == mm[0x1FF8:0x2000] + mm[0x4000:0x4008]  # crosses segments
+    assert mem.read(0x10FF0, 16) == mm[0x2FF0:0x3000]
+    assert mem.ranges() == [(0, 0x3000), (0x10000, 0x11000)]
+    assert mem.size() == 0x4000
+    with pytest.raises(InvalidAddressError) as info:
+        mem.read(0x2FF8, 16)
+    assert info.value.address == 0x3000 and info.value.layer == "physical"
+    with pytest.raises(InvalidAddressError):
+        mem.read(-8, 8)
+    part = mem.read_partial(0x2FF0, 0x20, pad=b"\xEE")
+    assert part.failed == [(0x3000, 0x10)] and part.data == mm[0x4FF0:0x5000] + b"\xEE" * 0x10
+    assert mem.read_batch([(0, 2), (0x10000, 2)]) == [mm[0:2], mm[0x2000:0x2002]]
+    mem.close()
+    with pytest.raises(BackendError):
+        mem.read(0, 8)
+
+
+def test_buffer_memory_rejects_bad_segments() -> None:
+    with pytest.raises(ValueError):
+        BufferMemory(anon(0x1000), [Segment(0, 0x2000, 0)])
+    with pytest.raises(ValueError):
+        BufferMemory(anon(0x2000), [Segment(0, 0x1000, 0), Segment(0x800, 0x1000, 0x1000)])
+    with pytest.raises(TypeError):
+        BufferMemory(bytearray(10), [])  # type: ignore[arg-type]
+
+
+def test_merge_ranges() -> None:
+    assert merge_ranges([(5, 6), (0, 2), (2, 4), (3, 5)]) == [(0, 6)]
+
+
+def test_q35_layout() -> None:
+    assert q35_layout(512 << 20) == [Segment(0, 512 << 20, 0)]
+    assert q35_layout(0xAFFFF000) == [Segment(0, 0xAFFFF000, 0)]
+    assert q35_layout(3 * GiB) == [Segment(0, 0x80000000, 0), Segment(4 * GiB, 5 * GiB, 0x80000000)]
+    assert q35_layout(3 * GiB, max_ram_below_4g=1 * GiB) == [Segment(0, GiB, 0), Segment(4 * GiB, 6 * GiB, GiB)]
+
+
+def test_parse_hmp() -> None:
+    blocks = parse_ramblocks(RAMBLOCK)
+    assert blocks[0] == {"name": "mem", "psize": "4 KiB", "offset": 0, "used": 0x4000000, "total": 0x4000000}
+    assert [b["name"] for b in blocks] == ["mem", "0000:00:01.0/vga.vram", "pc.bios"]
+    block, segs = parse_ram_aliases(MTREE)  # type: ignore[misc]
+    assert block == "mem"
+    assert segs == [Segment(0, 0x80000000, 0), Segment(0x100000000, 0x180000000, 0x80000000)]
+    assert parse_ram_aliases("address-space: memory\n") is None
+    assert parse_flat_ram(FLAT, "mem") == [Segment(0, 0xA0000, 0), Segment(0x100000, 0x4000000, 0x100000)]
+    assert parse_xp("0000000000001000: 0x01 0x02 0xff\r\n0000000000001003: 0x00\r\n") == b"\x01\x02\xff\x00"
+
+
+def test_argv_parsing() -> None:
+    assert _qmp_path_from_argv(["qemu", "-qmp", "unix:/run/q.sock,server=on,wait=off"]) == "/run/q.sock"
+    assert _qmp_path_from_argv(["qemu", "-chardev", "socket,id=m0,path=/x.sock,server=on",
+                                "-mon", "chardev=m0,mode=control"]) == "/x.sock"
+    assert _qmp_path_from_argv(["qemu", "-m", "64"]) is None
+    assert _ram_size_from_argv(["qemu", "-m", "512M"]) == 512 << 20
+    assert _ram_size_from_argv(["qemu", "-m", "size=2G,slots=2,maxmem=4G"]) == 2 << 30
+    assert _ram_size_from_argv(["qemu", "-m", "256"]) == 256 << 20
+    assert _ram_size_from_argv(["qemu"]) == 128 << 20
+
+
+def test_shadow_file(tmp_path: Path) -> None:
+    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else tmp_path
+    path = base / f"shadowvol-test-{os.getpid()}.ram"
+    data = random.Random(3).randbytes(0x40000)
+    path.write_bytes(data)
+    try:
+        with ShadowFile(path) as mem:
+            assert mem.ranges() == [(0, 0x40000)]
+            assert mem.read(0x1234, 8) == data[0x1234:0x123C]
+            meta = mem.metadata()
+            assert meta["backend"] == "shadow-file" and meta["live"] is True and meta["size"] == 0x40000
+            with pytest.raises(InvalidAddressError):
+                mem.read(0x3FFFC, 8)
+            # live: a write by "QEMU" shows through the read-only mapping
+            with open(path, "r+b") as f:
+                f.seek(0x1234)
+                f.write(b"LIVEDATA")
+            assert mem.read(0x1234, 8) == b"LIVEDATA"
+        with ShadowFile(path, [Segment(0, 0x10000, 0), Segment(4 * GiB, 4 * GiB + 0x30000, 0x10000)]) as mem:
+            assert mem.read(4 * GiB, 8) == data[0x10000:0x10008]
+    finally:
+        path.unlink()
+    with pytest.raises(BackendError, match="cannot open"):
+        ShadowFile(tmp_path / "missing.ram")
+
+
+def test_shadow_process_on_self() -> None:
+    mm = anon(0x3000, seed=9)
+    buf = (ctypes.c_char * 0x3000).from_buffer(mm)
+    hva = ctypes.addressof(buf)
+    try:
+        mem = ShadowProcess(os.getpid(), [Segment(0, 0x2000, hva), Segment(4 * GiB, 4 * GiB + 0x1000, hva + 0x2000)])
+        try:
+            assert mem.read(0x10, 8) == mm[0x10:0x18]
+            assert mem.read(4 * GiB + 0xFF8, 8) == mm[0x2FF8:0x3000]
+            assert mem.read(0x1FF8, 8) == mm[0x1FF8:0x2000]
+            with pytest.raises(InvalidAddressError):
+                mem.read(0x1FF8, 16)
+            assert mem.ranges() == [(0, 0x2000), (4 * GiB, 4 * GiB + 0x1000)]
+            mm[0x10:0x18] = b"CHANGED!"
+            assert mem.read(0x10, 8) == b"CHANGED!"
+        finally:
+            mem.close()
+    finally:
+        del buf
+        mm.close()
+
+
+def test_shadow_process_missing() -> None:
+    with pytest.raises(BackendError):
+        ShadowProcess(2 ** 22 + 12345, [Segment(0, 0x1000, 0)])
+
+
+def test_open_libvmi_needs_a_source() -> None:
+    with pytest.raises(BackendError):
+        open_libvmi(None, None)
+    with pytest.raises(BackendError, match="gdbstub"):
+        open_libvmi("/nonexistent/gdb.sock", None)
