@@ -15,6 +15,7 @@ non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -149,6 +150,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_vm_banner(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    if args.what == "reads":
+        rows = bench.bench_reads(args.vm)
+        bench.render(rows, args.renderer)
+        if args.renderer != "json":
+            print()
+            bench.render(bench.summarize_reads(rows), args.renderer)
+    else:
+        bench.render(bench.bench_pslist(args.vm, runs=args.runs), args.renderer)
+    return 0
+
+
+def _describe(exc: Exception) -> str:
+    """One line for an exception that is not a ShadowvolError."""
+    mod = type(exc).__module__ or ""
+    if mod.startswith("volatility3"):
+        name = type(exc).__name__
+        if name in ("InvalidAddressException", "PagedInvalidAddressException"):
+            return f"invalid address {getattr(exc, 'invalid_address', 0):#x} in layer {exc.layer_name}"
+        return f"volatility3 {name}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"internal error: {type(exc).__name__}: {text}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shadowvol", description="Introspect live Linux VMs.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -188,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     bn = vm.add_parser("banner", help="print the kernel banner found in guest RAM")
     bn.add_argument("name")
     bn.set_defaults(func=cmd_vm_banner)
+    be = sub.add_parser("bench", help="benchmarks: read latency, end-to-end pslist")
+    be.add_argument("what", choices=["reads", "pslist"])
+    be.add_argument("-vm", dest="vm", default="web01")
+    be.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
+    be.add_argument("--runs", type=int, default=3)
+    be.set_defaults(func=cmd_bench)
     d = sub.add_parser("demo", help="build and boot web01, then read its memory")
     d.add_argument("name", nargs="?", default="web01")
     d.set_defaults(func=cmd_demo)
@@ -210,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    except Exception as exc:  # a bug or a volatility3 failure: still one line
+        if os.environ.get("SHADOWVOL_DEBUG"):
+            raise
+        print(f"shadowvol: error: {_describe(exc)} (SHADOWVOL_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""The profile store: find, load and index ISF symbol tables.
+
+Profiles live in ``<cache>/profiles/`` (written by ``vm build`` and
+``profile build``) and in the repository's ``profiles/`` folder. Each is an
+ISF JSON file (``.json`` or ``.json.xz``). Loading JSON on every run is too
+slow for a sub-second command (9.8 MB of JSON: 0.26 s to parse, more with the
+garbage collector running), so each profile gets a *lazy* copy in the cache,
+keyed by the source file's size and mtime: every type, enum and symbol is its
+own ``marshal`` blob, decoded on first access. A plugin touches a few dozen of
+the ~9,000 types and ~80,000 symbols, so loading costs milliseconds. The JSON
+stays the interchange format that stock volatility3 reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import lzma
+import marshal
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import paths
+from .errors import ProfileError
+
+REPO_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+
+
+def store_dir() -> Path:
+    d = paths.cache_dir() / "profiles"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def profile_files() -> Iterator[Path]:
+    for d in (store_dir(), REPO_PROFILES):
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                if p.name.endswith((".json", ".json.xz")):
+                    yield p
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+        if path.name.endswith(".xz"):
+            raw = lzma.decompress(raw)
+        return json.loads(raw)
+    except (OSError, ValueError, lzma.LZMAError) as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc}") from None
+
+
+LAZY_SECTIONS = ("user_types", "enums", "symbols")
+
+
+class LazySection(dict):
+    """A dict whose values are stored marshalled and decoded on first access.
+
+    Subclasses dict so that volatility3's ISF readers (``in``, ``get``, ``[]``,
+    ``keys``, ``items``) work unchanged.
+    """
+
+    def __getitem__(self, key: str) -> Any:
+        value = dict.__getitem__(self, key)
+        if type(value) is bytes:
+            value = marshal.loads(value)
+            dict.__setitem__(self, key, value)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if dict.__contains__(self, key) else default
+
+    def items(self):  # type: ignore[override]
+        return ((k, self[k]) for k in dict.keys(self))
+
+    def values(self):  # type: ignore[override]
+        return (self[k] for k in dict.keys(self))
+
+
+def _to_lazy_blob(isf: dict[str, Any]) -> bytes:
+    out = {k: v for k, v in isf.items() if k not in LAZY_SECTIONS}
+    for k in LAZY_SECTIONS:
+        out[k] = {name: marshal.dumps(value) for name, value in isf.get(k, {}).items()}
+    return marshal.dumps(out)
+
+
+def _from_lazy_blob(blob: bytes) -> dict[str, Any]:
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()  # a large load with the collector on costs twice as long
+    try:
+        out = marshal.loads(blob)
+    finally:
+        if enabled:
+            gc.enable()
+    for k in LAZY_SECTIONS:
+        out[k] = LazySection(out.get(k, {}))
+    return out
+
+
+def _fast_path(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    return paths.cache_dir() / "profile-cache" / f"{key}.marshal"
+
+
+def load_profile(path: Path) -> dict[str, Any]:
+    """The ISF dict of a profile, through its marshal copy when fresh."""
+    path = Path(path)
+    if not path.exists():
+        raise ProfileError(f"profile {path} does not exist")
+    fast = _fast_path(path)
+    try:
+        return _from_lazy_blob(fast.read_bytes())
+    except (OSError, EOFError, ValueError, TypeError):
+        pass
+    isf = _read_json(path)
+    if not isinstance(isf, dict) or "symbols" not in isf or "user_types" not in isf:
+        raise ProfileError(f"{path} is not an ISF profile (no symbols/user_types)")
+    fast.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fast.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(_to_lazy_blob(isf))
+    tmp.replace(fast)
+    return isf
+
+
+def write_profile(isf: dict[str, Any], name: str) -> Path:
+    """Store an ISF dict as ``<store>/<name>.json.xz`` and index it."""
+    out = store_dir() / f"{name}.json.xz"
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(lzma.compress(json.dumps(isf, separators=(",", ":")).encode(), preset=6))
+    tmp.replace(out)
+    _update_index(out, isf)
+    return out
+
+
+def profile_banner(isf: dict[str, Any]) -> bytes:
+    """The banner the profile was built for (without its trailing NUL)."""
+    try:
+        data = base64.b64decode(isf["symbols"]["linux_banner"]["constant_data"])
+    except (KeyError, ValueError):
+        raise ProfileError("the profile has no linux_banner constant_data") from None
+    return data.rstrip(b"\0")
+
+
+def profile_addresses(isf: dict[str, Any]) -> dict[str, int]:
+    return {name: sym["address"] for name, sym in isf["symbols"].items() if "address" in sym}
+
+
+def _index_path() -> Path:
+    return store_dir() / "index.json"
+
+
+def _update_index(path: Path, isf: dict[str, Any]) -> None:
+    idx = _load_index()
+    idx[str(path)] = {"banner": profile_banner(isf).decode(errors="replace"),
+                      "mtime": path.stat().st_mtime_ns}
+    _index_path().write_text(json.dumps(idx, indent=1))
+
+
+def _load_index() -> dict[str, Any]:
+    try:
+        return json.loads(_index_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def find_profile(banner: bytes) -> Path | None:
+    """The stored profile whose banner is ``banner`` (indexing new files as needed)."""
+    idx = _load_index()
+    changed = False
+    for p in profile_files():
+        rec = idx.get(str(p))
+        if rec is None or rec.get("mtime") != p.stat().st_mtime_ns:
+            try:
+                isf = load_profile(p)
+                rec = {"banner": profile_banner(isf).decode(errors="replace"), "mtime": p.stat().st_mtime_ns}
+            except ProfileError:
+                continue
+            idx[str(p)] = rec
+            changed = True
+        if rec["banner"].encode(errors="replace") == banner.rstrip(b"\0"):
+            if changed:
+                _index_path().write_text(json.dumps(idx, indent=1))
+            return p
+    if changed:
+        _index_path().write_text(json.dumps(idx, indent=1))
+    return None
+
+
+def known_banners() -> list[bytes]:
+    find_profile(b"\0")  # refresh the index
+    return [rec["banner"].encode(errors="replace") for rec in _load_index().values()]

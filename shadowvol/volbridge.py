@@ -1,0 +1,242 @@
+"""Run stock volatility3 plugins on live memory.
+
+Three pieces plug our stack into volatility3's:
+
+- :class:`LivePhysicalLayer`: a data layer over a :class:`PhysicalMemory`
+  backend. No cache: every read goes to the backend (the guest is live).
+- :class:`LiveLinuxIntel32e` (and the 5-level variant): a ``LinuxIntel32e``
+  whose translation and reads go through :class:`shadowvol.paging.PagedMemory`.
+  volatility3 wraps ``read``, ``_translate_entry`` and ``_get_valid_table`` in
+  ``functools.lru_cache``, which serves stale data on a running guest; these
+  are replaced here, and the only cache is our explicit per-epoch one.
+- :class:`PreloadedLinuxSymbols`: ``LinuxKernelIntermedSymbols`` built from an
+  ISF dict already in memory (our fast profile store), instead of a JSON file
+  parsed and schema-validated on every run.
+
+:func:`build_context` assembles a context with a ``kernel`` module, as
+volatility3's Linux automagic would, from what shadowvol already knows
+(DTB, KASLR shift); :func:`run_plugin` runs one plugin and renders it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any, Mapping
+
+from volatility3.framework import constants, contexts, exceptions, interfaces
+from volatility3.framework.layers import intel
+from volatility3.framework.symbols import intermed
+from volatility3.framework.symbols.linux import LinuxKernelIntermedSymbols
+# Imported by volatility3's full plugin scan, which we skip for start-up time;
+# LinuxKernelIntermedSymbols needs it.
+from volatility3.framework.symbols.linux.extensions import network as _network  # noqa: F401
+
+from .backends.base import PhysicalMemory
+from .errors import InvalidAddressError, ShadowvolError
+from .kaslr import KernelLocation
+from .paging import PagedMemory
+
+PHYSICAL_LAYER = "memory_layer"
+KERNEL_LAYER = "kernel_layer"
+KERNEL_MODULE = "kernel"
+SYMBOL_TABLE = "symbol_table_name1"
+
+
+class LivePhysicalLayer(interfaces.layers.DataLayerInterface):
+    """Guest-physical memory from a shadowvol backend; read-only, uncached."""
+
+    def __init__(self, context: interfaces.context.ContextInterface, config_path: str, name: str,
+                 memory: PhysicalMemory, metadata: dict | None = None) -> None:
+        super().__init__(context, config_path, name, metadata)
+        self._memory = memory
+        ranges = memory.ranges()
+        self._max = (ranges[-1][1] - 1) if ranges else 0
+
+    @property
+    def maximum_address(self) -> int:
+        return self._max
+
+    @property
+    def minimum_address(self) -> int:
+        return 0
+
+    def is_valid(self, offset: int, length: int = 1) -> bool:
+        return self._memory.is_valid(offset, length)
+
+    def read(self, offset: int, length: int, pad: bool = False) -> bytes:
+        try:
+            if pad:
+                return self._memory.read_partial(offset, length).data
+            return self._memory.read(offset, length)
+        except InvalidAddressError as exc:
+            raise exceptions.InvalidAddressException(self.name, exc.address, str(exc)) from None
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise exceptions.LayerException(self.name, "shadowvol never writes guest memory")
+
+    @classmethod
+    def get_requirements(cls) -> list:
+        return []
+
+
+class LiveLinuxIntel32e(intel.LinuxIntel32e):
+    """4-level Linux paging through :class:`PagedMemory` (explicit epoch cache)."""
+
+    def __init__(self, context: interfaces.context.ContextInterface, config_path: str, name: str,
+                 paged: PagedMemory, metadata: dict | None = None) -> None:
+        super().__init__(context, config_path, name, metadata)
+        self._paged = paged
+
+    def _fault(self, offset: int, exc: InvalidAddressError) -> exceptions.InvalidAddressException:
+        if exc.entry is not None and exc.level is not None:
+            return exceptions.PagedInvalidAddressException(self.name, offset, 12, exc.entry, str(exc))
+        return exceptions.InvalidAddressException(self.name, offset, str(exc))
+
+    # volatility3 passes kernel addresses masked to the layer's width
+    # (0xffff8... for 0xffffffff8...); canonicalize() restores the sign bits.
+
+    def _translate(self, offset: int) -> tuple[int, int, str]:
+        try:
+            paddr, size = self._paged.translate(self.canonicalize(offset))
+        except InvalidAddressError as exc:
+            raise self._fault(offset, exc) from None
+        return paddr, size, self._base_layer
+
+    def read(self, offset: int, length: int, pad: bool = False) -> bytes:
+        vaddr = self.canonicalize(offset)
+        if pad:
+            return self._paged.read_padded(vaddr, length)
+        try:
+            return self._paged.read(vaddr, length)
+        except InvalidAddressError as exc:
+            raise self._fault(offset + (exc.address - vaddr), exc) from None
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise exceptions.LayerException(self.name, "shadowvol never writes guest memory")
+
+
+class LiveLinuxIntel5Level(LiveLinuxIntel32e):
+    """5-level (LA57) Linux paging; volatility3 itself has no such layer."""
+
+    _maxvirtaddr = 57
+    _structure = [("page map layer 5", 9, False)] + intel.Intel32e._structure
+
+
+class PreloadedISF(intermed.IntermediateSymbolTable):
+    """An IntermediateSymbolTable from an ISF dict (validated when it was built)."""
+
+    def __init__(self, context: interfaces.context.ContextInterface, config_path: str, name: str,
+                 isf_url: str, native_types: Any = None, table_mapping: dict | None = None,
+                 validate: bool = False, class_types: Any = None, symbol_mask: int = 0,
+                 isf: Mapping | None = None) -> None:
+        if isf is None:
+            raise ValueError("PreloadedISF needs the ISF dict")
+        self._versions = dict((x.version, x) for x in intermed.class_subclasses(intermed.ISFormatTable))
+        fmt = isf.get("metadata", {}).get("format", "0.0.0")
+        self._delegate = self._closest_version(fmt, self._versions)(
+            context, config_path, name, isf, native_types, table_mapping)
+        interfaces.symbols.SymbolTableInterface.__init__(
+            self, context, config_path, name, native_types or self._delegate.natives,
+            table_mapping=table_mapping, class_types=class_types)
+        self.config["isf_url"] = isf_url
+        self.config["symbol_mask"] = symbol_mask
+
+
+class PreloadedLinuxSymbols(LinuxKernelIntermedSymbols, PreloadedISF):
+    """volatility3's Linux kernel symbols (with its object extensions), preloaded."""
+
+
+def build_context(memory: PhysicalMemory, paged: PagedMemory, location: KernelLocation,
+                  isf: Mapping, isf_url: str = "shadowvol:profile") -> contexts.Context:
+    """A volatility3 context with the physical layer, kernel layer and ``kernel`` module."""
+    ctx = contexts.Context()
+    phys = LivePhysicalLayer(ctx, "shadowvol.physical", PHYSICAL_LAYER, memory)
+    ctx.layers.add_layer(phys)
+    cfg = "shadowvol.kernel_layer"
+    ctx.config[f"{cfg}.memory_layer"] = PHYSICAL_LAYER
+    ctx.config[f"{cfg}.page_map_offset"] = location.dtb
+    ctx.config[f"{cfg}.kernel_virtual_offset"] = location.virt_shift
+    cls = LiveLinuxIntel5Level if location.la57 else LiveLinuxIntel32e
+    kernel_layer = cls(ctx, cfg, KERNEL_LAYER, paged, metadata={"os": "Linux"})
+    ctx.layers.add_layer(kernel_layer)
+    table = PreloadedLinuxSymbols(ctx, "shadowvol.symbols", SYMBOL_TABLE, isf_url, isf=isf)
+    ctx.symbol_space.append(table)
+    mcfg = "shadowvol.kernel"
+    ctx.config[f"{mcfg}.layer_name"] = KERNEL_LAYER
+    ctx.config[f"{mcfg}.symbol_table_name"] = SYMBOL_TABLE
+    ctx.config[f"{mcfg}.offset"] = location.virt_shift
+    ctx.add_module(contexts.Module(ctx, mcfg, KERNEL_MODULE))
+    return ctx
+
+
+def load_plugin(name: str) -> type:
+    """Import only the named plugin: ``linux.pslist`` or ``linux.pslist.PsList``.
+
+    Looks in volatility3.plugins and in our plugins/ package (``shadowvol_plugins``).
+    """
+    from volatility3.framework.interfaces.plugins import PluginInterface
+
+    parts = name.split(".")
+    candidates = []
+    if len(parts) >= 2:
+        candidates.append((".".join(parts), None))
+        candidates.append((".".join(parts[:-1]), parts[-1]))
+    for mod_name, cls_name in candidates:
+        for prefix in ("volatility3.plugins.", "shadowvol_plugins."):
+            try:
+                mod = importlib.import_module(prefix + mod_name)
+            except ModuleNotFoundError as exc:
+                if exc.name and (prefix + mod_name).startswith(exc.name):
+                    continue
+                raise
+            classes = [c for c in vars(mod).values() if isinstance(c, type)
+                       and issubclass(c, PluginInterface) and c.__module__ == mod.__name__]
+            if cls_name:
+                classes = [c for c in classes if c.__name__ == cls_name]
+            if len(classes) == 1:
+                return classes[0]
+            if len(classes) > 1:
+                raise ShadowvolError(f"plugin {name!r} is ambiguous: "
+                                     f"{', '.join(c.__name__ for c in classes)}")
+    raise ShadowvolError(f"unknown plugin {name!r} (e.g. linux.pslist, linux.lsmod, linux.kmsg)")
+
+
+def construct_plugin(ctx: contexts.Context, plugin_cls: type, options: Mapping[str, Any]) -> Any:
+    """Configure ``plugin_cls`` to use our ``kernel`` module, then build it."""
+    from volatility3.framework import plugins
+    from volatility3.framework.configuration import requirements
+
+    base = "plugins"
+    path = f"{base}.{plugin_cls.__name__}"
+    for req in plugin_cls.get_requirements():
+        if isinstance(req, requirements.ModuleRequirement):
+            ctx.config[f"{path}.{req.name}"] = KERNEL_MODULE
+        elif isinstance(req, requirements.TranslationLayerRequirement):
+            ctx.config[f"{path}.{req.name}"] = KERNEL_LAYER
+        elif isinstance(req, requirements.SymbolTableRequirement):
+            ctx.config[f"{path}.{req.name}"] = SYMBOL_TABLE
+    for key, value in options.items():
+        ctx.config[f"{path}.{key}"] = value
+    try:
+        return plugins.construct_plugin(ctx, [], plugin_cls, base, None, None)
+    except exceptions.UnsatisfiedException as exc:
+        missing = ", ".join(k.split(".")[-1] for k in exc.unsatisfied)
+        raise ShadowvolError(f"{plugin_cls.__name__} cannot run here: unsatisfied requirement(s) "
+                             f"{missing}") from None
+
+
+def plugin_options(plugin_cls: type) -> list:
+    """The user-settable requirements of a plugin (for command-line options)."""
+    from volatility3.framework.configuration import requirements
+
+    simple = (requirements.BooleanRequirement, requirements.IntRequirement,
+              requirements.StringRequirement, requirements.ListRequirement,
+              requirements.ChoiceRequirement)
+    return [r for r in plugin_cls.get_requirements() if isinstance(r, simple)]
+
+
+def quiet_volatility() -> None:
+    """volatility3 logs at WARNING by default; keep our output clean unless asked."""
+    logging.getLogger("volatility3").setLevel(logging.ERROR)
+    constants.PARALLELISM = constants.Parallelism.Off

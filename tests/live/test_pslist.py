@@ -1,0 +1,154 @@
+"""Issue 3: linux.pslist and friends on live memory, compared with the guest's own view."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from shadowvol.qmp import QMPClient
+
+pytestmark = pytest.mark.live
+
+EXTRA = 120
+
+
+@pytest.fixture(scope="module")
+def busy_guest(web01, guest):
+    """web01 with EXTRA more long-lived processes (distinct comms via symlinks)."""
+    guest(f"for i in $(seq {EXTRA}); do ln -sf /usr/bin/sv-idle /tmp/sv-x$i; /tmp/sv-x$i & done; sleep 0.5")
+    yield web01
+    guest("killall sv-idle 2>/dev/null; for i in $(seq %d); do pkill -f /tmp/sv-x$i; done; true" % EXTRA,
+          check=False)
+
+
+def guest_ps(guest) -> dict[int, tuple[int, str]]:
+    out = guest("for d in /proc/[0-9]*; do read -r line < $d/stat 2>/dev/null && echo \"$line\"; done")
+    procs = {}
+    for line in out.splitlines():
+        m = re.match(r"(\d+) \((.*)\) \S+ (\d+)", line)
+        if m:
+            procs[int(m.group(1))] = (int(m.group(3)), m.group(2))
+    return procs
+
+
+def pslist(*extra: str, backend: str = "shadow") -> dict[int, tuple[int, str]]:
+    r = run_cli(*extra, "--backend", backend, "-r", "json", "linux.pslist")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    return {row["PID"]: (row["PPID"], row["COMM"]) for row in rows}
+
+
+def same_comm(task_comm: str, proc_comm: str) -> bool:
+    # /proc shows kworkers as "kworker/0:1-events": task->comm plus the workqueue.
+    return proc_comm == task_comm or proc_comm.startswith(task_comm + "-")
+
+
+@pytest.mark.parametrize("backend", ["shadow", "libvmi"])
+def test_pslist_equals_guest_ps(busy_guest, guest, backend):
+    before = guest_ps(guest)
+    ours = pslist("-vm", "web01", backend=backend)
+    after = guest_ps(guest)
+    stable = {pid: v for pid, v in before.items() if after.get(pid) == v}
+    assert len(stable) >= EXTRA + 20
+    assert sum(1 for _, c in stable.values() if c.startswith("sv-x")) == EXTRA
+    missing = {pid: v for pid, v in stable.items() if pid not in ours}
+    assert not missing, f"pslist misses {missing}"
+    for pid, (ppid, comm) in stable.items():
+        assert ours[pid][0] == ppid and same_comm(ours[pid][1], comm), (pid, ours[pid], (ppid, comm))
+    # Nothing invented: every task pslist reports existed in one of the guest's views.
+    assert set(ours) <= set(before) | set(after)
+
+
+def test_pslist_on_a_dump_equals_pslist_live(busy_guest, tmp_path):
+    dump = tmp_path / "web01.elf"
+    with QMPClient(busy_guest.qmp) as q:
+        q.execute("stop")
+        try:
+            live = pslist("-vm", "web01")
+            q.execute("dump-guest-memory", paging=False, protocol=f"file:{dump}")
+        finally:
+            q.execute("cont")
+    assert pslist("-f", str(dump)) == live
+    assert len(live) > EXTRA
+
+
+@pytest.mark.parametrize("plugin,column", [
+    ("linux.pstree", "PID"), ("linux.psaux", "ARGS"), ("linux.lsmod", "Name"), ("linux.kmsg", "line"),
+])
+def test_stock_plugins_run_live(web01, guest, plugin, column):
+    r = run_cli("-vm", "web01", "-r", "json", plugin)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert rows and column in rows[0]
+    if plugin == "linux.lsmod":
+        theirs = {l.split()[0] for l in guest("cat /proc/modules").splitlines()}
+        assert {row["Name"] for row in rows} == theirs
+    if plugin == "linux.kmsg":
+        assert any("Linux version" in row["line"] for row in rows)
+    if plugin == "linux.psaux":
+        assert any(row["ARGS"].startswith("httpd") for row in rows)
+
+
+def test_kernel_location_matches_guest_kallsyms(web01, guest):
+    from shadowvol.target import open_target
+
+    t = open_target(vm="web01")
+    try:
+        kall = {}
+        for line in guest("grep -w -E '_text|init_task|linux_banner|init_top_pgt|sys_call_table' "
+                          "/proc/kallsyms").splitlines():
+            addr, _, name = line.split()[:3]
+            kall[name] = int(addr, 16)
+        assert kall["_text"] - t.isf["symbols"]["_text"]["address"] == t.location.virt_shift != 0
+        for name, addr in kall.items():
+            assert t.isf["symbols"][name]["address"] + t.location.virt_shift == addr, name
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("-vm", "nosuchvm", "linux.pslist"), "no VM named"),
+    (("-vm", "../x", "linux.pslist"), "invalid VM name"),
+    (("-vm", "web01", "linux.nosuchplugin"), "unknown plugin"),
+    (("-vm", "web01", "--backend", "fast", "linux.pslist"), "invalid choice"),
+    (("-f", "/nonexistent.raw", "linux.pslist"), "does not exist"),
+])
+def test_bad_targets_give_one_line_errors(web01, args, needle):
+    r = run_cli(*args)
+    assert r.returncode != 0
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert needle in err
+
+
+def test_truncated_and_corrupt_dumps(web01, tmp_path):
+    elf = tmp_path / "small.elf"
+    with QMPClient(web01.qmp) as q:
+        q.execute("dump-guest-memory", paging=False, protocol=f"file:{elf}", begin=0, length=1 << 20)
+    data = elf.read_bytes()
+    trunc = tmp_path / "trunc.elf"
+    trunc.write_bytes(data[:3000])
+    junk = tmp_path / "junk.raw"
+    junk.write_bytes(os.urandom(1 << 20))
+    for path in (trunc, junk):
+        r = run_cli("-f", str(path), "linux.pslist")
+        assert r.returncode != 0
+        err = r.stderr.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_stopped_vm_gives_clear_error(image):
+    from shadowvol.vm import qemu
+
+    e = qemu.start_vm("gone1", image, memory="256M")
+    qemu.stop_vm("gone1")
+    r = run_cli("-vm", "gone1", "linux.pslist")
+    assert r.returncode != 0 and "no VM named 'gone1'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
