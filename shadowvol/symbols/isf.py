@@ -23,7 +23,7 @@ import base64
 import datetime
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,20 +262,24 @@ class _Writer:
 
 def build_isf(graph: TypeGraph, symbols: Mapping[str, SymbolEntry], *,
               producer_version: str = "0.1.0",
-              sources: Iterable[dict[str, str]] = (),
+              linux_metadata: Mapping[str, Any] | None = None,
               all_types: bool = True) -> dict[str, Any]:
     """Builds the ISF dict.
 
     :param graph: the kernel's types.
     :param symbols: name -> :class:`SymbolEntry` (addresses are link-time).
-    :param sources: ``metadata.linux.symbols`` items (kind/name/hash_type/hash_value).
-    :param all_types: emit every named struct/union/enum, not only those the
-        symbols reach.
+    :param linux_metadata: ``metadata.linux`` (``symbols``/``types`` lists of
+        kind/name/hash_type/hash_value items).
+    :param all_types: emit every named struct/union/enum (and anonymous ones
+        named by a typedef), not only those the symbols reach.
     """
     w = _Writer(graph)
     if all_types:
-        for tid in sorted(w.named_defs.values()):
+        for tid in sorted(w.named_defs.values()) + sorted(w.typedef_names):
             w.descriptor(tid)
+        for tid, t in enumerate(graph.types):
+            if t.kind in (Kind.INT, Kind.FLOAT):
+                w.descriptor(tid)
     out_symbols: dict[str, dict[str, Any]] = {}
     for name, entry in symbols.items():
         sym: dict[str, Any] = {"address": entry.address}
@@ -285,10 +289,7 @@ def build_isf(graph: TypeGraph, symbols: Mapping[str, SymbolEntry], *,
             sym["constant_data"] = base64.b64encode(entry.constant_data).decode()
         out_symbols[name] = sym
     w.flush()
-    linux: dict[str, Any] = {}
-    items = list(sources)
-    if items:
-        linux["symbols"] = items
+    linux = dict(linux_metadata or {})
     return {
         "metadata": {
             "format": ISF_FORMAT,

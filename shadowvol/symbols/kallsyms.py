@@ -283,8 +283,9 @@ def parse_system_map(text: bytes | str) -> list[Symbol]:
     """Symbols of a System.map file ("ffffffff81000000 T _text" lines)."""
     raw = text.encode() if isinstance(text, str) else text
     syms = [Symbol(m[3].decode(), int(m[1], 16), m[2].decode()) for m in _MAP_LINE.finditer(raw)]
-    if not syms:
-        raise ProfileError("System.map holds no symbols (a Debian stub?)")
+    if len(syms) < 2:
+        raise ProfileError("System.map holds no symbols (Debian ships a stub; the real one is "
+                           "in linux-image-<release>-dbg)")
     return syms
 
 

@@ -1,0 +1,284 @@
+"""Volatility 3 ISF profiles built from a kernel image alone.
+
+Types come from the image's BTF (or DWARF, for a debug vmlinux), symbols
+from its embedded kallsyms tables (or a System.map / ELF symtab), declared
+types of globals from a header probe (:mod:`shadowvol.symbols.globals`).
+
+Public API::
+
+    build_profile(vmlinuz=None, vmlinux=None, system_map=None, headers=None) -> dict
+    write_profile(isf, path)            # .json or .json.xz
+    save_fast(isf, path) / load_fast(path)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import lzma
+import marshal
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shadowvol.errors import ProfileError
+from shadowvol.symbols.isf import SymbolEntry, build_isf
+from shadowvol.symbols.kallsyms import Symbol, find_kallsyms, parse_system_map, unique_by_name
+from shadowvol.symbols.typegraph import Kind, TypeGraph
+
+__all__ = ["build_profile", "write_profile", "read_profile", "save_fast", "load_fast",
+           "ProfileReport", "LazySection", "linux_banner", "FAST_MAGIC"]
+
+FAST_MAGIC = b"SVISF1\n"
+
+
+@dataclass
+class ProfileReport:
+    """What :func:`build_profile` did: sources, counts, notes."""
+
+    release: str = ""
+    symbol_source: str = ""
+    type_source: str = ""
+    symbols: int = 0
+    typed_symbols: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class _Image:
+    """A vmlinux ELF held in memory, readable by virtual address."""
+
+    def __init__(self, data: bytes) -> None:
+        from elftools.elf.elffile import ELFFile
+
+        self.data = data
+        self.elf = ELFFile(io.BytesIO(data))
+        self.segments = [(s["p_vaddr"], s["p_offset"], s["p_filesz"])
+                         for s in self.elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+
+    def read(self, va: int, size: int) -> bytes:
+        for vaddr, off, filesz in self.segments:
+            if vaddr <= va < vaddr + filesz:
+                start = off + va - vaddr
+                return self.data[start:start + min(size, vaddr + filesz - va)]
+        raise ProfileError(f"address {va:#x} is not in the image")
+
+    def section(self, name: str) -> bytes | None:
+        sec = self.elf.get_section_by_name(name)
+        return None if sec is None else sec.data()
+
+
+def linux_banner(image_read: Any, address: int | None, rodata: bytes | None = None) -> bytes:
+    """The bytes of ``linux_banner`` ("Linux version ...\\n" and its NUL), as
+    Volatility's banner scanner matches them in memory."""
+    if address is not None:
+        chunk = image_read(address, 1024)
+        end = chunk.find(b"\0")
+        if chunk.startswith(b"Linux version ") and end > 0:
+            return chunk[:end + 1]
+    if rodata is not None:
+        pos = rodata.find(b"Linux version ")
+        while pos >= 0:
+            end = rodata.find(b"\0", pos)
+            if rodata[end - 1:end] == b"\n" and b"%" not in rodata[pos:end]:
+                return rodata[pos:end + 1]
+            pos = rodata.find(b"Linux version ", pos + 1)
+    raise ProfileError("no Linux banner in the image")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def build_profile(vmlinuz: Path | None = None, vmlinux: Path | None = None,
+                  system_map: Path | None = None, headers: Path | None = None,
+                  report: ProfileReport | None = None) -> dict[str, Any]:
+    """The ISF dict for a kernel.
+
+    :param vmlinuz: compressed kernel (bzImage); used when ``vmlinux`` is None.
+    :param vmlinux: ELF kernel; with DWARF, types come from DWARF, else BTF.
+    :param system_map: symbols from this file instead of kallsyms/symtab.
+    :param headers: extracted linux-headers (package root or flavour dir), to
+        type ordinary globals; without it only BTF VARs and curated statics.
+    :param report: filled with what was done.
+    """
+    from shadowvol import __version__
+    from shadowvol.symbols import btf as btf_mod
+    from shadowvol.symbols.globals import type_globals
+
+    rep = report if report is not None else ProfileReport()
+    if vmlinux is not None:
+        raw = Path(vmlinux).read_bytes()
+        source = Path(vmlinux)
+        from shadowvol.symbols.vmlinuz import extract_vmlinux
+        data = extract_vmlinux(raw)
+    elif vmlinuz is not None:
+        from shadowvol.symbols.vmlinuz import extract_vmlinux
+        raw = Path(vmlinuz).read_bytes()
+        source = Path(vmlinuz)
+        data = extract_vmlinux(raw)
+    else:
+        raise ProfileError("build_profile needs vmlinuz or vmlinux")
+    image = _Image(data)
+
+    # Symbols.
+    symbols: list[Symbol]
+    extra: dict[str, tuple[int, str]] = {}
+    if system_map is not None:
+        symbols = parse_system_map(Path(system_map).read_bytes())
+        rep.symbol_source, sym_kind, sym_file = "system-map", "system-map", Path(system_map)
+    else:
+        from shadowvol.symbols.dwarf import elf_symbols
+        symbols = elf_symbols(image.elf)
+        rep.symbol_source, sym_kind, sym_file = "symtab", "symtab", source
+        if len(symbols) < 1000:
+            symbols = []
+            for vaddr, off, filesz in image.segments:
+                seg = data[off:off + filesz]
+                if b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00" not in seg:
+                    continue
+                try:
+                    tables, symbols = find_kallsyms(seg, vaddr)
+                except ProfileError:
+                    continue
+                rep.symbol_source = f"kallsyms ({tables.layout} layout)"
+                extra = {"kallsyms_num_syms": (tables.names - 8, "unsigned int"),
+                         "kallsyms_names": (tables.names, "u8[1]"),
+                         "kallsyms_markers": (tables.markers, "unsigned int[1]"),
+                         "kallsyms_token_table": (tables.token_table, "char[1]"),
+                         "kallsyms_token_index": (tables.token_index, "u16[256]")}
+                if tables.relative_base is not None:
+                    extra["kallsyms_offsets"] = (tables.addresses, "int[1]")
+                break
+            if not symbols:
+                raise ProfileError(f"{source}: no symbol table and no kallsyms tables")
+    rep.symbols = len(symbols)
+
+    # Types.
+    variables: dict[str, int] = {}
+    if image.elf.get_section_by_name(".debug_info") is not None:
+        from shadowvol.symbols.dwarf import graph_from_dwarf
+        graph, variables = graph_from_dwarf(image.elf)
+        rep.type_source = "dwarf"
+        type_item = {"kind": "dwarf", "name": source.name, "hash_type": "sha256", "hash_value": _sha256(raw)}
+    else:
+        blob = image.section(".BTF")
+        if blob is None:
+            raise ProfileError(f"{source}: neither DWARF nor BTF (needs CONFIG_DEBUG_INFO_BTF)")
+        graph = btf_mod.parse_btf(blob)
+        rep.type_source = "btf"
+        # The schema knows only dwarf/symtab/system-map kinds; BTF is DWARF-derived.
+        type_item = {"kind": "dwarf", "name": f"btf:{source.name}", "hash_type": "sha256",
+                     "hash_value": _sha256(raw)}
+
+    by_name = unique_by_name(symbols)
+    banner_sym = by_name.get("linux_banner")
+    banner = linux_banner(image.read, banner_sym.address if banner_sym else None, image.section(".rodata"))
+    rep.release = banner.split(b" ")[2].decode(errors="replace") if banner.count(b" ") > 2 else ""
+
+    if variables:
+        typed = {n: t for n, t in variables.items() if n in by_name}
+    else:
+        found = type_globals(graph, symbols, headers, rep.release or None)
+        rep.notes += found.notes
+        typed = found.types
+    from shadowvol.symbols.globals import parse_ctype
+    char_id = parse_ctype(graph, "char") or 0
+    entries: dict[str, SymbolEntry] = {}
+    for name, sym in by_name.items():
+        entries[name] = SymbolEntry(sym.address, typed.get(name))
+    for name, (address, spec) in extra.items():
+        if name not in entries:
+            entries[name] = SymbolEntry(address, parse_ctype(graph, spec))
+    if banner_sym is not None:
+        entries["linux_banner"] = SymbolEntry(banner_sym.address, graph.array_of(char_id, len(banner)), banner)
+    rep.typed_symbols = sum(1 for e in entries.values() if e.type_id is not None)
+
+    sym_item = {"kind": sym_kind,
+                "name": f"kallsyms:{sym_file.name}" if rep.symbol_source.startswith("kallsyms") else sym_file.name,
+                "hash_type": "sha256",
+                "hash_value": _sha256(raw if sym_file == source else Path(sym_file).read_bytes())}
+    return build_isf(graph, entries, producer_version=__version__,
+                     linux_metadata={"symbols": [sym_item], "types": [type_item]})
+
+
+def write_profile(isf: dict[str, Any], path: Path) -> Path:
+    """Writes the ISF as JSON, xz-compressed when ``path`` ends in ``.xz``."""
+    path = Path(path)
+    text = json.dumps(isf, separators=(",", ":"), sort_keys=True).encode()
+    if path.suffix == ".xz":
+        text = lzma.compress(text, preset=6)
+    path.write_bytes(text)
+    return path
+
+
+def read_profile(path: Path) -> dict[str, Any]:
+    """Reads an ISF written by :func:`write_profile` (or any .json[.xz]), or
+    a fast file written by :func:`save_fast`."""
+    raw = Path(path).read_bytes()
+    if raw.startswith(FAST_MAGIC):
+        return load_fast(path)
+    if raw.startswith(b"\xfd7zXZ"):
+        raw = lzma.decompress(raw)
+    return json.loads(raw)
+
+
+class LazySection(Mapping[str, Any]):
+    """A read-only ISF section (``user_types``, ``enums``, ``symbols``) whose
+    entries stay marshalled until first looked up; decoded entries are kept
+    on the instance."""
+
+    def __init__(self, raw: dict[str, bytes]) -> None:
+        self._raw = raw
+        self._decoded: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        got = self._decoded.get(key)
+        if got is None:
+            got = marshal.loads(self._raw[key])
+            self._decoded[key] = got
+        return got
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._raw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
+_LAZY = ("user_types", "enums", "symbols")
+
+
+def save_fast(isf: dict[str, Any], path: Path) -> Path:
+    """Writes the ISF in the fast-loading format: a magic line, then one
+    ``marshal`` blob where each entry of user_types/enums/symbols is itself
+    marshalled bytes, decoded lazily by :func:`load_fast`."""
+    path = Path(path)
+    out = {k: v for k, v in isf.items() if k not in _LAZY}
+    for key in _LAZY:
+        out[key] = {name: marshal.dumps(value) for name, value in isf[key].items()}
+    path.write_bytes(FAST_MAGIC + marshal.dumps(out))
+    return path
+
+
+def load_fast(path: Path, lazy: bool = True) -> dict[str, Any]:
+    """Reads a file written by :func:`save_fast`. With ``lazy``, the big
+    sections are :class:`LazySection` mappings (enough for Volatility's
+    ISF readers, which only use get/in/iteration); else plain dicts."""
+    raw = Path(path).read_bytes()
+    if not raw.startswith(FAST_MAGIC):
+        raise ProfileError(f"{path}: not a shadowvol fast profile")
+    try:
+        isf = marshal.loads(memoryview(raw)[len(FAST_MAGIC):])
+        if not isinstance(isf, dict) or any(k not in isf for k in _LAZY):
+            raise ValueError("missing sections")
+        for key in _LAZY:
+            section = LazySection(isf[key])
+            isf[key] = section if lazy else {k: section[k] for k in section}
+    except (EOFError, ValueError, TypeError) as exc:
+        raise ProfileError(f"{path}: corrupt fast profile ({exc})") from None
+    return isf
