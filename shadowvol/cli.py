@@ -150,6 +150,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_vm_banner(args)
 
 
+def cmd_profile_build(args: argparse.Namespace) -> int:
+    from . import profiles, symbols
+
+    if not (args.vmlinuz or args.vmlinux):
+        raise ShadowvolError("profile build needs --vmlinuz FILE or --vmlinux FILE")
+    for f in (args.vmlinuz, args.vmlinux, args.system_map, args.headers):
+        if f and not Path(f).exists():
+            raise ShadowvolError(f"{f} does not exist")
+    report = symbols.ProfileReport()
+    isf = symbols.build_profile(vmlinuz=args.vmlinuz and Path(args.vmlinuz),
+                                vmlinux=args.vmlinux and Path(args.vmlinux),
+                                system_map=args.system_map and Path(args.system_map),
+                                headers=args.headers and Path(args.headers), report=report)
+    if args.output:
+        out = symbols.write_profile(isf, Path(args.output))
+    else:
+        out = profiles.write_profile(isf, f"linux-{report.release or 'unknown'}")
+    print(f"{out}: {report.release}, {report.symbols} symbols ({report.symbol_source}), "
+          f"{report.typed_symbols} typed, types from {report.type_source}")
+    for note in report.notes:
+        print(f"  note: {note}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -215,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     bn = vm.add_parser("banner", help="print the kernel banner found in guest RAM")
     bn.add_argument("name")
     bn.set_defaults(func=cmd_vm_banner)
+    pr = sub.add_parser("profile", help="symbol profiles (ISF)").add_subparsers(dest="prcmd", required=True)
+    pb = pr.add_parser("build", help="build an ISF from a kernel image, no debug package needed")
+    pb.add_argument("--vmlinuz", help="compressed kernel (types from .BTF, symbols from kallsyms)")
+    pb.add_argument("--vmlinux", help="ELF kernel (DWARF when present)")
+    pb.add_argument("--system-map", help="symbols from a System.map instead")
+    pb.add_argument("--headers", help="extracted linux-headers, to type global variables")
+    pb.add_argument("-o", "--output", help="write here (.json or .json.xz) instead of the store")
+    pb.set_defaults(func=cmd_profile_build)
     be = sub.add_parser("bench", help="benchmarks: read latency, end-to-end pslist")
     be.add_argument("what", choices=["reads", "pslist"])
     be.add_argument("-vm", dest="vm", default="web01")

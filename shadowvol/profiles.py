@@ -17,12 +17,11 @@ import base64
 import hashlib
 import json
 import lzma
-import marshal
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
-from . import paths
+from . import paths, symbols
 from .errors import ProfileError
 
 REPO_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
@@ -42,65 +41,6 @@ def profile_files() -> Iterator[Path]:
                     yield p
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = path.read_bytes()
-        if path.name.endswith(".xz"):
-            raw = lzma.decompress(raw)
-        return json.loads(raw)
-    except (OSError, ValueError, lzma.LZMAError) as exc:
-        raise ProfileError(f"cannot read profile {path}: {exc}") from None
-
-
-LAZY_SECTIONS = ("user_types", "enums", "symbols")
-
-
-class LazySection(dict):
-    """A dict whose values are stored marshalled and decoded on first access.
-
-    Subclasses dict so that volatility3's ISF readers (``in``, ``get``, ``[]``,
-    ``keys``, ``items``) work unchanged.
-    """
-
-    def __getitem__(self, key: str) -> Any:
-        value = dict.__getitem__(self, key)
-        if type(value) is bytes:
-            value = marshal.loads(value)
-            dict.__setitem__(self, key, value)
-        return value
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if dict.__contains__(self, key) else default
-
-    def items(self):  # type: ignore[override]
-        return ((k, self[k]) for k in dict.keys(self))
-
-    def values(self):  # type: ignore[override]
-        return (self[k] for k in dict.keys(self))
-
-
-def _to_lazy_blob(isf: dict[str, Any]) -> bytes:
-    out = {k: v for k, v in isf.items() if k not in LAZY_SECTIONS}
-    for k in LAZY_SECTIONS:
-        out[k] = {name: marshal.dumps(value) for name, value in isf.get(k, {}).items()}
-    return marshal.dumps(out)
-
-
-def _from_lazy_blob(blob: bytes) -> dict[str, Any]:
-    import gc
-
-    enabled = gc.isenabled()
-    gc.disable()  # a large load with the collector on costs twice as long
-    try:
-        out = marshal.loads(blob)
-    finally:
-        if enabled:
-            gc.enable()
-    for k in LAZY_SECTIONS:
-        out[k] = LazySection(out.get(k, {}))
-    return out
-
-
 def _fast_path(path: Path) -> Path:
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
@@ -108,30 +48,33 @@ def _fast_path(path: Path) -> Path:
 
 
 def load_profile(path: Path) -> dict[str, Any]:
-    """The ISF dict of a profile, through its marshal copy when fresh."""
+    """The ISF dict of a profile, through its lazy fast copy when fresh."""
     path = Path(path)
     if not path.exists():
         raise ProfileError(f"profile {path} does not exist")
     fast = _fast_path(path)
     try:
-        return _from_lazy_blob(fast.read_bytes())
-    except (OSError, EOFError, ValueError, TypeError):
+        return symbols.load_fast(fast)
+    except (OSError, ProfileError):
         pass
-    isf = _read_json(path)
+    try:
+        isf = symbols.read_profile(path)
+    except (OSError, ValueError, lzma.LZMAError) as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc}") from None
     if not isinstance(isf, dict) or "symbols" not in isf or "user_types" not in isf:
         raise ProfileError(f"{path} is not an ISF profile (no symbols/user_types)")
     fast.parent.mkdir(parents=True, exist_ok=True)
     tmp = fast.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(_to_lazy_blob(isf))
+    symbols.save_fast(isf, tmp)
     tmp.replace(fast)
-    return isf
+    return symbols.load_fast(fast)
 
 
 def write_profile(isf: dict[str, Any], name: str) -> Path:
     """Store an ISF dict as ``<store>/<name>.json.xz`` and index it."""
     out = store_dir() / f"{name}.json.xz"
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(lzma.compress(json.dumps(isf, separators=(",", ":")).encode(), preset=6))
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.xz")
+    symbols.write_profile(isf, tmp)
     tmp.replace(out)
     _update_index(out, isf)
     return out
@@ -146,8 +89,27 @@ def profile_banner(isf: dict[str, Any]) -> bytes:
     return data.rstrip(b"\0")
 
 
-def profile_addresses(isf: dict[str, Any]) -> dict[str, int]:
-    return {name: sym["address"] for name, sym in isf["symbols"].items() if "address" in sym}
+class SymbolAddresses(Mapping[str, int]):
+    """Link-time address by symbol name, read from the ISF on demand (no full decode)."""
+
+    def __init__(self, isf: dict[str, Any]) -> None:
+        self._symbols = isf["symbols"]
+
+    def __getitem__(self, name: str) -> int:
+        return self._symbols[name]["address"]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._symbols
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._symbols)
+
+    def __len__(self) -> int:
+        return len(self._symbols)
+
+
+def profile_addresses(isf: dict[str, Any]) -> SymbolAddresses:
+    return SymbolAddresses(isf)
 
 
 def _index_path() -> Path:

@@ -31,11 +31,12 @@ from volatility3.framework.symbols.linux import LinuxKernelIntermedSymbols
 # Imported by volatility3's full plugin scan, which we skip for start-up time;
 # LinuxKernelIntermedSymbols needs it.
 from volatility3.framework.symbols.linux.extensions import network as _network  # noqa: F401
+from volatility3.framework.constants import architectures as _architectures  # noqa: F401
 
 from .backends.base import PhysicalMemory
 from .errors import InvalidAddressError, ShadowvolError
 from .kaslr import KernelLocation
-from .paging import PagedMemory
+from .paging import FIVE_LEVEL, FOUR_LEVEL, PagedMemory, TranslationCache
 
 PHYSICAL_LAYER = "memory_layer"
 KERNEL_LAYER = "kernel_layer"
@@ -47,11 +48,17 @@ class LivePhysicalLayer(interfaces.layers.DataLayerInterface):
     """Guest-physical memory from a shadowvol backend; read-only, uncached."""
 
     def __init__(self, context: interfaces.context.ContextInterface, config_path: str, name: str,
-                 memory: PhysicalMemory, metadata: dict | None = None) -> None:
+                 memory: PhysicalMemory, metadata: dict | None = None,
+                 cache: TranslationCache | None = None) -> None:
         super().__init__(context, config_path, name, metadata)
         self._memory = memory
+        self.translation_cache = cache if cache is not None else TranslationCache(memory)
         ranges = memory.ranges()
         self._max = (ranges[-1][1] - 1) if ranges else 0
+
+    @property
+    def memory(self) -> PhysicalMemory:
+        return self._memory
 
     @property
     def maximum_address(self) -> int:
@@ -83,10 +90,21 @@ class LivePhysicalLayer(interfaces.layers.DataLayerInterface):
 class LiveLinuxIntel32e(intel.LinuxIntel32e):
     """4-level Linux paging through :class:`PagedMemory` (explicit epoch cache)."""
 
+    _paging_format = FOUR_LEVEL
+
     def __init__(self, context: interfaces.context.ContextInterface, config_path: str, name: str,
-                 paged: PagedMemory, metadata: dict | None = None) -> None:
+                 metadata: dict | None = None, paged: PagedMemory | None = None) -> None:
         super().__init__(context, config_path, name, metadata)
+        if paged is None:
+            # volatility3 builds process layers itself (parent_layer.__class__(ctx, cfg, name)):
+            # same physical layer and epoch cache, another page-table root.
+            phys = context.layers[self._base_layer]
+            if not isinstance(phys, LivePhysicalLayer):
+                raise exceptions.LayerException(name, f"{self._base_layer} is not a shadowvol physical layer")
+            paged = PagedMemory(phys.memory, self._page_map_offset, self._paging_format,
+                                phys.translation_cache, name=name)
         self._paged = paged
+        self._vmask = (1 << self._maxvirtaddr) - 1
 
     def _fault(self, offset: int, exc: InvalidAddressError) -> exceptions.InvalidAddressException:
         if exc.entry is not None and exc.level is not None:
@@ -98,13 +116,13 @@ class LiveLinuxIntel32e(intel.LinuxIntel32e):
 
     def _translate(self, offset: int) -> tuple[int, int, str]:
         try:
-            paddr, size = self._paged.translate(self.canonicalize(offset))
+            paddr, size = self._paged.translate(self.canonicalize(offset & self._vmask))
         except InvalidAddressError as exc:
             raise self._fault(offset, exc) from None
         return paddr, size, self._base_layer
 
     def read(self, offset: int, length: int, pad: bool = False) -> bytes:
-        vaddr = self.canonicalize(offset)
+        vaddr = self.canonicalize(offset & self._vmask)
         if pad:
             return self._paged.read_padded(vaddr, length)
         try:
@@ -120,6 +138,7 @@ class LiveLinuxIntel5Level(LiveLinuxIntel32e):
     """5-level (LA57) Linux paging; volatility3 itself has no such layer."""
 
     _maxvirtaddr = 57
+    _paging_format = FIVE_LEVEL
     _structure = [("page map layer 5", 9, False)] + intel.Intel32e._structure
 
 
@@ -151,14 +170,14 @@ def build_context(memory: PhysicalMemory, paged: PagedMemory, location: KernelLo
                   isf: Mapping, isf_url: str = "shadowvol:profile") -> contexts.Context:
     """A volatility3 context with the physical layer, kernel layer and ``kernel`` module."""
     ctx = contexts.Context()
-    phys = LivePhysicalLayer(ctx, "shadowvol.physical", PHYSICAL_LAYER, memory)
+    phys = LivePhysicalLayer(ctx, "shadowvol.physical", PHYSICAL_LAYER, memory, cache=paged.cache)
     ctx.layers.add_layer(phys)
     cfg = "shadowvol.kernel_layer"
     ctx.config[f"{cfg}.memory_layer"] = PHYSICAL_LAYER
     ctx.config[f"{cfg}.page_map_offset"] = location.dtb
     ctx.config[f"{cfg}.kernel_virtual_offset"] = location.virt_shift
     cls = LiveLinuxIntel5Level if location.la57 else LiveLinuxIntel32e
-    kernel_layer = cls(ctx, cfg, KERNEL_LAYER, paged, metadata={"os": "Linux"})
+    kernel_layer = cls(ctx, cfg, KERNEL_LAYER, metadata={"os": "Linux"}, paged=paged)
     ctx.layers.add_layer(kernel_layer)
     table = PreloadedLinuxSymbols(ctx, "shadowvol.symbols", SYMBOL_TABLE, isf_url, isf=isf)
     ctx.symbol_space.append(table)

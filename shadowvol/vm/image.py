@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -244,43 +243,34 @@ def _build_initramfs(modules: list[Path], stub_ko: Path | None, work: Path) -> b
     return gzip.compress(w.finish(), compresslevel=6)
 
 
-def prepare_headers(debs: list[Path], dest: Path) -> Path:
-    """Extract linux-headers/kbuild .debs into ``dest`` and fix the Makefile include.
+def extract_headers(debs: list[Path], dest: Path) -> None:
+    """Extract the linux-headers and linux-kbuild .debs into ``dest``.
 
-    The flavour Makefile includes ``/usr/src/linux-headers-<ver>-common/Makefile``
-    by absolute path; it is rewritten to point into ``dest``. Returns the
-    flavour build directory (``dest/usr/src/linux-headers-<release>``).
+    :func:`shadowvol.symbols.kbuild.prepare_headers` turns that into a tree
+    kbuild can use from there (the flavour Makefile includes the common tree
+    by an absolute /usr/src path).
     """
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for deb in debs:
         debpkg.extract(deb, tmp)
-    for mk in (tmp / "usr/src").glob("linux-headers-*/Makefile"):
-        text = mk.read_text()
-        fixed = re.sub(r"(/usr/src/linux-headers-[^/\s]+)", lambda m: str(tmp) + m.group(1), text)
-        fixed = fixed.replace(str(tmp), str(dest))
-        mk.write_text(fixed)
-    # kbuild's scripts dir is a symlink into /usr/lib/linux-kbuild-*: make it relative.
-    for link in (tmp / "usr/src").rglob("*"):
-        if link.is_symlink():
-            target = os.readlink(link)
-            if target.startswith("/"):
-                link.unlink()
-                link.symlink_to(os.path.relpath(tmp / target.lstrip("/"), link.parent))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
-    flavour = [p for p in (dest / "usr/src").glob("linux-headers-*") if not p.name.endswith("-common")]
-    if not flavour:
-        raise VMError(f"no linux-headers flavour directory in {dest}")
-    return flavour[0]
 
 
 def headers_build_dir(image: Image) -> Path:
     """The directory to pass as ``make -C`` when building modules for ``image``."""
-    d = image.headers / "usr/src" / f"linux-headers-{image.release}"
-    if not (d / "Makefile").exists():
+    from ..symbols.kbuild import prepare_headers
+
+    if not image.headers.is_dir():
         raise VMError(f"image {image.release} has no kernel headers; rebuild it with 'shadowvol vm build'")
-    return d
+    return prepare_headers(image.headers, image.release)
+
+
+def _has_profile(img: Image) -> bool:
+    from .. import profiles
+
+    return (profiles.store_dir() / f"linux-{img.release}.json.xz").exists()
 
 
 def build_image(package: str = DEFAULT_KERNEL_PACKAGE, progress: Progress | None = None,
@@ -298,11 +288,8 @@ def build_image(package: str = DEFAULT_KERNEL_PACKAGE, progress: Progress | None
     digest = _inputs_digest()
     if not force and (img.root / "manifest.json").exists() and img.initramfs.exists():
         man = img.manifest
-        if man.get("inputs") == digest and man.get("package") == package:
+        if man.get("inputs") == digest and man.get("package") == package and _has_profile(img):
             return img, False
-        if man.get("inputs") == digest:
-            # same kernel reached through another package name: record both
-            pass
     img.root.mkdir(parents=True, exist_ok=True)
     debs_dir = paths.cache_dir() / "debs"
     header_pkgs = debpkg.headers_packages(release)
@@ -329,7 +316,7 @@ def build_image(package: str = DEFAULT_KERNEL_PACKAGE, progress: Progress | None
             modules = _module_deps(moddir, GUEST_MODULES)
         if not img.headers.exists() or force:
             say("extracting kernel headers for guest modules")
-            prepare_headers(debs[1:], img.headers)
+            extract_headers(debs[1:], img.headers)
         stub_ko = None
         if _stub_dir() is not None:
             say("building the guest stub module")
@@ -337,6 +324,12 @@ def build_image(package: str = DEFAULT_KERNEL_PACKAGE, progress: Progress | None
             stub_ko = kmod.build_module(img, _stub_dir())[0]
         say("building initramfs (busybox, agent, workloads)")
         img.initramfs.write_bytes(_build_initramfs(modules, stub_ko, work))
+    if force or not _has_profile(img):
+        say("building the symbol profile (BTF + kallsyms + header probe)")
+        from .. import profiles, symbols
+
+        isf = symbols.build_profile(vmlinuz=img.vmlinuz, headers=img.headers)
+        profiles.write_profile(isf, f"linux-{release}")
     manifest = {
         "release": release,
         "package": package,

@@ -8,7 +8,6 @@ we run kbuild on a copy of the module's source directory and return the .ko.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -24,20 +23,21 @@ def build_module(image: Image, src_dir: Path, out_dir: Path | None = None,
     The .ko files are copied to ``out_dir`` (default: ``src_dir``'s build
     cache in the image directory).
     """
-    kdir = headers_build_dir(image)
+    from ..symbols.kbuild import run_kbuild
+
+    tree = headers_build_dir(image)
     src_dir = Path(src_dir).resolve()
     if not src_dir.is_dir():
         raise VMError(f"module source {src_dir} is not a directory")
     out = Path(out_dir) if out_dir else image.root / "modules" / src_dir.name
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="shadowvol-kmod-") as tmp:
+        # Build a copy, so the source tree stays clean.
         build = Path(tmp) / src_dir.name
         shutil.copytree(src_dir, build, ignore=shutil.ignore_patterns(
             "*.o", "*.ko", "*.mod*", ".*.cmd", "Module.symvers", "modules.order"))
-        cmd = ["make", "-s", "-C", str(kdir), f"M={build}", "modules"]
-        if extra_cflags:
-            cmd.append(f"ccflags-y={extra_cflags}")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        extra = [f"ccflags-y={extra_cflags}"] if extra_cflags else []
+        proc = run_kbuild(tree, build, ["modules"], extra=extra)
         if proc.returncode != 0:
             lines = [l for l in (proc.stderr + proc.stdout).splitlines() if l.strip()]
             err = next((l for l in lines if "error" in l), lines[-1] if lines else "?")
@@ -47,7 +47,6 @@ def build_module(image: Image, src_dir: Path, out_dir: Path | None = None,
             raise VMError(f"building module in {src_dir.name} produced no .ko")
         result = []
         for ko in kos:
-            dst = out / ko.name
-            shutil.copy2(ko, dst)
-            result.append(dst)
+            shutil.copy2(ko, out / ko.name)
+            result.append(out / ko.name)
     return result

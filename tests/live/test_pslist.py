@@ -46,8 +46,14 @@ def pslist(*extra: str, backend: str = "shadow") -> dict[int, tuple[int, str]]:
 
 
 def same_comm(task_comm: str, proc_comm: str) -> bool:
-    # /proc shows kworkers as "kworker/0:1-events": task->comm plus the workqueue.
-    return proc_comm == task_comm or proc_comm.startswith(task_comm + "-")
+    """task->comm (what memory holds) against /proc/PID/stat's name.
+
+    /proc shows kworkers as "kworker/0:1-events" (task->comm plus the
+    workqueue) and kthreads by their full name, of which task->comm keeps
+    the first TASK_COMM_LEN - 1 = 15 characters.
+    """
+    return (proc_comm == task_comm or proc_comm.startswith(task_comm + "-")
+            or (len(task_comm) == 15 and proc_comm.startswith(task_comm)))
 
 
 @pytest.mark.parametrize("backend", ["shadow", "libvmi"])
@@ -80,16 +86,23 @@ def test_pslist_on_a_dump_equals_pslist_live(busy_guest, tmp_path):
 
 
 @pytest.mark.parametrize("plugin,column", [
-    ("linux.pstree", "PID"), ("linux.psaux", "ARGS"), ("linux.lsmod", "Name"), ("linux.kmsg", "line"),
+    ("linux.pstree", "PID"), ("linux.psaux", "ARGS"), ("linux.lsmod", "Module Name"), ("linux.kmsg", "line"),
 ])
-def test_stock_plugins_run_live(web01, guest, plugin, column):
+def test_stock_plugins_run_live(web01, guest, image, plugin, column):
+    if plugin == "linux.lsmod":
+        from shadowvol.vm.console import vm_cp
+        from shadowvol.vm.kmod import build_module
+        from conftest import ROOT
+
+        vm_cp(web01, build_module(image, ROOT / "tests/kits/hello")[0], "/tmp/sv_hello.ko")
+        guest("lsmod | grep -q sv_hello || insmod /tmp/sv_hello.ko")
     r = run_cli("-vm", "web01", "-r", "json", plugin)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert rows and column in rows[0]
     if plugin == "linux.lsmod":
         theirs = {l.split()[0] for l in guest("cat /proc/modules").splitlines()}
-        assert {row["Name"] for row in rows} == theirs
+        assert {row["Module Name"] for row in rows} == theirs and "sv_hello" in theirs
     if plugin == "linux.kmsg":
         assert any("Linux version" in row["line"] for row in rows)
     if plugin == "linux.psaux":

@@ -55,7 +55,7 @@ def test_cp_and_insmod_module_built_for_guest(web01, image, guest):
     r = run_cli("vm", "cp", "web01", str(ko), "/tmp/sv_hello.ko")
     assert r.returncode == 0, r.stderr
     assert guest("md5sum /tmp/sv_hello.ko").split()[0] == __import__("hashlib").md5(ko.read_bytes()).hexdigest()
-    guest("insmod /tmp/sv_hello.ko")
+    guest("rmmod sv_hello 2>/dev/null; insmod /tmp/sv_hello.ko")
     mods = [l.split()[0] for l in guest("cat /proc/modules").splitlines()]
     assert "sv_hello" in mods
     guest("rmmod sv_hello")

@@ -1,13 +1,10 @@
-"""Profiles from a real kernel image.
-
-Set SHADOWVOL_TEST_VMLINUZ to a vmlinuz (e.g. a Debian 12 cloud kernel) and,
-for the header probe, SHADOWVOL_TEST_HEADERS to the extracted linux-headers
-root (package root or flavour directory).
-"""
+"""Profiles built from the real kernel image of the test guest (vmlinuz alone,
+plus its Debian headers for typed globals), checked against the running
+guest's own view: /proc/kallsyms and offsets printed by a module."""
 
 from __future__ import annotations
 
-import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,23 +13,64 @@ import pytest
 
 from shadowvol.symbols import ProfileReport, build_profile, load_fast, read_profile, save_fast, write_profile
 
-VMLINUZ = os.environ.get("SHADOWVOL_TEST_VMLINUZ")
-HEADERS = os.environ.get("SHADOWVOL_TEST_HEADERS")
-
-needs_kernel = pytest.mark.skipif(not VMLINUZ, reason="set SHADOWVOL_TEST_VMLINUZ to a vmlinuz to run")
-needs_headers = pytest.mark.skipif(not (VMLINUZ and HEADERS),
-                                   reason="set SHADOWVOL_TEST_VMLINUZ and SHADOWVOL_TEST_HEADERS to run")
+pytestmark = pytest.mark.live
 
 
 @pytest.fixture(scope="module")
-def built() -> tuple[dict[str, Any], ProfileReport]:
+def built(image) -> tuple[dict[str, Any], ProfileReport]:
     report = ProfileReport()
-    isf = build_profile(vmlinuz=Path(VMLINUZ), headers=Path(HEADERS) if HEADERS else None,  # type: ignore[arg-type]
-                        report=report)
+    isf = build_profile(vmlinuz=image.vmlinuz, headers=image.headers, report=report)
     return isf, report
 
 
-@needs_kernel
+@pytest.fixture(scope="module")
+def VMLINUZ(image) -> str:
+    return str(image.vmlinuz)
+
+
+@pytest.fixture(scope="module")
+def HEADERS(image) -> str:
+    return str(image.headers)
+
+
+def test_symbols_match_guest_kallsyms_after_kaslr_shift(built, guest) -> None:
+    """Every symbol the guest exports in /proc/kallsyms sits at profile address + one shift."""
+    from collections import Counter
+
+    isf, _ = built
+    syms = isf["symbols"]
+    # Module symbols ("name [mod]") are not in the image.
+    entries = [(p[2], int(p[0], 16)) for p in map(str.split, guest("cat /proc/kallsyms").splitlines())
+               if len(p) == 3]
+    # Static symbols repeated in several files share a name: check unique names,
+    # except per-CPU and absolute symbols (below the kernel map), not relocated by KASLR.
+    counts = Counter(name for name, _ in entries)
+    unique = [(name, addr) for name, addr in entries if counts[name] == 1 and addr >= 0xFFFFFFFF80000000]
+    missing = [name for name, _ in unique if name not in syms]
+    assert not missing, missing[:10]
+    shift = unique[0][1] - syms[unique[0][0]]["address"]
+    assert shift != 0 and shift % 0x200000 == 0  # KASLR is on; the kernel moves by 2 MiB steps
+    wrong = [(name, hex(addr)) for name, addr in unique if addr - syms[name]["address"] != shift]
+    assert not wrong, wrong[:10]
+    assert len(unique) > 50_000
+
+
+def test_struct_offsets_match_a_module_built_against_the_headers(built, web01, image, guest) -> None:
+    from conftest import ROOT
+    from shadowvol.vm.console import vm_cp
+    from shadowvol.vm.kmod import build_module
+
+    isf, _ = built
+    vm_cp(web01, build_module(image, ROOT / "tests/kits/hello")[0], "/tmp/sv_hello.ko")
+    guest("rmmod sv_hello 2>/dev/null; insmod /tmp/sv_hello.ko")
+    line = guest("dmesg | grep 'sv_hello: task_struct' | tail -1")
+    reported = {k: int(v) for k, v in re.findall(r"task_struct\.(\w+)=(\d+)", line)}
+    task = isf["user_types"]["task_struct"]
+    for field in ("comm", "pid", "tasks"):
+        assert task["fields"][field]["offset"] == reported[field], field
+    assert task["size"] == int(re.search(r"sizeof=(\d+)", line).group(1))
+
+
 def test_validates_against_volatility_schema(built: tuple[dict[str, Any], ProfileReport]) -> None:
     from volatility3 import schemas
 
@@ -41,7 +79,6 @@ def test_validates_against_volatility_schema(built: tuple[dict[str, Any], Profil
     assert schemas.validate(isf, use_cache=False)
 
 
-@needs_kernel
 def test_known_symbols(built: tuple[dict[str, Any], ProfileReport]) -> None:
     isf, report = built
     syms = isf["symbols"]
@@ -56,7 +93,6 @@ def test_known_symbols(built: tuple[dict[str, Any], ProfileReport]) -> None:
     assert syms["idt_table"]["type"]["count"] == 256
 
 
-@needs_kernel
 def test_banner(built: tuple[dict[str, Any], ProfileReport]) -> None:
     import base64
 
@@ -66,7 +102,6 @@ def test_banner(built: tuple[dict[str, Any], ProfileReport]) -> None:
     assert isf["symbols"]["linux_banner"]["type"]["count"] == len(banner)
 
 
-@needs_headers
 def test_header_typed_globals(built: tuple[dict[str, Any], ProfileReport]) -> None:
     isf, _ = built
     syms = isf["symbols"]
@@ -77,8 +112,8 @@ def test_header_typed_globals(built: tuple[dict[str, Any], ProfileReport]) -> No
     assert syms["jiffies"]["type"]["kind"] == "base"
 
 
-@needs_headers
-def test_comm_offset_matches_compiled_module(built: tuple[dict[str, Any], ProfileReport], tmp_path: Path) -> None:
+def test_comm_offset_matches_compiled_module(built: tuple[dict[str, Any], ProfileReport], tmp_path: Path,
+                                             HEADERS: str) -> None:
     from shadowvol.symbols.dwarf import DwarfImporter, iter_variables, open_elf
     from shadowvol.symbols.kbuild import prepare_headers, run_kbuild
     from shadowvol.symbols.typegraph import Kind, TypeGraph
@@ -98,7 +133,6 @@ def test_comm_offset_matches_compiled_module(built: tuple[dict[str, Any], Profil
     assert isf["user_types"]["task_struct"]["size"] == task.size
 
 
-@needs_kernel
 def test_volatility_loads_profile(built: tuple[dict[str, Any], ProfileReport], tmp_path: Path) -> None:
     import volatility3.plugins
     from volatility3 import framework
@@ -117,7 +151,6 @@ def test_volatility_loads_profile(built: tuple[dict[str, Any], ProfileReport], t
     assert init_task.type.vol.type_name.endswith("task_struct")
 
 
-@needs_kernel
 def test_fast_store_roundtrip(built: tuple[dict[str, Any], ProfileReport], tmp_path: Path) -> None:
     isf, _ = built
     fast = save_fast(isf, tmp_path / "k.svisf")
