@@ -13,6 +13,7 @@ guest would load on QEMU (qemu_fw_cfg, which feeds the vmcoreinfo device).
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import io
@@ -281,6 +282,15 @@ def build_image(package: str = DEFAULT_KERNEL_PACKAGE, progress: Progress | None
     the same inputs is a no-op.
     """
     say = progress or (lambda msg: None)
+    lock = os.open(images_dir() / ".build.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; later callers see its result
+        return _build_image(package, say, force)
+    finally:
+        os.close(lock)
+
+
+def _build_image(package: str, say: Progress, force: bool) -> tuple[Image, bool]:
     say(f"resolving {package}")
     image_pkg = debpkg.resolve_kernel_package(package)
     release = debpkg.kernel_release(image_pkg)
@@ -323,7 +333,9 @@ def build_image(package: str = DEFAULT_KERNEL_PACKAGE, progress: Progress | None
             from . import kmod
             stub_ko = kmod.build_module(img, _stub_dir())[0]
         say("building initramfs (busybox, agent, workloads)")
-        img.initramfs.write_bytes(_build_initramfs(modules, stub_ko, work))
+        tmp_initrd = img.initramfs.with_suffix(".tmp")
+        tmp_initrd.write_bytes(_build_initramfs(modules, stub_ko, work))
+        tmp_initrd.replace(img.initramfs)  # atomic: a VM booting now reads old or new, never half
     if force or not _has_profile(img):
         say("building the symbol profile (BTF + kallsyms + header probe)")
         from .. import profiles, symbols
