@@ -24,7 +24,7 @@ import importlib
 import logging
 from typing import Any, Mapping
 
-from volatility3.framework import constants, contexts, exceptions, interfaces
+from volatility3.framework import constants, contexts, exceptions, interfaces, objects, symbols
 from volatility3.framework.layers import intel
 from volatility3.framework.symbols import intermed
 from volatility3.framework.symbols.linux import LinuxKernelIntermedSymbols
@@ -166,10 +166,80 @@ class PreloadedLinuxSymbols(LinuxKernelIntermedSymbols, PreloadedISF):
     """volatility3's Linux kernel symbols (with its object extensions), preloaded."""
 
 
+class DeferredTemplate:
+    """The pointee of a pointer template, resolved through the symbol space on first use.
+
+    volatility3's ``SymbolSpace.get_type`` resolves every type reachable from
+    the requested one: ``task_struct`` pulls in ~1,100 types and cost half a
+    second per run, though a plugin dereferences a few dozen pointers. A
+    deferred template stands in for a pointer's subtype and forwards every
+    attribute (``size``, ``vol``, ``children``, ``has_member``, calls) to the
+    real template once it is needed.
+    """
+
+    __slots__ = ("_space", "_type_name", "_real")
+
+    def __init__(self, space: "LazySymbolSpace", type_name: str) -> None:
+        self._space = space
+        self._type_name = type_name
+        self._real: Any = None
+
+    def _resolve(self) -> Any:
+        if self._real is None:
+            self._real = self._space.get_type(self._type_name)
+        return self._real
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._resolve(), attr)
+
+    def __call__(self, context: Any, object_info: Any) -> Any:
+        return self._resolve()(context=context, object_info=object_info)
+
+
+class LazySymbolSpace(symbols.SymbolSpace):
+    """A SymbolSpace that resolves embedded types eagerly (as volatility3
+    does: sizes of arrays and members need them) but pointer targets lazily."""
+
+    def _iterative_resolve(self, traverse_list: list) -> None:
+        replacements = []
+        while traverse_list:
+            pending = [self._resolved[traverse_list.pop(0)]]
+            while pending:
+                traverser = pending.pop(0)
+                is_pointer = issubclass(traverser.vol.object_class, objects.Pointer)
+                for child in traverser.children:
+                    if isinstance(child, DeferredTemplate):
+                        continue
+                    if isinstance(child, objects.templates.ReferenceTemplate):
+                        name = child.vol.type_name
+                        if is_pointer and name not in self._resolved:
+                            replacements.append((traverser, child, DeferredTemplate(self, name)))
+                            continue
+                        if name not in self._resolved:
+                            traverse_list.append(name)
+                            try:
+                                self._resolved[name] = self._weak_resolve(symbols.SymbolType.TYPE, name)
+                            except exceptions.SymbolError:
+                                self._resolved[name] = self.UnresolvedTemplate(name)
+                        replacements.append((traverser, child, None))
+                    elif child.children:
+                        pending.append(child)
+        for parent, child, new in replacements:
+            parent.replace_child(child, new if new is not None else self._resolved[child.vol.type_name])
+
+
+class LiveContext(contexts.Context):
+    """A volatility3 context whose symbol space resolves pointer targets lazily."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._symbol_space = LazySymbolSpace()
+
+
 def build_context(memory: PhysicalMemory, paged: PagedMemory, location: KernelLocation,
                   isf: Mapping, isf_url: str = "shadowvol:profile") -> contexts.Context:
     """A volatility3 context with the physical layer, kernel layer and ``kernel`` module."""
-    ctx = contexts.Context()
+    ctx = LiveContext()
     phys = LivePhysicalLayer(ctx, "shadowvol.physical", PHYSICAL_LAYER, memory, cache=paged.cache)
     ctx.layers.add_layer(phys)
     cfg = "shadowvol.kernel_layer"
@@ -192,32 +262,42 @@ def build_context(memory: PhysicalMemory, paged: PagedMemory, location: KernelLo
 def load_plugin(name: str) -> type:
     """Import only the named plugin: ``linux.pslist`` or ``linux.pslist.PsList``.
 
-    Looks in volatility3.plugins and in our plugins/ package (``shadowvol_plugins``).
+    Our plugins/ directory goes first on ``volatility3.plugins.__path__``, as
+    ``vol -p plugins`` puts it, so our ``linux.check_syscall`` shadows the
+    stock module of that name and the stock ones still load (plugins/linux
+    extends its own ``__path__`` with the stock directory).
     """
+    import os
+    from pathlib import Path
+
+    import volatility3.plugins
     from volatility3.framework.interfaces.plugins import PluginInterface
 
+    ours = str(Path(__file__).resolve().parents[1] / "plugins")
+    if os.path.isdir(ours) and ours not in volatility3.plugins.__path__:
+        volatility3.plugins.__path__.insert(0, ours)
     parts = name.split(".")
     candidates = []
     if len(parts) >= 2:
         candidates.append((".".join(parts), None))
         candidates.append((".".join(parts[:-1]), parts[-1]))
     for mod_name, cls_name in candidates:
-        for prefix in ("volatility3.plugins.", "shadowvol_plugins."):
-            try:
-                mod = importlib.import_module(prefix + mod_name)
-            except ModuleNotFoundError as exc:
-                if exc.name and (prefix + mod_name).startswith(exc.name):
-                    continue
-                raise
-            classes = [c for c in vars(mod).values() if isinstance(c, type)
-                       and issubclass(c, PluginInterface) and c.__module__ == mod.__name__]
-            if cls_name:
-                classes = [c for c in classes if c.__name__ == cls_name]
-            if len(classes) == 1:
-                return classes[0]
-            if len(classes) > 1:
-                raise ShadowvolError(f"plugin {name!r} is ambiguous: "
-                                     f"{', '.join(c.__name__ for c in classes)}")
+        prefix = "volatility3.plugins."
+        try:
+            mod = importlib.import_module(prefix + mod_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and (prefix + mod_name).startswith(exc.name):
+                continue
+            raise
+        classes = [c for c in vars(mod).values() if isinstance(c, type)
+                   and issubclass(c, PluginInterface) and c.__module__ == mod.__name__]
+        if cls_name:
+            classes = [c for c in classes if c.__name__ == cls_name]
+        if len(classes) == 1:
+            return classes[0]
+        if len(classes) > 1:
+            raise ShadowvolError(f"plugin {name!r} is ambiguous: "
+                                 f"{', '.join(c.__name__ for c in classes)}")
     raise ShadowvolError(f"unknown plugin {name!r} (e.g. linux.pslist, linux.lsmod, linux.kmsg)")
 
 
