@@ -4,6 +4,7 @@
     shadowvol demo
     shadowvol profile build --vmlinuz FILE ...
     shadowvol bench reads|pslist -vm NAME
+    shadowvol trace -vm NAME [--syscalls] [--sched] [--proc] [--at SYMBOL] [--duration S] [-r json]
     shadowvol -vm NAME [--backend shadow|libvmi] [-r pretty|json|csv] PLUGIN [ARGS]
     shadowvol -f DUMP [-r ...] PLUGIN [ARGS]
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from .errors import ShadowvolError
 
-SUBCOMMANDS = ("vm", "demo", "profile", "bench", "trace")
+SUBCOMMANDS = ("vm", "demo", "profile", "bench", "trace", "trace-check", "read")
 
 
 def _say(msg: str) -> None:
@@ -118,20 +119,22 @@ def cmd_vm_cp(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_banner(args: argparse.Namespace) -> int:
-    from .vm.registry import get_vm
-    from .banner import find_banners
+    from .target import open_target
 
-    e = get_vm(args.name)
-    found = find_banners(e.ram_file)
-    if not found:
-        raise ShadowvolError(f"no Linux banner found in {args.name}'s memory")
-    paddr, text = found[0]
-    print(f"{args.name}: banner at physical {paddr:#x}: {text}")
+    t = open_target(vm=args.name)
+    try:
+        va = t.isf["symbols"]["linux_banner"]["address"] + t.location.virt_shift
+        paddr = t.kernel.translate(va)[0]
+        text = t.kernel.read(va, 512).split(b"\0")[0].decode(errors="replace").rstrip("\n")
+    finally:
+        t.close()
+    print(f"{args.name}: linux_banner at {va:#x} (physical {paddr:#x}): {text}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Build the default image, boot web01 if needed, and show what its memory holds."""
+    """Build the default image, boot web01 if needed, and list its processes from outside."""
+    from .run import run_plugin_cli
     from .vm.image import build_image
     from .vm.qemu import start_vm
     from .vm.registry import get_vm
@@ -147,7 +150,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
             start_vm(args.name, img)
     finally:
         stop()
-    return cmd_vm_banner(args)
+    cmd_vm_banner(args)
+    return run_plugin_cli(["-vm", args.name, "linux.pslist"])
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    """Hex dump of guest memory: kernel virtual by default, or physical."""
+    from .target import open_target
+
+    if not 0 < args.length <= 1 << 20:
+        raise ShadowvolError("length must be between 1 and 1 MiB")
+    t = open_target(vm=args.vm, dump=args.dump, backend=args.backend)
+    try:
+        data = t.memory.read(args.address, args.length) if args.physical else \
+            t.kernel.read(args.address, args.length)
+    finally:
+        t.close()
+    for off in range(0, len(data), 16):
+        row = data[off:off + 16]
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+        print(f"{args.address + off:016x}  {row.hex(' '):<47}  {text}")
+    return 0
 
 
 def cmd_profile_build(args: argparse.Namespace) -> int:
@@ -177,6 +207,8 @@ def cmd_profile_build(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.what == "overhead":
+        return cmd_bench_overhead(args)
     if args.what == "reads":
         rows = bench.bench_reads(args.vm)
         bench.render(rows, args.renderer)
@@ -186,6 +218,107 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         bench.render(bench.bench_pslist(args.vm, runs=args.runs), args.renderer)
     return 0
+
+
+# -- bench overhead and trace-check (issue 4: breakpoint monitor, compartment integrity) --
+
+
+def cmd_bench_overhead(args: argparse.Namespace) -> int:
+    from . import bench
+
+    rows = bench.bench_overhead(args.vm, runs=args.runs, libvmi_runs=args.libvmi_runs,
+                                workloads=args.workload)
+    bench.render(rows, args.renderer)
+    if args.renderer != "json":
+        print()
+        bench.render(bench.summarize_event_cost(rows), args.renderer)
+    return 0
+
+
+def cmd_trace_check(args: argparse.Namespace) -> int:
+    """Verify the stub's code, hooks and rings from outside; exit 3 on tampering."""
+    import json as _json
+
+    from .integrity import check_integrity, render_report
+
+    rep = check_integrity(args.vm)
+    if args.renderer == "json":
+        print(_json.dumps(rep.to_json(), indent=1))
+    else:
+        print(render_report(rep))
+    return 0 if rep.ok else 3
+
+
+def _add_trace_check_parsers(sub: argparse._SubParsersAction, bench_parser: argparse.ArgumentParser) -> None:
+    bench_parser.add_argument("--libvmi-runs", type=int, default=1, help="bench overhead: breakpoint runs")
+    bench_parser.add_argument("--workload", action="append",
+                              help="bench overhead: only these (getppid, forkexec, filecopy, gzip, httpd)")
+    tc = sub.add_parser("trace-check", help="verify the guest stub's code, hooks and rings from outside")
+    tc.add_argument("-vm", dest="vm", default="web01")
+    tc.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
+    tc.set_defaults(func=cmd_trace_check)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Stream guest events: the stub's rings (shadow) or gdbstub breakpoints (libvmi)."""
+    import json
+
+    from .trace.events import Event, format_event
+
+    if not args.duration > 0:
+        raise ShadowvolError(f"--duration must be positive, not {args.duration}")
+    syscalls, sched, proc = args.syscalls, args.sched, args.proc
+    if not (syscalls or sched or proc or args.at):
+        syscalls = True
+    if args.backend == "libvmi":
+        try:
+            from .trace.breakpoint import trace_breakpoints as tracer
+        except ImportError as exc:
+            raise ShadowvolError(f"the libvmi (breakpoint) backend is not available: {exc}") from None
+    else:
+        from .trace.shadow import trace_shadow as tracer
+    out = sys.stdout
+    if args.renderer == "pretty":
+        print(f"{'TIME':>14} {'CPU':>3} {'PID':>6}/{'TGID':<6} {'COMM':<16} EVENT", file=out)
+
+    def on_event(ev: Event) -> None:
+        if args.pid is not None and ev.pid != args.pid and ev.tgid != args.pid:
+            return
+        if args.comm is not None and ev.comm != args.comm:
+            return
+        if args.renderer == "json":
+            out.write(json.dumps(ev.to_json()) + "\n")
+        else:
+            out.write(format_event(ev) + "\n")
+
+    stats = tracer(args.vm, syscalls=syscalls, sched=sched, proc=proc, at=args.at or None,
+                   duration=args.duration, on_event=on_event)
+    out.flush()
+    for w in stats.get("warnings", []):
+        _say(f"shadowvol: warning: {w}")
+    lost, drops = stats.get("lost", 0), stats.get("stub_drops", 0)
+    _say(f"shadowvol: trace ({stats.get('backend', args.backend)}): {stats.get('events', 0)} events in "
+         f"{stats.get('seconds', 0)} s ({stats.get('events_per_s', 0)}/s), lost {lost} (ring overwritten "
+         f"before read), stub drops {drops}")
+    _say("shadowvol: trace stats: " + json.dumps(stats))
+    return 0
+
+
+def _add_trace_parser(sub: argparse._SubParsersAction) -> None:
+    tr = sub.add_parser("trace", help="stream guest events (syscalls, switches, fork/exec/exit, probes)")
+    tr.add_argument("-vm", dest="vm", required=True, help="VM name")
+    tr.add_argument("--syscalls", action="store_true", help="system call entries (the default)")
+    tr.add_argument("--sched", action="store_true", help="context switches")
+    tr.add_argument("--proc", action="store_true", help="fork, exec and exit")
+    tr.add_argument("--at", action="append", metavar="SYMBOL",
+                    help="monitor point SYMBOL[+OFF] or 0xADDR (repeatable)")
+    tr.add_argument("--duration", type=float, default=5.0, help="seconds (default 5)")
+    tr.add_argument("--pid", type=int, help="only events of this pid or tgid")
+    tr.add_argument("--comm", help="only events of tasks with this comm")
+    tr.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
+    tr.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"],
+                    help="shadow: the in-guest stub's rings; libvmi: gdbstub breakpoints")
+    tr.set_defaults(func=cmd_trace)
 
 
 def _describe(exc: Exception) -> str:
@@ -200,8 +333,15 @@ def _describe(exc: Exception) -> str:
     return f"internal error: {type(exc).__name__}: {text}"
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one-line ShadowvolErrors (exit 1, no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ShadowvolError(f"{self.prog}: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shadowvol", description="Introspect live Linux VMs.")
+    p = _OneLineParser(prog="shadowvol", description="Introspect live Linux VMs.")
     sub = p.add_subparsers(dest="cmd", required=True)
     vm = sub.add_parser("vm", help="build, boot and drive test guests").add_subparsers(
         dest="vmcmd", required=True)
@@ -247,13 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--headers", help="extracted linux-headers, to type global variables")
     pb.add_argument("-o", "--output", help="write here (.json or .json.xz) instead of the store")
     pb.set_defaults(func=cmd_profile_build)
+    rd = sub.add_parser("read", help="hex dump of guest memory (kernel virtual, or --physical)")
+    src = rd.add_mutually_exclusive_group(required=True)
+    src.add_argument("-vm", dest="vm")
+    src.add_argument("-f", dest="dump")
+    rd.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"])
+    rd.add_argument("--physical", action="store_true")
+    rd.add_argument("address", type=_int)
+    rd.add_argument("length", type=_int, nargs="?", default=64)
+    rd.set_defaults(func=cmd_read, dump=None)
     be = sub.add_parser("bench", help="benchmarks: read latency, end-to-end pslist")
-    be.add_argument("what", choices=["reads", "pslist"])
+    be.add_argument("what", choices=["reads", "pslist", "overhead"])
     be.add_argument("-vm", dest="vm", default="web01")
     be.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
     be.add_argument("--runs", type=int, default=3)
     be.set_defaults(func=cmd_bench)
-    d = sub.add_parser("demo", help="build and boot web01, then read its memory")
+    _add_trace_check_parsers(sub, be)
+    _add_trace_parser(sub)
+    d = sub.add_parser("demo", help="build and boot web01, then list its processes from outside")
     d.add_argument("name", nargs="?", default="web01")
     d.set_defaults(func=cmd_demo)
     return p

@@ -28,13 +28,16 @@ REPO_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
 
 def store_dir() -> Path:
-    d = paths.cache_dir() / "profiles"
+    """``$SHADOWVOL_PROFILE_DIR`` if set (then the only place searched), else ``<cache>/profiles``."""
+    env = os.environ.get("SHADOWVOL_PROFILE_DIR")
+    d = Path(env) if env else paths.cache_dir() / "profiles"
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 def profile_files() -> Iterator[Path]:
-    for d in (store_dir(), REPO_PROFILES):
+    dirs = [store_dir()] if os.environ.get("SHADOWVOL_PROFILE_DIR") else [store_dir(), REPO_PROFILES]
+    for d in dirs:
         if d.is_dir():
             for p in sorted(d.iterdir()):
                 if p.name.endswith((".json", ".json.xz")):

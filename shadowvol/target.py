@@ -191,6 +191,24 @@ def open_target(vm: str | None = None, dump: str | None = None, backend: str = "
         raise
 
 
+def _profile_from_guest(src: _Source, info: dict[str, str] | None, say: Progress) -> Path:
+    """Build and store a profile from the BTF and kallsyms in guest memory."""
+    from .symbols import ProfileReport
+    from .symbols.live import profile_from_memory
+
+    release = (info or {}).get("OSRELEASE", "unknown release")
+    say(f"no stored profile for {release}: building one from guest memory")
+    report = ProfileReport()
+    try:
+        isf = profile_from_memory(src.memory, info, report)
+    except ProfileError as exc:
+        raise ProfileError(
+            f"no profile for the kernel in {src.description} ({release}), and none can be built from "
+            f"its memory ({exc}); build one with 'shadowvol profile build --vmlinuz "
+            "/boot/vmlinuz-<release>' (from the Debian linux-image package)") from None
+    return profiles.write_profile(isf, f"linux-{report.release or 'unknown'}-from-guest")
+
+
 def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
     state = src.state_dir / "kernel.json" if src.state_dir else None
     cached = None
@@ -221,12 +239,9 @@ def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
         if banner is not None:
             path = profiles.find_profile(banner)
         if path is None:
-            release = (info or {}).get("OSRELEASE", "unknown release")
-            raise ProfileError(
-                f"no profile for the kernel in {src.description} ({release}); build one with "
-                "'shadowvol profile build --vmlinuz /boot/vmlinuz-<release>' (from the Debian "
-                "linux-image package), or 'shadowvol vm build' for our images")
+            path = _profile_from_guest(src, info, say)
         isf = profiles.load_profile(path)
+        banner = profiles.profile_banner(isf)
     symbols = profiles.profile_addresses(isf)
     loc = _locate(src, symbols, banner, say)
     if state is not None:

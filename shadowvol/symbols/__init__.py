@@ -103,9 +103,7 @@ def build_profile(vmlinuz: Path | None = None, vmlinux: Path | None = None,
         type ordinary globals; without it only BTF VARs and curated statics.
     :param report: filled with what was done.
     """
-    from shadowvol import __version__
     from shadowvol.symbols import btf as btf_mod
-    from shadowvol.symbols.globals import type_globals
 
     rep = report if report is not None else ProfileReport()
     if vmlinux is not None:
@@ -175,32 +173,48 @@ def build_profile(vmlinuz: Path | None = None, vmlinux: Path | None = None,
     by_name = unique_by_name(symbols)
     banner_sym = by_name.get("linux_banner")
     banner = linux_banner(image.read, banner_sym.address if banner_sym else None, image.section(".rodata"))
-    rep.release = banner.split(b" ")[2].decode(errors="replace") if banner.count(b" ") > 2 else ""
+    sym_item = {"kind": sym_kind,
+                "name": f"kallsyms:{sym_file.name}" if rep.symbol_source.startswith("kallsyms") else sym_file.name,
+                "hash_type": "sha256",
+                "hash_value": _sha256(raw if sym_file == source else Path(sym_file).read_bytes())}
+    return assemble_profile(graph, symbols, banner, headers=headers, report=rep, extra=extra,
+                            variables=variables, linux_metadata={"symbols": [sym_item], "types": [type_item]})
 
+
+def assemble_profile(graph: TypeGraph, symbols: list[Symbol], banner: bytes, *,
+                     headers: Path | None = None, report: ProfileReport | None = None,
+                     extra: Mapping[str, tuple[int, str]] | None = None,
+                     variables: Mapping[str, int] | None = None,
+                     linux_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ISF from a type graph, link-time symbols and the banner bytes (with NUL).
+
+    Shared by :func:`build_profile` (kernel files) and
+    :func:`shadowvol.symbols.live.profile_from_memory` (a running guest).
+    """
+    from shadowvol import __version__
+    from shadowvol.symbols.globals import parse_ctype, type_globals
+
+    rep = report if report is not None else ProfileReport()
+    by_name = unique_by_name(symbols)
+    banner_sym = by_name.get("linux_banner")
+    rep.release = banner.split(b" ")[2].decode(errors="replace") if banner.count(b" ") > 2 else ""
     if variables:
         typed = {n: t for n, t in variables.items() if n in by_name}
     else:
         found = type_globals(graph, symbols, headers, rep.release or None)
         rep.notes += found.notes
         typed = found.types
-    from shadowvol.symbols.globals import parse_ctype
     char_id = parse_ctype(graph, "char") or 0
     entries: dict[str, SymbolEntry] = {}
     for name, sym in by_name.items():
         entries[name] = SymbolEntry(sym.address, typed.get(name))
-    for name, (address, spec) in extra.items():
+    for name, (address, spec) in (extra or {}).items():
         if name not in entries:
             entries[name] = SymbolEntry(address, parse_ctype(graph, spec))
     if banner_sym is not None:
         entries["linux_banner"] = SymbolEntry(banner_sym.address, graph.array_of(char_id, len(banner)), banner)
     rep.typed_symbols = sum(1 for e in entries.values() if e.type_id is not None)
-
-    sym_item = {"kind": sym_kind,
-                "name": f"kallsyms:{sym_file.name}" if rep.symbol_source.startswith("kallsyms") else sym_file.name,
-                "hash_type": "sha256",
-                "hash_value": _sha256(raw if sym_file == source else Path(sym_file).read_bytes())}
-    return build_isf(graph, entries, producer_version=__version__,
-                     linux_metadata={"symbols": [sym_item], "types": [type_item]})
+    return build_isf(graph, entries, producer_version=__version__, linux_metadata=linux_metadata or {})
 
 
 def write_profile(isf: dict[str, Any], path: Path) -> Path:

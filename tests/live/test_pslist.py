@@ -165,3 +165,65 @@ def test_stopped_vm_gives_clear_error(image):
     r = run_cli("-vm", "gone1", "linux.pslist")
     assert r.returncode != 0 and "no VM named 'gone1'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_read_hexdump_matches_guest(web01, guest):
+    addr = int(guest("grep -w linux_banner /proc/kallsyms").split()[0], 16)
+    r = run_cli("read", "-vm", "web01", hex(addr), "64")
+    assert r.returncode == 0, r.stderr
+    text = "".join(line.split("  ", 2)[2] for line in r.stdout.splitlines())
+    assert guest("cat /proc/version").startswith(text.replace(".", " ")[:14])
+    first = r.stdout.splitlines()[0]
+    assert first.startswith(f"{addr:016x}") and "4c 69 6e 75 78" in first  # "Linux"
+
+
+def test_vm_banner_is_the_running_kernels(web01, guest):
+    r = run_cli("vm", "banner", "web01")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith(guest("cat /proc/version").strip())
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("read", "-vm", "web01", "0xffff800000000000", "16"), "invalid address 0xffff800000000000 (not present at PML4"),
+    (("read", "-vm", "web01", "--physical", hex(1 << 40), "16"), "not in guest RAM"),
+    (("read", "-vm", "web01", "0x12zz"), "not a number"),
+])
+def test_invalid_addresses_give_one_line_errors(web01, args, needle):
+    r = run_cli(*args)
+    assert r.returncode != 0
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_profile_built_from_guest_memory_when_none_is_stored(busy_guest, tmp_path):
+    """No stored profile: shadowvol builds one from the BTF and kallsyms in guest RAM."""
+    env_before = os.environ.get("SHADOWVOL_PROFILE_DIR")
+    state = Path(busy_guest.dir) / "kernel.json"
+    with QMPClient(busy_guest.qmp) as q:
+        q.execute("stop")
+        try:
+            reference = pslist("-vm", "web01")
+            state.unlink(missing_ok=True)
+            os.environ["SHADOWVOL_PROFILE_DIR"] = str(tmp_path)
+            from_guest = pslist("-vm", "web01")
+        finally:
+            q.execute("cont")
+            if env_before is None:
+                os.environ.pop("SHADOWVOL_PROFILE_DIR", None)
+            else:
+                os.environ["SHADOWVOL_PROFILE_DIR"] = env_before
+            state.unlink(missing_ok=True)
+    assert [p.name for p in tmp_path.glob("*-from-guest.json.xz")]
+    assert from_guest == reference and len(reference) > EXTRA
+
+
+def test_wrong_profile_is_refused(web01):
+    from shadowvol import profiles
+    from shadowvol.vm.image import build_image
+
+    other, _ = build_image("linux-image-amd64")  # a different kernel (generic flavour)
+    path = profiles.store_dir() / f"linux-{other.release}.json.xz"
+    r = run_cli("-vm", "web01", "--profile", str(path), "linux.pslist")
+    assert r.returncode != 0
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "wrong profile" in err, err
