@@ -64,7 +64,8 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
     update(f"booting {args.name} ({img.release})")
     try:
         e = start_vm(args.name, img, memory=args.memory, cpus=args.cpus, kaslr=not args.no_kaslr,
-                     accel=args.accel, stub=args.stub, timeout=args.timeout, cpu=args.cpu)
+                     accel=args.accel, stub=args.stub, timeout=args.timeout, cpu=args.cpu,
+                     anonymous_ram=args.anonymous_ram)
     finally:
         stop()
     print(f"{e.name}: running (pid {e.pid}, {e.accel}, {e.memory_mb} MiB, kaslr "
@@ -356,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus", type=int, default=1)
     s.add_argument("--no-kaslr", action="store_true")
     s.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    s.add_argument("--anonymous-ram", action="store_true",
+                   help="plain QEMU RAM (no shared file), like a VM someone else started")
     s.add_argument("--cpu", help="QEMU CPU model (TCG default: max,la57=off; 'max' gives 5-level paging)")
     s.add_argument("--stub", dest="stub", action="store_true", default=None,
                    help="load the guest stub (default: when the image has it)")

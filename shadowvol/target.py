@@ -114,8 +114,10 @@ def _open_vm(spec: str, backend: str) -> _Source:
             raise VMError("pid: targets have no hypervisor interface for --backend libvmi; use qmp:")
         return _Source(shadow.ShadowProcess.open_pid(pid), f"pid:{pid}")
     entry = registry.get_vm(spec)
-    if backend == "shadow":
+    if backend == "shadow" and entry.ram_file:
         mem: PhysicalMemory = shadow.ShadowFile(entry.ram_file)
+    elif backend == "shadow":
+        mem = shadow.ShadowProcess.open_qmp(entry.qmp)
     else:
         mem = libvmi.open_libvmi(entry.gdb, entry.qmp)
     return _Source(mem, f"vm:{entry.name}", state_dir=Path(entry.dir), qmp=entry.qmp,

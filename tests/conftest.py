@@ -7,7 +7,9 @@ user's own VMs are never touched; the image cache is shared.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -67,3 +69,32 @@ def run_cli(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
     """Run the shadowvol CLI as a user would, in the test's environment."""
     return subprocess.run([sys.executable, "-m", "shadowvol", *args], capture_output=True,
                           text=True, timeout=timeout, env=os.environ.copy())
+
+
+def guest_ps(guest) -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, comm) from the guest's own /proc/PID/stat."""
+    out = guest("for d in /proc/[0-9]*; do read -r line < $d/stat 2>/dev/null && echo \"$line\"; done")
+    procs = {}
+    for line in out.splitlines():
+        m = re.match(r"(\d+) \((.*)\) \S+ (\d+)", line)
+        if m:
+            procs[int(m.group(1))] = (int(m.group(3)), m.group(2))
+    return procs
+
+
+def pslist(*extra: str, backend: str = "shadow") -> dict[int, tuple[int, str]]:
+    r = run_cli(*extra, "--backend", backend, "-r", "json", "linux.pslist")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    return {row["PID"]: (row["PPID"], row["COMM"]) for row in rows}
+
+
+def same_comm(task_comm: str, proc_comm: str) -> bool:
+    """task->comm (what memory holds) against /proc/PID/stat's name.
+
+    /proc shows kworkers as "kworker/0:1-events" (task->comm plus the
+    workqueue) and kthreads by their full name, of which task->comm keeps
+    the first TASK_COMM_LEN - 1 = 15 characters.
+    """
+    return (proc_comm == task_comm or proc_comm.startswith(task_comm + "-")
+            or (len(task_comm) == 15 and proc_comm.startswith(task_comm)))

@@ -30,6 +30,8 @@ QEMU = "qemu-system-x86_64"
 # x86 servers (and stock volatility3's LinuxIntel32e) use 4-level paging, so
 # that is the default; ``--cpu max`` gives a 5-level guest.
 DEFAULT_TCG_CPU = "max,la57=off"
+# The VM that gets the guest stub (issue 4) unless asked otherwise.
+DEFAULT_STUB_VM = "web01"
 
 
 def parse_memory(text: str | int) -> int:
@@ -122,13 +124,18 @@ def build_command(entry: registry.VMEntry, image: Image, accel: str, pidfile: Pa
         append.append("nokaslr")
     if entry.stub:
         append.append("shadowvol.stub=1")
+        for key, value in sorted((entry.extra.get("stub_params") or {}).items()):
+            append.append(f"shadow_stub.{key}={value}")
     mem = f"{entry.memory_mb}M"
+    if entry.ram_file:
+        ram = ["-machine", "q35,memory-backend=mem",
+               "-object", f"memory-backend-file,id=mem,size={mem},mem-path={entry.ram_file},share=on"]
+    else:  # anonymous RAM, as a VM started by someone else has it
+        ram = ["-machine", "q35"]
     return [
-        QEMU, "-name", f"{entry.name},process=shadowvol-{entry.name}",
-        "-machine", "q35,memory-backend=mem", "-accel", accel,
+        QEMU, "-name", f"{entry.name},process=shadowvol-{entry.name}", *ram, "-accel", accel,
         "-cpu", entry.extra.get("cpu") or ("host" if accel == "kvm" else DEFAULT_TCG_CPU),
         "-smp", str(entry.cpus), "-m", mem,
-        "-object", f"memory-backend-file,id=mem,size={mem},mem-path={entry.ram_file},share=on",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(image.vmlinuz), "-initrd", str(image.initramfs),
         "-append", " ".join(append),
@@ -147,8 +154,18 @@ def build_command(entry: registry.VMEntry, image: Image, accel: str, pidfile: Pa
 
 def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
              kaslr: bool = True, accel: str = "auto", stub: bool | None = None,
-             timeout: float = 120.0, cpu: str | None = None) -> registry.VMEntry:
-    """Boot ``image`` as VM ``name`` and return once its control agent answers."""
+             timeout: float = 120.0, cpu: str | None = None,
+             stub_params: dict[str, str] | None = None,
+             anonymous_ram: bool = False) -> registry.VMEntry:
+    """Boot ``image`` as VM ``name`` and return once its control agent answers.
+
+    ``anonymous_ram``: plain QEMU RAM instead of a shared file, as a VM
+    started by someone else would have (the shadow backend then reads it
+    through QMP and /proc/PID/mem). ``stub``: load the guest stub (default: for web01, when the image has
+    it). ``stub_params`` are its module parameters (``points``,
+    ``ring_records``, ``size_kb``, ``events``), passed on the kernel command
+    line as ``shadow_stub.NAME=VALUE``.
+    """
     from .console import Console
 
     registry.validate_name(name)
@@ -158,9 +175,14 @@ def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
     if accel not in ("auto", "kvm", "tcg"):
         raise VMError(f"invalid accelerator {accel!r}: auto, kvm or tcg")
     if stub is None:
-        stub = bool(image.manifest.get("stub"))
+        stub = name == DEFAULT_STUB_VM and bool(image.manifest.get("stub"))
     elif stub and not image.manifest.get("stub"):
         raise VMError(f"image {image.release} has no guest stub; rebuild it with 'shadowvol vm build'")
+    for key, value in (stub_params or {}).items():
+        if not re.fullmatch(r"[a-z_]+", key) or not re.fullmatch(r"[\w.,+:-]+", str(value)):
+            raise VMError(f"invalid stub parameter {key}={value!r}")
+    if stub_params and not stub:
+        raise VMError("stub parameters given but the stub is not loaded (use stub=True / --stub)")
     if accel == "auto":
         accel = "kvm" if probe_kvm(image) else "tcg"
     d = registry.vm_dir(name)
@@ -172,10 +194,12 @@ def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
         (d / "starting").write_text(str(os.getpid()))
     entry = registry.VMEntry(
         name=name, pid=0, release=image.release, memory_mb=memory_mb, cpus=cpus, accel=accel,
-        kaslr=kaslr, stub=stub, dir=str(d), ram_file=str(paths.shm_dir() / f"{name}.ram"),
+        kaslr=kaslr, stub=stub, dir=str(d),
+        ram_file="" if anonymous_ram else str(paths.shm_dir() / f"{name}.ram"),
         qmp=str(d / "qmp.sock"), gdb=str(d / "gdb.sock"), ctl=str(d / "ctl.sock"),
         console=str(d / "console.sock"), console_log=str(d / "console.log"),
-        image=str(image.root), started=time.time(), extra={"cpu": cpu} if cpu else {})
+        image=str(image.root), started=time.time(),
+        extra={k: v for k, v in (("cpu", cpu), ("stub_params", stub_params)) if v})
     pidfile, qemu_log = d / "qemu.pid", d / "qemu.log"
     old_umask = os.umask(0o077)
     try:

@@ -65,7 +65,8 @@ class VMEntry:
             cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
         except OSError:
             return False
-        return self.ram_file.encode() in cmdline
+        return f"process=shadowvol-{self.name}\0".encode() in cmdline or \
+            f"process=shadowvol-{self.name},".encode() in cmdline
 
     def save(self) -> None:
         f = self.path / "vm.json"

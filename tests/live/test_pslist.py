@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import guest_ps, pslist, run_cli, same_comm
 from shadowvol.qmp import QMPClient
 
 pytestmark = pytest.mark.live
@@ -26,34 +26,6 @@ def busy_guest(web01, guest):
     yield web01
     guest("killall sv-idle 2>/dev/null; for i in $(seq %d); do pkill -f /tmp/sv-x$i; done; true" % EXTRA,
           check=False)
-
-
-def guest_ps(guest) -> dict[int, tuple[int, str]]:
-    out = guest("for d in /proc/[0-9]*; do read -r line < $d/stat 2>/dev/null && echo \"$line\"; done")
-    procs = {}
-    for line in out.splitlines():
-        m = re.match(r"(\d+) \((.*)\) \S+ (\d+)", line)
-        if m:
-            procs[int(m.group(1))] = (int(m.group(3)), m.group(2))
-    return procs
-
-
-def pslist(*extra: str, backend: str = "shadow") -> dict[int, tuple[int, str]]:
-    r = run_cli(*extra, "--backend", backend, "-r", "json", "linux.pslist")
-    assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)
-    return {row["PID"]: (row["PPID"], row["COMM"]) for row in rows}
-
-
-def same_comm(task_comm: str, proc_comm: str) -> bool:
-    """task->comm (what memory holds) against /proc/PID/stat's name.
-
-    /proc shows kworkers as "kworker/0:1-events" (task->comm plus the
-    workqueue) and kthreads by their full name, of which task->comm keeps
-    the first TASK_COMM_LEN - 1 = 15 characters.
-    """
-    return (proc_comm == task_comm or proc_comm.startswith(task_comm + "-")
-            or (len(task_comm) == 15 and proc_comm.startswith(task_comm)))
 
 
 @pytest.mark.parametrize("backend", ["shadow", "libvmi"])
