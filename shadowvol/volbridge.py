@@ -111,6 +111,11 @@ class LiveLinuxIntel32e(intel.LinuxIntel32e):
             return exceptions.PagedInvalidAddressException(self.name, offset, 12, exc.entry, str(exc))
         return exceptions.InvalidAddressException(self.name, offset, str(exc))
 
+    @property
+    def paged(self) -> PagedMemory:
+        """Our address space behind this layer (e.g. for ``iter_mapped`` over a region)."""
+        return self._paged
+
     # volatility3 passes kernel addresses masked to the layer's width
     # (0xffff8... for 0xffffffff8...); canonicalize() restores the sign bits.
 
