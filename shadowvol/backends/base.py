@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -218,3 +219,21 @@ class BufferMemory(PhysicalMemory):
         self._starts = []
         if isinstance(buf, mmap.mmap):
             buf.close()
+
+
+def map_file_readonly(path: str, what: str, flags: int = mmap.MAP_SHARED) -> mmap.mmap:
+    """mmap a whole file read-only; ``what`` names it in the one-line errors."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise BackendError(f"cannot open {what} {path}: {exc.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise BackendError(f"{what} {path} is empty")
+        try:
+            return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise BackendError(f"cannot map {what} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BackendError
-from .base import BufferMemory, Segment
+from .base import BufferMemory, Segment, map_file_readonly
 
 __all__ = [
     "LIME_MAGIC",
@@ -213,20 +213,7 @@ class DumpMemory(BufferMemory):
 def open_dump(path: str | os.PathLike[str], segments: list[Segment] | None = None) -> DumpMemory:
     """Open a dump, detecting ELF core, LiME or raw; ``segments`` overrides the raw layout."""
     path = str(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise BackendError(f"cannot open dump {path}: {exc.strerror}") from None
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            raise BackendError(f"dump {path} is empty")
-        try:
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
-        except OSError as exc:
-            raise BackendError(f"cannot map dump {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
+    mm = map_file_readonly(path, "dump", mmap.MAP_PRIVATE)
     try:
         head = mm[:16]
         notes: list[ElfNote] = []

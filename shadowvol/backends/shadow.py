@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import BackendError, InvalidAddressError, ShadowvolError
 from ..qmp import QMPClient
-from .base import BufferMemory, PhysicalMemory, Segment, merge_ranges
+from .base import BufferMemory, PhysicalMemory, Segment, map_file_readonly, merge_ranges
 
 __all__ = [
     "GiB",
@@ -165,20 +165,9 @@ class ShadowFile(BufferMemory):
     def __init__(self, path: str | os.PathLike[str], segments: Sequence[Segment] | None = None,
                  name: str = "shadow", populate: bool = False) -> None:
         self.path = str(path)
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise BackendError(f"cannot open guest RAM file {self.path}: {exc.strerror}") from None
-        try:
-            size = os.fstat(fd).st_size
-            if size == 0:
-                raise BackendError(f"guest RAM file {self.path} is empty")
-            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-            mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
-        except OSError as exc:
-            raise BackendError(f"cannot mmap guest RAM file {self.path}: {exc.strerror}") from None
-        finally:
-            os.close(fd)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        mm = map_file_readonly(self.path, "guest RAM file", flags)
+        size = len(mm)
         segs = list(segments) if segments is not None else q35_layout(size)
         try:
             super().__init__(mm, segs, name=name,
