@@ -228,7 +228,7 @@ def open_dump(path: str | os.PathLike[str], segments: list[Segment] | None = Non
                                "(use dump-guest-memory without -z/-l/-s)")
         else:
             fmt = "raw"
-            segs = segments if segments is not None else [Segment(0, size, 0)]
+            segs = segments if segments is not None else [Segment(0, len(mm), 0)]
         if segments is not None and fmt != "raw":
             raise BackendError(f"{path}: segments can only be given for raw dumps, this is {fmt}")
         try:
