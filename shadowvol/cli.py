@@ -279,14 +279,16 @@ def cmd_trace(args: argparse.Namespace) -> int:
     else:
         from .trace.shadow import trace_shadow as tracer
     out = sys.stdout
-    if args.renderer == "pretty":
-        print(f"{'TIME':>14} {'CPU':>3} {'PID':>6}/{'TGID':<6} {'COMM':<16} EVENT", file=out)
+    header = [args.renderer == "pretty"]  # printed before the first event, not before an error
 
     def on_event(ev: Event) -> None:
         if args.pid is not None and ev.pid != args.pid and ev.tgid != args.pid:
             return
         if args.comm is not None and ev.comm != args.comm:
             return
+        if header[0]:
+            header[0] = False
+            out.write(f"{'TIME':>14} {'CPU':>3} {'PID':>6}/{'TGID':<6} {'COMM':<16} EVENT\n")
         if args.renderer == "json":
             out.write(json.dumps(ev.to_json()) + "\n")
         else:

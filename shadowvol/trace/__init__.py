@@ -1,0 +1,1 @@
+"""Event tracing: the in-guest stub's rings (shadow) and gdbstub breakpoints (libvmi)."""

@@ -1,0 +1,207 @@
+"""The shadow tracer: events recorded inside the guest, read from its RAM.
+
+The stub (``guest_stub/``) intercepts syscalls, context switches,
+fork/exec/exit and kprobe monitor points inside the guest, with no VM exit,
+and writes them to per-CPU rings in the shadow compartment. This module polls
+those rings through the mapped guest RAM until the duration is over; it never
+stops or writes to the guest.
+"""
+
+from __future__ import annotations
+
+import gc
+import struct
+import time
+from collections import Counter, deque
+from typing import Any, Callable
+
+from ..errors import ShadowvolError
+from .compartment import Compartment, CompartmentError, decode_record
+from .events import Event, syscall_names
+
+__all__ = ["ShadowTracer", "trace_shadow", "wanted_kinds"]
+
+_TYPE = struct.Struct("<H")
+_KIND_TYPE = {"syscall": 1, "switch": 2, "fork": 3, "exec": 4, "exit": 5, "probe": 6}
+
+
+def wanted_kinds(syscalls: bool, sched: bool, proc: bool, at: list[str] | None) -> set[str]:
+    """Event kinds selected by the ``trace`` options."""
+    kinds = set()
+    if syscalls:
+        kinds.add("syscall")
+    if sched:
+        kinds.add("switch")
+    if proc:
+        kinds.update(("fork", "exec", "exit"))
+    if at:
+        kinds.add("probe")
+    return kinds
+
+
+class ShadowTracer:
+    """Reads a VM's shadow compartment: finds it, checks it, decodes new events."""
+
+    def __init__(self, target: Any, kinds: set[str], at: list[str] | None = None,
+                 from_start: bool = False) -> None:
+        self.target = target
+        self.kinds = kinds
+        self.warnings: list[str] = []
+        self.compartment = Compartment.open(target.memory, from_start=from_start)
+        h = self.compartment.header
+        sched = target.isf["symbols"].get("schedule", {}).get("address")
+        if sched is not None and sched + target.location.virt_shift != h.ref_schedule:
+            raise CompartmentError(
+                f"the compartment at {h.paddr:#x} was made by another kernel (schedule at "
+                f"{h.ref_schedule:#x}, the profile says {sched + target.location.virt_shift:#x})")
+        missing = [k for k in kinds if k != "probe" and not h.hooks_active & (1 << (_KIND_TYPE[k] - 1))]
+        if missing:
+            raise CompartmentError(f"the stub does not record {', '.join(sorted(missing))} events "
+                                   f"(loaded with events={h.event_mask:#x})")
+        self.names = syscall_names(target)
+        self.points: dict[int, str] = {}
+        for spec in at or ():
+            self.points[self._arm_check(spec)] = spec
+        self._types = {_KIND_TYPE[k] for k in kinds}
+        self._drops0 = self.compartment.drops()
+
+    def _arm_check(self, spec: str) -> int:
+        """Check ``spec`` with capstone and that the stub armed a kprobe there; its address."""
+        from .points import check_monitor_point
+
+        addr, warns = check_monitor_point(self.target, spec)
+        self.warnings.extend(warns)
+        h = self.compartment.header
+        armed = [p for p in h.points if p.addr == addr and p.status == 0]
+        if not armed:
+            have = ", ".join(f"{p.spec}={'armed' if p.status == 0 else p.status}" for p in h.points) or "none"
+            raise CompartmentError(
+                f"monitor point {spec} ({addr:#x}) is not armed in the stub (points: {have}); the "
+                f"stub arms kprobes at load: start the VM with stub points, e.g. kernel parameter "
+                f"shadow_stub.points={spec}")
+        return addr
+
+    def copy(self) -> list[tuple[bytes, int]]:
+        """Copy the records published since the last call out of guest RAM (cheap)."""
+        return self.compartment.read_raw()
+
+    def decode(self, raw: list[tuple[bytes, int]]) -> list[Event]:
+        """Decode copied records into events of the wanted kinds (the slow part)."""
+        types, names, points = self._types, self.names, self.points
+        out = []
+        for buf, off in raw:
+            if _TYPE.unpack_from(buf, off + 16)[0] in types:
+                ev = decode_record(buf, off, names, points)
+                if ev.kind == "probe" and points and ev.extra["address"] not in points:
+                    continue
+                out.append(ev)
+        if len(self.compartment.readers) > 1:
+            out.sort(key=lambda e: e.ts_ns)
+        return out
+
+    def poll(self) -> tuple[list[Event], int]:
+        """Events of the wanted kinds recorded since the last poll, and the records read."""
+        raw = self.copy()
+        return self.decode(raw), len(raw)
+
+    def lost(self) -> int:
+        return self.compartment.lost()
+
+    def drops(self) -> int:
+        """Stub-side drops since this tracer started."""
+        return self.compartment.drops() - self._drops0
+
+
+def trace_shadow(vm: str, *, syscalls: bool = True, sched: bool = False, proc: bool = False,
+                 at: list[str] | None = None, duration: float = 5.0,
+                 on_event: Callable[[Event], None] = lambda e: None, target: Any | None = None,
+                 should_stop: Callable[[], bool] | None = None, interval: float = 0.0005,
+                 decode_slice: float = 0.002, from_start: bool = False) -> dict[str, Any]:
+    """Trace ``vm`` from its shadow compartment for ``duration`` seconds; returns statistics.
+
+    Same call shape as :func:`shadowvol.trace.breakpoint.trace_breakpoints`.
+    ``interval`` is the idle sleep between empty polls, ``decode_slice`` the
+    time spent decoding between two copies; ``from_start`` also delivers the
+    records already in the rings. Records are copied out of guest RAM as fast
+    as the guest writes them and decoded in between, so ``on_event`` may
+    still be called after the duration has passed.
+    """
+    own = target is None
+    if own:
+        from ..target import open_target
+
+        target = open_target(vm=vm)
+    gc_was_on = gc.isenabled()
+    try:
+        kinds = wanted_kinds(syscalls, sched, proc, at)
+        if not kinds:
+            raise ShadowvolError("nothing to trace: give --syscalls, --sched, --proc or --at SYMBOL")
+        tr = ShadowTracer(target, kinds, at, from_start=from_start)
+        counts: Counter[str] = Counter()
+        backlog: deque[tuple[bytes, int]] = deque()
+
+        def deliver(budget_s: float | None) -> None:
+            """Decode copied records, for at most ``budget_s`` (None: all of them)."""
+            end = None if budget_s is None else time.monotonic() + budget_s
+            while backlog:
+                batch = [backlog.popleft() for _ in range(min(256, len(backlog)))]
+                for ev in tr.decode(batch):
+                    counts[ev.kind] += 1
+                    on_event(ev)
+                if end is not None and time.monotonic() >= end:
+                    return
+
+        # Copying out of the rings is cheap and must keep up with the guest;
+        # decoding is slow, so it is done between copies, in bounded slices.
+        # A full garbage collection over many live events can pause us for
+        # longer than a ring lasts, so the collector is off while we poll.
+        gc.disable()
+        records = polls = 0
+        stub_gone = False
+        t0 = time.monotonic()
+        deadline, next_check = t0 + duration, t0 + 0.25
+        while True:
+            raw = tr.copy()
+            polls += 1
+            records += len(raw)
+            backlog.extend(raw)
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if now >= next_check:
+                next_check = now + 0.25
+                if not tr.compartment.alive():
+                    stub_gone = True
+                    tr.warnings.append("the stub was unloaded during the trace")
+                    break
+                if should_stop is not None and should_stop():
+                    break
+            if backlog:
+                deliver(decode_slice)
+            elif not raw:
+                time.sleep(interval)
+        seconds = time.monotonic() - t0
+        lost = tr.lost()
+        drops = 0 if stub_gone else tr.drops()
+        deliver(None)
+        h = tr.compartment.header
+        events = sum(counts.values())
+        return {
+            "backend": "shadow",
+            "events": events,
+            "records": records,
+            "seconds": round(seconds, 3),
+            "events_per_s": round(events / seconds, 1) if seconds else 0.0,
+            "records_per_s": round(records / seconds, 1) if seconds else 0.0,
+            "kinds": dict(counts),
+            "lost": lost,
+            "stub_drops": drops,
+            "polls": polls,
+            "compartment": {"paddr": h.paddr, "rings": h.nr_rings, "ring_records": h.ring_records},
+            "warnings": tr.warnings[:20],
+        }
+    finally:
+        if gc_was_on:
+            gc.enable()
+        if own:
+            target.close()
