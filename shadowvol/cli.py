@@ -59,13 +59,19 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
 
     validate_name(args.name)
     parse_memory(args.memory)
+    stub_params = {}
+    for kv in args.stub_param:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise ShadowvolError(f"--stub-param takes K=V, not {kv!r}")
+        stub_params[key] = value
     img = find_image(args.image)
     update, stop = _progress()
     update(f"booting {args.name} ({img.release})")
     try:
         e = start_vm(args.name, img, memory=args.memory, cpus=args.cpus, kaslr=not args.no_kaslr,
                      accel=args.accel, stub=args.stub, timeout=args.timeout, cpu=args.cpu,
-                     anonymous_ram=args.anonymous_ram)
+                     anonymous_ram=args.anonymous_ram, stub_params=stub_params or None)
     finally:
         stop()
     print(f"{e.name}: running (pid {e.pid}, {e.accel}, {e.memory_mb} MiB, kaslr "
@@ -359,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus", type=int, default=1)
     s.add_argument("--no-kaslr", action="store_true")
     s.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    s.add_argument("--stub-param", action="append", default=[], metavar="K=V",
+                   help="guest stub module parameter, e.g. points=__x64_sys_getppid (repeatable)")
     s.add_argument("--anonymous-ram", action="store_true",
                    help="plain QEMU RAM (no shared file), like a VM someone else started")
     s.add_argument("--cpu", help="QEMU CPU model (TCG default: max,la57=off; 'max' gives 5-level paging)")
