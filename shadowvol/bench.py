@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 SIZES = (4, 64, 4096)
@@ -141,4 +142,205 @@ def summarize_reads(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                       and r["size"] == size)
             out.append({"address_kind": kind, "size": size, "shadow_us": s, "libvmi_us": lv,
                         "speedup": round(lv / s, 1) if s else None})
+    return out
+
+
+# -- bench overhead: workloads under no monitor, the shadow stub, and breakpoints ----------
+
+@dataclass(frozen=True)
+class Workload:
+    """A guest command run ``n`` times (``{n}`` in the command); fewer under breakpoints."""
+
+    name: str
+    cmd: str
+    n_native: int          # none and shadow
+    n_libvmi: int          # breakpoints: a few ms per event, so far fewer iterations
+    setup: str | None = None
+
+
+#: Host wall-clock time minus an empty ``vm exec`` under the same monitor, per
+#: iteration, reported as the time of ``n_native`` iterations.
+OVERHEAD_WORKLOADS: tuple[Workload, ...] = (
+    Workload("getppid", "/usr/bin/sv-syscall-loop {n}", 100000, 1000),
+    Workload("forkexec", "/usr/bin/sv-forkexec {n}", 40, 3),
+    Workload("filecopy", "/usr/bin/sv-filecopy 1 {n}", 16, 1),
+    Workload("gzip", "for i in $(seq {n}); do busybox gzip -c /tmp/sv-gzip-src >/dev/null; done", 3, 1,
+             "dd if=/dev/urandom of=/tmp/sv-gzip-rnd bs=1k count=64 2>/dev/null; "
+             "for i in 1 2 3 4; do cat /tmp/sv-gzip-rnd /usr/bin/sv-forkexec; done >/tmp/sv-gzip-src"),
+    Workload("httpd", "for i in $(seq {n}); do wget -q -O /dev/null http://127.0.0.1/ || exit 1; done", 30, 2),
+)
+EMPTY = "true"
+
+
+def _run_monitored(vm: str, monitor: str, cmd: str, target: Any) -> tuple[float, int]:
+    """Host wall-clock seconds of ``cmd`` in the guest while ``monitor`` runs, and its event count.
+
+    Host time, not the guest's: a VM stopped at a breakpoint does not see
+    the time pass (NOTES-lab: TSC unstable under a debugger).
+    """
+    import threading
+
+    from .errors import ShadowvolError
+    from .vm.console import vm_exec
+    from .vm.registry import get_vm
+
+    entry = get_vm(vm)
+    stop = threading.Event()
+    result: dict[str, Any] = {}
+    mon = None
+    if monitor == "libvmi":
+        from .trace.breakpoint import BreakpointMonitor
+
+        mon = BreakpointMonitor(vm, target=target)
+        mon.add_kind("syscall")
+        mon.add_kind("switch")
+        mon.attach()  # halts the VM until run() resumes it
+        work = lambda: result.update(mon.run(3600.0, lambda e: None, stop.is_set))  # noqa: E731
+    elif monitor == "shadow":
+        from .trace.shadow import trace_shadow
+
+        work = lambda: result.update(trace_shadow(  # noqa: E731
+            vm, syscalls=True, sched=True, duration=3600.0, target=target, should_stop=stop.is_set))
+    else:
+        work = None
+    th = None
+    try:
+        if work is not None:
+            def guarded() -> None:
+                try:
+                    work()
+                except BaseException as exc:  # reported after the workload
+                    result["error"] = exc
+            th = threading.Thread(target=guarded, daemon=True)
+            th.start()
+            time.sleep(0.3)
+        t0 = time.perf_counter()
+        rc, out = vm_exec(entry, cmd, timeout=600.0)
+        secs = time.perf_counter() - t0
+        if rc != 0:
+            raise ShadowvolError(f"workload {cmd!r} failed ({rc}): {out[-200:].decode(errors='replace')}")
+    finally:
+        stop.set()
+        if th is not None:
+            th.join(timeout=30)
+        if mon is not None:
+            mon.close()
+    if "error" in result:
+        raise result["error"]
+    return secs, int(result.get("events", 0))
+
+
+STUB_KO = "/lib/shadowvol/shadow_stub.ko"
+#: What the shadow monitor records in bench overhead: syscalls and context switches (the paper's set).
+STUB_EVENTS = 0x3
+
+
+def _stub_loaded(entry: Any) -> bool:
+    from .vm.console import vm_exec
+
+    rc, _ = vm_exec(entry, "grep -q '^shadow_stub ' /proc/modules", timeout=30.0)
+    return rc == 0
+
+
+def _set_stub(entry: Any, load: bool, events: int = STUB_EVENTS) -> None:
+    """Load (with ``events``) or unload the guest stub; the baseline runs without it."""
+    from .errors import ShadowvolError
+    from .vm.console import vm_exec
+
+    if _stub_loaded(entry) == load:
+        return
+    cmd = f"insmod {STUB_KO} events={events}" if load else "rmmod shadow_stub"
+    rc, out = vm_exec(entry, cmd, timeout=60.0)
+    if rc != 0:
+        raise ShadowvolError(f"{cmd} failed in {entry.name}: {out.decode(errors='replace').strip()[-200:]}")
+
+
+def bench_overhead(vm: str, runs: int = 3, libvmi_runs: int = 1,
+                   workloads: list[str] | None = None,
+                   monitors: tuple[str, ...] = ("none", "shadow", "libvmi")) -> list[dict[str, Any]]:
+    """Median time of each workload per monitor, and overhead against no monitor.
+
+    none: the stub unloaded (it records whenever it is loaded). shadow: the
+    stub loaded with syscall and context-switch events only, the host
+    draining its rings concurrently (the shadow tracer in a thread). libvmi:
+    gdbstub breakpoints on syscall entry and ``__switch_to``.
+
+    Timing is the host's wall clock (a VM stopped at a breakpoint does not see
+    time pass), minus the median of an empty ``vm exec`` under the same
+    monitor, divided by the iterations; ``median_s`` is that per-iteration
+    time times ``n_native``. Rows also carry the events per run, and the cost
+    per event: (time per iteration - no-monitor time) / events per iteration.
+    """
+    from .errors import ShadowvolError
+    from .target import open_target
+    from .vm.console import vm_exec
+    from .vm.registry import get_vm
+
+    entry = get_vm(vm)
+    chosen = [w for w in OVERHEAD_WORKLOADS if workloads is None or w.name in workloads]
+    rows: list[dict[str, Any]] = []
+    had_stub = _stub_loaded(entry)
+    has_stub_ko = vm_exec(entry, f"test -f {STUB_KO}", timeout=30.0)[0] == 0
+    t = open_target(vm=vm)
+    try:
+        for w in chosen:
+            if w.setup:
+                vm_exec(entry, w.setup, timeout=120.0)
+            vm_exec(entry, w.cmd.format(n=1), timeout=120.0)  # warm the page cache
+        for monitor in monitors:
+            if monitor == "shadow" and not has_stub_ko:
+                rows += [{"workload": w.name, "monitor": monitor, "median_s": None, "overhead_pct": None,
+                          "note": f"the image has no {STUB_KO}: rebuild it with 'shadowvol vm build'"}
+                         for w in chosen]
+                continue
+            if has_stub_ko:  # the stub records only while loaded: none/libvmi run without it
+                _set_stub(entry, monitor == "shadow")
+            n_runs = libvmi_runs if monitor == "libvmi" else runs
+            empty = [_run_monitored(vm, monitor, EMPTY, t) for _ in range(max(n_runs, 2))]
+            e_secs = statistics.median(x[0] for x in empty)
+            e_events = statistics.median(x[1] for x in empty)
+            for w in chosen:
+                n = w.n_libvmi if monitor == "libvmi" else w.n_native
+                res = [_run_monitored(vm, monitor, w.cmd.format(n=n), t) for _ in range(n_runs)]
+                raw = statistics.median(x[0] for x in res)
+                per_iter = max(raw - e_secs, 0.0) / n
+                row: dict[str, Any] = {"workload": w.name, "monitor": monitor,
+                                       "median_s": round(per_iter * w.n_native, 4), "overhead_pct": None,
+                                       "iterations": n, "raw_s": round(raw, 4), "empty_exec_s": round(e_secs, 4)}
+                if monitor != "none":
+                    row["events_per_iter"] = round(max(statistics.median(x[1] for x in res) - e_events, 0) / n, 1)
+                rows.append(row)
+    finally:
+        t.close()
+        if has_stub_ko:
+            try:  # leave the stub as we found it (reloaded with its default events)
+                _set_stub(entry, False)
+                if had_stub:
+                    _set_stub(entry, True, events=0x3F)
+            except ShadowvolError:
+                pass
+    for r in rows:
+        base = next((b["median_s"] for b in rows if b["workload"] == r["workload"] and b["monitor"] == "none"), None)
+        if r["median_s"] is None or not base:
+            continue
+        r["overhead_pct"] = round(100.0 * (r["median_s"] - base) / base, 1)
+        if r["monitor"] != "none" and r.get("events_per_iter"):
+            n = OVERHEAD_WORKLOADS[[w.name for w in OVERHEAD_WORKLOADS].index(r["workload"])].n_native
+            r["event_cost_us"] = round((r["median_s"] - base) / n / r["events_per_iter"] * 1e6, 2)
+    rows.sort(key=lambda r: ([w.name for w in OVERHEAD_WORKLOADS].index(r["workload"]),
+                             monitors.index(r["monitor"])))
+    return rows
+
+
+def summarize_event_cost(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-event cost, shadow against breakpoint, per workload (from bench_overhead rows)."""
+    out = []
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        get = lambda m: next((r for r in rows if r["workload"] == name and r["monitor"] == m), {})  # noqa: E731
+        s, b = get("shadow"), get("libvmi")
+        cs, cb = s.get("event_cost_us"), b.get("event_cost_us")
+        out.append({"workload": name, "shadow_events_per_iter": s.get("events_per_iter"),
+                    "shadow_us_per_event": cs, "libvmi_events_per_iter": b.get("events_per_iter"),
+                    "libvmi_us_per_event": cb,
+                    "ratio": round(cb / cs, 1) if cs and cb and cs > 0 else None})
     return out

@@ -235,10 +235,13 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
 
     rows = bench.bench_overhead(args.vm, runs=args.runs, libvmi_runs=args.libvmi_runs,
                                 workloads=args.workload)
-    bench.render(rows, args.renderer)
-    if args.renderer != "json":
-        print()
-        bench.render(bench.summarize_event_cost(rows), args.renderer)
+    if args.renderer == "json":
+        bench.render(rows, "json")
+        return 0
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    bench.render([{c: ("" if r.get(c) is None else r.get(c)) for c in cols} for r in rows], "pretty")
+    print()
+    bench.render(bench.summarize_event_cost(rows), "pretty")
     return 0
 
 

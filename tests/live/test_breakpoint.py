@@ -1,0 +1,97 @@
+"""The breakpoint (LibVMI/DRAKVUF-style) monitor on a live guest.
+
+Events are compared with what the guest itself reports (the pid of a program
+we start there); afterwards the guest must keep running normally.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from shadowvol.errors import ShadowvolError
+from shadowvol.target import open_target
+from shadowvol.trace.breakpoint import trace_breakpoints
+from shadowvol.trace.points import MonitorPointError, check_monitor_point
+
+GETPPID = 110  # x86-64
+
+
+def _start_in_guest(guest, cmd: str, delay: float = 1.5) -> int:
+    """Start ``cmd`` in the background after ``delay`` s, with a known pid (exec keeps it)."""
+    out = guest(f"sh -c 'sleep {delay}; exec {cmd}' >/dev/null 2>&1 </dev/null & echo $!")
+    return int(out.split()[-1])
+
+
+def test_libvmi_sees_syscall_of_started_program(web01, guest):
+    pid = _start_in_guest(guest, "/usr/bin/sv-syscall-loop 40")
+    seen = []
+
+    def on_event(ev):
+        if ev.pid == pid:
+            seen.append(ev)
+
+    stats = trace_breakpoints(web01.name, syscalls=True, duration=40.0, on_event=on_event,
+                              should_stop=lambda: sum(e.nr == GETPPID for e in seen) >= 5)
+    assert stats["events"] > 0
+    hits = [e for e in seen if e.kind == "syscall" and e.nr == GETPPID]
+    assert hits, f"no getppid from pid {pid}; saw {[(e.pid, e.comm, e.nr) for e in seen][:20]}"
+    assert hits[0].name == "getppid"
+    assert hits[0].tgid == pid
+    assert hits[0].comm.startswith("sv-syscall-lo")
+
+
+def test_guest_runs_after_detach(web01, guest):
+    # Sched + proc + a probe on the syscall loop's own handler, while a loop runs.
+    pid = _start_in_guest(guest, "/usr/bin/sv-syscall-loop 200", delay=0.5)
+    kinds = set()
+    stats = trace_breakpoints(web01.name, syscalls=True, sched=True, proc=True,
+                              at=["__x64_sys_getppid"], duration=6.0,
+                              on_event=lambda e: kinds.add(e.kind))
+    assert "switch" in kinds and "syscall" in kinds, stats
+    # Every breakpoint is gone: the guest runs programs to completion, at normal speed.
+    out = guest("/usr/bin/sv-syscall-loop 20000; /usr/bin/sv-forkexec 5; echo ok")
+    assert out.strip().endswith("ok")
+    assert float(out.split()[0]) < 5.0, out
+    guest(f"while kill -0 {pid} 2>/dev/null; do sleep 0.2; done", timeout=60)
+    dmesg = guest("dmesg")
+    for bad in ("int3", "Oops", "BUG:", "general protection", "traps:"):
+        assert bad not in dmesg, dmesg[-2000:]
+
+
+def test_breakpoints_removed_when_handler_raises(web01, guest):
+    class Boom(Exception):
+        pass
+
+    def on_event(ev):
+        raise Boom()
+
+    with pytest.raises(Boom):
+        trace_breakpoints(web01.name, syscalls=True, sched=True, duration=10.0, on_event=on_event)
+    assert guest("/usr/bin/sv-syscall-loop 1000; echo ok").strip().endswith("ok")
+
+
+def test_monitor_point_checks(web01):
+    t = open_target(vm=web01.name)
+    try:
+        sym = t.isf["symbols"]
+        addr, warnings = check_monitor_point(t, "x64_sys_call")
+        assert addr == sym["x64_sys_call"]["address"] + t.location.virt_shift
+        assert warnings == []
+        # The ftrace nop at function entry is 5 bytes long: +2 is inside it.
+        assert t.kernel.read(addr, 5) == bytes.fromhex("0f1f440000")
+        with pytest.raises(MonitorPointError, match="instruction boundary"):
+            check_monitor_point(t, "x64_sys_call+2")
+        with pytest.raises(MonitorPointError, match="outside kernel text"):
+            check_monitor_point(t, "init_task")
+        with pytest.raises(MonitorPointError, match="no symbol"):
+            check_monitor_point(t, "no_such_function_xyz")
+        # __x64_sys_getppid: nop5; push rbx; call ... -> a call at +6 gets a branch warning.
+        _, warnings = check_monitor_point(t, "__x64_sys_getppid+6")
+        assert any("branch" in w for w in warnings), warnings
+    finally:
+        t.close()
+
+
+def test_nothing_to_trace_is_an_error(web01):
+    with pytest.raises(ShadowvolError, match="nothing to trace"):
+        trace_breakpoints(web01.name, syscalls=False, duration=1.0)
