@@ -296,6 +296,8 @@ def bench_overhead(vm: str, runs: int = 3, libvmi_runs: int = 1,
             if has_stub_ko:  # the stub records only while loaded: none/libvmi run without it
                 _set_stub(entry, monitor == "shadow")
             n_runs = libvmi_runs if monitor == "libvmi" else runs
+            if n_runs < 1:
+                continue
             empty = [_run_monitored(vm, monitor, EMPTY, t) for _ in range(max(n_runs, 2))]
             e_secs = statistics.median(x[0] for x in empty)
             e_events = statistics.median(x[1] for x in empty)

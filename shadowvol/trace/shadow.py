@@ -10,7 +10,9 @@ stops or writes to the guest.
 from __future__ import annotations
 
 import gc
+import os
 import struct
+import threading
 import time
 from collections import Counter, deque
 from typing import Any, Callable
@@ -116,7 +118,8 @@ def trace_shadow(vm: str, *, syscalls: bool = True, sched: bool = False, proc: b
                  at: list[str] | None = None, duration: float = 5.0,
                  on_event: Callable[[Event], None] = lambda e: None, target: Any | None = None,
                  should_stop: Callable[[], bool] | None = None, interval: float = 0.0005,
-                 decode_slice: float = 0.002, from_start: bool = False) -> dict[str, Any]:
+                 decode_slice: float = 0.002, from_start: bool = False,
+                 nice: int = 10) -> dict[str, Any]:
     """Trace ``vm`` from its shadow compartment for ``duration`` seconds; returns statistics.
 
     Same call shape as :func:`shadowvol.trace.breakpoint.trace_breakpoints`.
@@ -124,7 +127,10 @@ def trace_shadow(vm: str, *, syscalls: bool = True, sched: bool = False, proc: b
     time spent decoding between two copies; ``from_start`` also delivers the
     records already in the rings. Records are copied out of guest RAM as fast
     as the guest writes them and decoded in between, so ``on_event`` may
-    still be called after the duration has passed.
+    still be called after the duration has passed. The polling thread runs
+    ``nice`` steps below normal priority: on a host with few cores, decoding
+    must not take CPU time from the guest's vCPU threads (the monitor's cost
+    would show up as guest slowdown).
     """
     own = target is None
     if own:
@@ -132,6 +138,8 @@ def trace_shadow(vm: str, *, syscalls: bool = True, sched: bool = False, proc: b
 
         target = open_target(vm=vm)
     gc_was_on = gc.isenabled()
+    tid = threading.get_native_id()
+    prio_was = os.getpriority(os.PRIO_PROCESS, tid)
     try:
         kinds = wanted_kinds(syscalls, sched, proc, at)
         if not kinds:
@@ -156,6 +164,8 @@ def trace_shadow(vm: str, *, syscalls: bool = True, sched: bool = False, proc: b
         # A full garbage collection over many live events can pause us for
         # longer than a ring lasts, so the collector is off while we poll.
         gc.disable()
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, prio_was + nice))
         records = polls = 0
         stub_gone = False
         t0 = time.monotonic()
@@ -203,5 +213,9 @@ def trace_shadow(vm: str, *, syscalls: bool = True, sched: bool = False, proc: b
     finally:
         if gc_was_on:
             gc.enable()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, prio_was)
+        except PermissionError:  # raising priority back needs CAP_SYS_NICE
+            pass
         if own:
             target.close()
