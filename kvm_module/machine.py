@@ -13,10 +13,9 @@ here). What a stock QEMU 7.2 can give a monitor, and what this module sets up:
   (``shadow_stub.points=SYM,...`` and the other ``shadow_stub.K=V``);
 - TCG unless a boot probe shows KVM works (this host's /dev/kvm is PVM).
 
-:func:`qemu_command` returns the same argument list as
-``shadowvol.vm.qemu.build_command`` for the same inputs (checked by
-``python -m kvm_module.machine --selftest``); qemu.py can delegate to it once
-kvm_module is packaged (see README.md, "Using it from shadowvol").
+This is the one place the machine is described: ``shadowvol vm start``
+(``shadowvol.vm.qemu.build_command``) boots every guest with
+:func:`qemu_command`. ``python -m kvm_module.machine`` prints an example.
 """
 
 from __future__ import annotations
@@ -27,6 +26,9 @@ from pathlib import Path
 __all__ = ["MonitoredMachine", "qemu_command", "kernel_cmdline"]
 
 QEMU = "qemu-system-x86_64"
+# TCG's "max" CPU has LA57, and Linux then runs 5-level paging. Most deployed
+# x86 servers (and stock volatility3's LinuxIntel32e) use 4-level paging, so
+# that is the default; ``--cpu max`` gives a 5-level guest.
 DEFAULT_TCG_CPU = "max,la57=off"
 
 
@@ -111,39 +113,7 @@ def from_vm_entry(entry, image, accel: str, pidfile: Path, qemu_log: Path) -> Mo
         stub_params=dict(entry.extra.get("stub_params") or {}))
 
 
-def _selftest() -> int:
-    """Compare with shadowvol.vm.qemu.build_command on a synthetic entry."""
-    import tempfile
-
-    from shadowvol.vm import qemu, registry
-
-    class _Img:
-        vmlinuz = Path("/img/vmlinuz")
-        initramfs = Path("/img/initramfs.cpio.gz")
-
-    with tempfile.TemporaryDirectory() as d:
-        ok = True
-        for stub, kaslr, cpu, ram in ((False, True, None, "/dev/shm/h6x.ram"), (True, False, "max", ""),
-                                      (True, True, None, "/dev/shm/h6x.ram")):
-            e = registry.VMEntry(name="h6x", pid=0, release="r", memory_mb=256, cpus=2, accel="tcg",
-                                 kaslr=kaslr, stub=stub, dir=d, ram_file=ram,
-                                 qmp=f"{d}/qmp.sock", gdb=f"{d}/gdb.sock", ctl=f"{d}/ctl.sock",
-                                 console=f"{d}/console.sock", console_log=f"{d}/console.log",
-                                 image="/img", started=0.0,
-                                 extra={"cpu": cpu, "stub_params": {"points": "do_exit", "size_kb": "1024"}}
-                                 if cpu else {})
-            a = qemu.build_command(e, _Img(), "tcg", Path(d, "qemu.pid"), Path(d, "qemu.log"))
-            b = qemu_command(from_vm_entry(e, _Img(), "tcg", Path(d, "qemu.pid"), Path(d, "qemu.log")))
-            print(("same" if a == b else "DIFFERENT") + f": stub={stub} kaslr={kaslr} cpu={cpu}")
-            ok &= a == b
-    return 0 if ok else 1
-
-
 if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] == ["--selftest"]:
-        sys.exit(_selftest())
     print(" ".join(qemu_command(MonitoredMachine(
         name="web01", vmlinuz=Path("vmlinuz"), initramfs=Path("initramfs.cpio.gz"),
         ram_file=Path("/dev/shm/web01.ram"), qmp=Path("qmp.sock"), gdb=Path("gdb.sock"),

@@ -26,10 +26,6 @@ from . import registry
 from .image import Image
 
 QEMU = "qemu-system-x86_64"
-# TCG's "max" CPU has LA57, and Linux then runs 5-level paging. Most deployed
-# x86 servers (and stock volatility3's LinuxIntel32e) use 4-level paging, so
-# that is the default; ``--cpu max`` gives a 5-level guest.
-DEFAULT_TCG_CPU = "max,la57=off"
 # The VM that gets the guest stub (issue 4) unless asked otherwise.
 DEFAULT_STUB_VM = "web01"
 
@@ -119,37 +115,10 @@ def boot_failure_cause(log: Path) -> str:
 
 def build_command(entry: registry.VMEntry, image: Image, accel: str, pidfile: Path,
                   qemu_log: Path) -> list[str]:
-    append = ["console=ttyS0", "panic=-1", f"shadowvol.name={entry.name}", "loglevel=6"]
-    if not entry.kaslr:
-        append.append("nokaslr")
-    if entry.stub:
-        append.append("shadowvol.stub=1")
-        for key, value in sorted((entry.extra.get("stub_params") or {}).items()):
-            append.append(f"shadow_stub.{key}={value}")
-    mem = f"{entry.memory_mb}M"
-    if entry.ram_file:
-        ram = ["-machine", "q35,memory-backend=mem",
-               "-object", f"memory-backend-file,id=mem,size={mem},mem-path={entry.ram_file},share=on"]
-    else:  # anonymous RAM, as a VM started by someone else has it
-        ram = ["-machine", "q35"]
-    return [
-        QEMU, "-name", f"{entry.name},process=shadowvol-{entry.name}", *ram, "-accel", accel,
-        "-cpu", entry.extra.get("cpu") or ("host" if accel == "kvm" else DEFAULT_TCG_CPU),
-        "-smp", str(entry.cpus), "-m", mem,
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-kernel", str(image.vmlinuz), "-initrd", str(image.initramfs),
-        "-append", " ".join(append),
-        "-device", "vmcoreinfo",
-        "-chardev", f"socket,id=con0,path={entry.console},server=on,wait=off,"
-                    f"logfile={entry.console_log},logappend=on",
-        "-serial", "chardev:con0",
-        "-chardev", f"socket,id=ctl0,path={entry.ctl},server=on,wait=off",
-        "-serial", "chardev:ctl0",
-        "-chardev", f"socket,id=gdb0,path={entry.gdb},server=on,wait=off",
-        "-gdb", "chardev:gdb0",
-        "-qmp", f"unix:{entry.qmp},server=on,wait=off",
-        "-daemonize", "-pidfile", str(pidfile), "-D", str(qemu_log),
-    ]
+    """QEMU's argument vector for ``entry``: the monitored machine of :mod:`kvm_module.machine`."""
+    from kvm_module.machine import from_vm_entry, qemu_command
+
+    return qemu_command(from_vm_entry(entry, image, accel, pidfile, qemu_log))
 
 
 def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
