@@ -199,3 +199,26 @@ def test_wrong_profile_is_refused(web01):
     assert r.returncode != 0
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and "wrong profile" in err, err
+
+
+def test_one_process_sees_the_guest_change_across_epochs(web01, guest):
+    """A long-lived monitor: each epoch (new_epoch + a new context) sees the guest as it is now."""
+    from volatility3.plugins.linux.pslist import PsList
+
+    from shadowvol import volbridge
+    from shadowvol.target import open_target
+
+    t = open_target(vm="web01")
+    try:
+        def pids() -> set[int]:
+            t.new_epoch()
+            ctx = volbridge.build_context(t.memory, t.kernel, t.location, t.isf)
+            return {int(task.pid) for task in PsList.list_tasks(ctx, volbridge.KERNEL_MODULE)}
+
+        before = pids()
+        pid = int(guest("ln -sf /usr/bin/sv-idle /tmp/sv-epoch; /tmp/sv-epoch >/dev/null 2>&1 & echo $!").strip())
+        assert pid not in before and pid in pids()
+        guest(f"kill {pid}; while [ -e /proc/{pid} ]; do sleep 0.1; done")
+        assert pid not in pids()
+    finally:
+        t.close()
