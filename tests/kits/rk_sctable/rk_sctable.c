@@ -12,6 +12,8 @@
 #include <linux/module.h>
 #include <linux/mm.h>
 #include <linux/vmalloc.h>
+
+#include "rk_common.h"
 #include <asm/syscall.h>
 #include <asm/unistd.h>
 
@@ -20,37 +22,6 @@
 typedef long (*rk_syscall_t)(const struct pt_regs *);
 static rk_syscall_t *rk_table;
 static rk_syscall_t rk_orig;
-
-static unsigned long rk_lookup_name(const char *name)
-{
-	struct kprobe kp = { .symbol_name = "kallsyms_lookup_name" };
-	unsigned long (*lookup)(const char *);
-
-	if (register_kprobe(&kp) < 0)
-		return 0;
-	lookup = (void *)kp.addr;
-	unregister_kprobe(&kp);
-	return lookup ? lookup(name) : 0;
-}
-
-/* Write len bytes at a read-only kernel-image address through a vmap alias. */
-static int rk_poke(void *addr, const void *src, size_t len)
-{
-	unsigned long a = (unsigned long)addr;
-	struct page *pages[2];
-	int n = offset_in_page(a) + len > PAGE_SIZE ? 2 : 1;
-	void *map;
-
-	pages[0] = pfn_to_page(__pa(a) >> PAGE_SHIFT);
-	if (n == 2)
-		pages[1] = pfn_to_page(__pa(a + PAGE_SIZE) >> PAGE_SHIFT);
-	map = vmap(pages, n, VM_MAP, PAGE_KERNEL);
-	if (!map)
-		return -ENOMEM;
-	memcpy(map + offset_in_page(a), src, len);
-	vunmap(map);
-	return 0;
-}
 
 static long rk_getdents64(const struct pt_regs *regs)
 {
