@@ -23,15 +23,20 @@ def _start_in_guest(guest, cmd: str, delay: float = 1.5) -> int:
 
 
 def test_libvmi_sees_syscall_of_started_program(web01, guest):
-    pid = _start_in_guest(guest, "/usr/bin/sv-syscall-loop 40")
+    # The loop runs until killed, so it is still running whenever the monitor
+    # has attached (the first attach of a session may take a while).
+    pid = _start_in_guest(guest, "/usr/bin/sv-syscall-loop 4000000000", delay=0.2)
     seen = []
 
     def on_event(ev):
         if ev.pid == pid:
             seen.append(ev)
 
-    stats = trace_breakpoints(web01.name, syscalls=True, duration=40.0, on_event=on_event,
-                              should_stop=lambda: sum(e.nr == GETPPID for e in seen) >= 5)
+    try:
+        stats = trace_breakpoints(web01.name, syscalls=True, duration=40.0, on_event=on_event,
+                                  should_stop=lambda: sum(e.nr == GETPPID for e in seen) >= 5)
+    finally:
+        guest(f"kill {pid} 2>/dev/null; true")
     assert stats["events"] > 0
     hits = [e for e in seen if e.kind == "syscall" and e.nr == GETPPID]
     assert hits, f"no getppid from pid {pid}; saw {[(e.pid, e.comm, e.nr) for e in seen][:20]}"
