@@ -21,6 +21,8 @@ reports (``info mtree``), the same layout the shadow backends use.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,8 +56,9 @@ class _CheckedMemory(PhysicalMemory):
         self.name = name
         self._ranges = merge_ranges((s.start, s.end) for s in segments)
 
+    @abstractmethod
     def _raw_read(self, paddr: int, length: int) -> bytes:
-        raise NotImplementedError
+        """Read inside RAM (already range-checked) through the hypervisor interface."""
 
     def read(self, paddr: int, length: int) -> bytes:
         if length < 0:
