@@ -158,8 +158,8 @@ def scan_banners(memory: PhysicalMemory, wanted: list[bytes]) -> bytes | None:
     return None
 
 
-def _locate(src: _Source, symbols: dict[str, int], banner: bytes, progress: Progress) -> KernelLocation:
-    info = src.vmcoreinfo()
+def _locate(src: _Source, symbols: dict[str, int], banner: bytes, progress: Progress,
+            info: dict[str, str] | None) -> KernelLocation:
     if info:
         loc = kaslr.locate_from_vmcoreinfo(info, src.memory, symbols, banner)
         if loc:
@@ -229,13 +229,13 @@ def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
             loc = KernelLocation.from_json(cached["location"])
             if kaslr.verify_location(src.memory, loc, profiles.profile_addresses(isf), banner):
                 return Target(src.memory, loc, isf, path, src.description)
+    info = src.vmcoreinfo()  # once: it may cost a QMP dump-guest-memory
     if profile is not None:
         path = Path(profile)
         isf = profiles.load_profile(path)
         banner = profiles.profile_banner(isf)
     else:
         path = None
-        info = src.vmcoreinfo()
         say("identifying the kernel")
         banner = scan_banners(src.memory, profiles.known_banners())
         if banner is not None:
@@ -245,7 +245,7 @@ def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
         isf = profiles.load_profile(path)
         banner = profiles.profile_banner(isf)
     symbols = profiles.profile_addresses(isf)
-    loc = _locate(src, symbols, banner, say)
+    loc = _locate(src, symbols, banner, say, info)
     if state is not None:
         state.write_text(json.dumps({"boot": src.boot_key, "profile": str(path),
                                      "location": loc.to_json()}))
