@@ -24,9 +24,8 @@ Arithmetic (arch/x86/include/asm/page_64.h)::
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 from .backends.base import PhysicalMemory
 from .backends.dump import parse_vmcoreinfo
@@ -149,31 +148,23 @@ def locate_from_registers(cr3: int, cr4: int, physical: PhysicalMemory, symbols:
     return None
 
 
-def locate_by_scan(physical: PhysicalMemory, symbols: Mapping[str, int], banner: bytes,
-                   progress: Callable[[str], None] | None = None) -> KernelLocation | None:
+def locate_by_scan(physical: PhysicalMemory, symbols: Mapping[str, int],
+                   banner: bytes) -> KernelLocation | None:
     """Location from the banner's physical address (a scan of RAM, the slow path)."""
     _require(symbols, "_text", "linux_banner")
     pgt_link = symbols.get("init_top_pgt", symbols.get("swapper_pg_dir"))
     if pgt_link is None:
         raise ProfileError("the profile lacks init_top_pgt and swapper_pg_dir")
-    chunk = 16 << 20
-    pattern = re.compile(re.escape(banner))
-    for start, end in physical.ranges():
-        for off in range(start, end, chunk):
-            if progress:
-                progress(f"scanning physical memory at {off:#x}")
-            data = physical.read(off, min(chunk + len(banner), end - off))
-            for m in pattern.finditer(data):
-                pa_banner = off + m.start()
-                dtb = pa_banner + (pgt_link - symbols["linux_banner"])
-                if dtb % 0x1000:
-                    continue
-                for fmt in (FOUR_LEVEL, FIVE_LEVEL):
-                    kernel = PagedMemory(physical, dtb, fmt, TranslationCache(physical))
-                    try:
-                        loc = _locate_through(kernel, symbols, banner, "scan")
-                    except InvalidAddressError:
-                        loc = None
-                    if loc is not None and loc.dtb == dtb:
-                        return loc
+    for pa_banner in physical.find(banner):
+        dtb = pa_banner + (pgt_link - symbols["linux_banner"])
+        if dtb % 0x1000:
+            continue
+        for fmt in (FOUR_LEVEL, FIVE_LEVEL):
+            kernel = PagedMemory(physical, dtb, fmt, TranslationCache(physical))
+            try:
+                loc = _locate_through(kernel, symbols, banner, "scan")
+            except InvalidAddressError:
+                loc = None
+            if loc is not None and loc.dtb == dtb:
+                return loc
     return None

@@ -144,17 +144,12 @@ def _open_dump(path: str) -> _Source:
 
 def scan_banners(memory: PhysicalMemory, wanted: list[bytes]) -> bytes | None:
     """The first of ``wanted`` found NUL-terminated in physical memory."""
-    chunk = 32 << 20
-    needle = b"Linux version "
-    for start, end in memory.ranges():
-        for off in range(start, end, chunk):
-            data = memory.read_partial(off, min(chunk + 512, end - off)).data
-            i = data.find(needle)
-            while i >= 0:
-                for b in wanted:
-                    if data.startswith(b, i) and data[i + len(b):i + len(b) + 1] in (b"\0", b""):
-                        return b
-                i = data.find(needle, i + 1)
+    longest = max((len(b) for b in wanted), default=0)
+    for pa in memory.find(b"Linux version "):
+        text = memory.read_partial(pa, longest + 1).data
+        for b in wanted:
+            if text.startswith(b) and text[len(b):len(b) + 1] in (b"\0", b""):
+                return b
     return None
 
 

@@ -99,6 +99,23 @@ class PhysicalMemory(ABC):
             addr += chunk
         return PartialRead(paddr, bytes(out), failed)
 
+    def find(self, needle: bytes, chunk: int = 32 << 20) -> Iterator[int]:
+        """Physical address of every occurrence of ``needle`` in RAM, in order, each once.
+
+        Reads ``chunk`` bytes at a time (plus the needle's length, so matches
+        across a chunk boundary are found; a match is reported by the chunk it
+        starts in).
+        """
+        if not needle:
+            raise ValueError("empty needle")
+        for start, end in self.ranges():
+            for off in range(start, end, chunk):
+                data = self.read_partial(off, min(chunk + len(needle) - 1, end - off)).data
+                i = data.find(needle)
+                while 0 <= i < chunk:
+                    yield off + i
+                    i = data.find(needle, i + 1)
+
     def size(self) -> int:
         """Bytes of RAM (sum of :meth:`ranges`)."""
         return sum(end - start for start, end in self.ranges())

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from shadowvol.errors import ProfileError
 from shadowvol.symbols import ProfileReport, assemble_profile
@@ -39,19 +39,6 @@ DEFAULT_TEXT_LINK_ADDRESS = 0xFFFF_FFFF_8100_0000
 _TOKEN_DIGITS = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00"
 _BTF_HEADER = b"\x9f\xeb\x01\x00\x18\x00\x00\x00"
 _BANNER = re.compile(rb"Linux version \d+\.\d+[^\n\x00]{10,400}\n\x00")
-_CHUNK = 64 << 20
-
-
-def _scan(read: Callable[[int, int], bytes], ranges: list[tuple[int, int]], needle: bytes) -> list[int]:
-    hits = []
-    for start, end in ranges:
-        for off in range(start, end, _CHUNK):
-            data = read(off, min(_CHUNK + len(needle), end - off))
-            i = data.find(needle)
-            while i >= 0:
-                hits.append(off + i)
-                i = data.find(needle, i + 1)
-    return hits
 
 
 def profile_from_memory(memory: Any, vmcoreinfo: Mapping[str, str] | None = None,
@@ -65,7 +52,7 @@ def profile_from_memory(memory: Any, vmcoreinfo: Mapping[str, str] | None = None
 
     # Types: the largest valid BTF blob.
     best: tuple[int, bytes] | None = None
-    for pa in _scan(read, ranges, _BTF_HEADER):
+    for pa in memory.find(_BTF_HEADER):
         # struct btf_header: magic, version, flags, hdr_len, type_off, type_len, str_off, str_len
         _, _, _, hdr_len, type_off, type_len, str_off, str_len = struct.unpack("<HBBIIIII", read(pa, 24))
         size = hdr_len + max(type_off + type_len, str_off + str_len)
@@ -81,7 +68,7 @@ def profile_from_memory(memory: Any, vmcoreinfo: Mapping[str, str] | None = None
 
     # Symbols: kallsyms tables around the token table.
     symbols: list[Symbol] | None = None
-    for pa in _scan(read, ranges, _TOKEN_DIGITS):
+    for pa in memory.find(_TOKEN_DIGITS):
         lo = max(ranges[0][0], pa - (24 << 20))
         try:
             tables, symbols = find_kallsyms(read(lo, pa - lo + (1 << 20)), 0)

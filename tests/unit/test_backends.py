@@ -192,3 +192,18 @@ def test_open_libvmi_needs_a_source() -> None:
         open_libvmi(None, None)
     with pytest.raises(BackendError, match="gdbstub"):
         open_libvmi("/nonexistent/gdb.sock", None)
+
+
+def test_find_reports_each_match_once_across_chunks_and_ranges():
+    from shadowvol.backends.base import BufferMemory, Segment
+
+    buf = bytearray(64 * 1024)
+    hits = [100, 4094, 8190, 12288, 20000, 40000]  # straddling a chunk boundary, or starting one
+    for h in hits:
+        buf[h:h + 5] = b"NEEDL"
+    # Two RAM ranges with a hole between them: [0, 32K) at 0 and [1M, 1M+32K) at 32K.
+    mem = BufferMemory(bytes(buf), [Segment(0, 32 * 1024, 0), Segment(1 << 20, (1 << 20) + 32 * 1024, 32 * 1024)])
+    want = [h if h < 32 * 1024 else (1 << 20) + h - 32 * 1024 for h in hits]
+    assert list(mem.find(b"NEEDL", chunk=4096)) == want
+    assert list(mem.find(b"NEEDL")) == want
+    assert list(mem.find(b"absent", chunk=4096)) == []
