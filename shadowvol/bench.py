@@ -105,10 +105,7 @@ def bench_pslist(vm: str, runs: int = 3) -> list[dict[str, Any]]:
                     q.execute("cont")
             symdir = Path(tmp) / "symbols" / "linux"
             symdir.mkdir(parents=True)
-            if profile.name.endswith(".xz"):
-                shutil.copy(profile, symdir / profile.name)
-            else:
-                shutil.copy(profile, symdir / (profile.name + ""))
+            shutil.copy(profile, symdir / profile.name)
             cmd = [vol, "-q", "-s", str(Path(tmp) / "symbols"), "-f", str(dump), "linux.pslist"]
             _time_cmd(cmd, 1)  # warm vol's own caches (banner and ISF caches)
             secs, out = _time_cmd(cmd, runs)
