@@ -133,29 +133,33 @@ def _load_index() -> dict[str, Any]:
         return {}
 
 
-def find_profile(banner: bytes) -> Path | None:
-    """The stored profile whose banner is ``banner`` (indexing new files as needed)."""
+def indexed_profiles() -> dict[Path, bytes]:
+    """The banner of every stored profile, reading only files new or changed since indexed."""
     idx = _load_index()
+    out: dict[Path, bytes] = {}
     changed = False
     for p in profile_files():
+        mtime = p.stat().st_mtime_ns
         rec = idx.get(str(p))
-        if rec is None or rec.get("mtime") != p.stat().st_mtime_ns:
+        if rec is None or rec.get("mtime") != mtime:
             try:
-                isf = load_profile(p)
-                rec = {"banner": profile_banner(isf).decode(errors="replace"), "mtime": p.stat().st_mtime_ns}
+                rec = {"banner": profile_banner(load_profile(p)).decode(errors="replace"), "mtime": mtime}
             except ProfileError:
                 continue
             idx[str(p)] = rec
             changed = True
-        if rec["banner"].encode(errors="replace") == banner.rstrip(b"\0"):
-            if changed:
-                _index_path().write_text(json.dumps(idx, indent=1))
-            return p
+        out[p] = rec["banner"].encode(errors="replace")
     if changed:
         _index_path().write_text(json.dumps(idx, indent=1))
-    return None
+    return out
+
+
+def find_profile(banner: bytes) -> Path | None:
+    """The stored profile whose banner is ``banner``."""
+    want = banner.rstrip(b"\0")
+    return next((p for p, b in indexed_profiles().items() if b == want), None)
 
 
 def known_banners() -> list[bytes]:
-    find_profile(b"\0")  # refresh the index
-    return [rec["banner"].encode(errors="replace") for rec in _load_index().values()]
+    """Banners of the stored profiles (each once)."""
+    return list(dict.fromkeys(indexed_profiles().values()))
