@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import ShadowvolError
 
-SUBCOMMANDS = ("vm", "demo", "profile", "bench", "trace", "trace-check", "read")
+SUBCOMMANDS = ("vm", "demo", "profile", "bench", "trace", "trace-check", "read", "plugins")
 
 
 def _say(msg: str) -> None:
@@ -211,6 +211,47 @@ def cmd_profile_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile_diff(args: argparse.Namespace) -> int:
+    """``profile diff A B``: exit 0 when B has everything of A (on the
+    compared set), 1 when not."""
+    import json
+
+    from .symbols import diff
+
+    a, b = diff.load_isf(args.a), diff.load_isf(args.b)
+    only = diff.stock_scope(a, b) if args.stock else None
+    result = diff.diff_profiles(a, b, only=only)
+    if args.renderer == "json":
+        print(json.dumps({"a": args.a, "b": args.b, **result.as_dict()}, indent=1))
+    else:
+        print(diff.render_text(result, args.a, args.b, limit=args.limit))
+    return 0 if result.failures == 0 else 1
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """Every plugin a run can use, stock and ours, with a one-line description (as ``vol -h``)."""
+    import json as _json
+
+    from . import fidelity, volbridge
+
+    volbridge.quiet_volatility()
+    ours = fidelity.our_plugins()
+    shadowed = {p.name.rsplit(".", 1)[0] for p in ours}
+    rows = [p for p in fidelity.stock_plugins() if p.name.rsplit(".", 1)[0] not in shadowed] + ours
+    rows.sort(key=lambda p: p.name)
+    if args.renderer == "json":
+        print(_json.dumps([{"name": p.name, "origin": p.origin,
+                            "description": p.description or p.error} for p in rows], indent=1))
+        return 0
+    width = max(len(p.name) for p in rows)
+    for p in rows:
+        text = p.description if not p.error else f"(unavailable: {p.error})"
+        mark = "*" if p.origin == "shadowvol" else " "
+        print(f"{p.name.ljust(width)} {mark} {text}")
+    print(f"\n{len(rows)} plugins; * = shadowvol's own. Run one: shadowvol -vm NAME PLUGIN [options]")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -222,9 +263,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.renderer != "json":
             print()
             bench.render(bench.summarize_reads(rows), args.renderer)
+    elif args.what == "sweep":
+        return cmd_bench_sweep(args)
     else:
         bench.render(bench.bench_pslist(args.vm, runs=args.runs), args.renderer)
     return 0
+
+
+def cmd_bench_sweep(args: argparse.Namespace) -> int:
+    """Every stock Linux plugin live against stock vol -f on a raw copy; exit 1 on any mismatch."""
+    import json as _json
+    import tempfile
+
+    from . import bench, fidelity
+
+    plugins = [p for p in (args.plugins or "").split(",") if p] or None
+    update, stop = _progress()
+    try:
+        with tempfile.TemporaryDirectory(prefix="shadowvol-sweep-", dir=args.workdir) as tmp:
+            rows = fidelity.sweep(args.vm, Path(tmp), plugins=plugins, backend=args.backend,
+                                  progress=update)
+    finally:
+        stop()
+    if args.renderer == "json":
+        print(_json.dumps([r.as_dict() for r in rows], indent=1))
+    else:
+        bench.render([{"plugin": r.plugin, "live_s": r.live_s, "dump_s": r.dump_s,
+                       "rows": r.live_rows if r.live_rows == r.dump_rows else f"{r.live_rows}/{r.dump_rows}",
+                       "verdict": r.verdict,
+                       "note": (r.live_error or r.dump_error or (r.only_live[:1] or [""])[0])[:90]}
+                      for r in rows], "pretty")
+        ok = sum(r.ok for r in rows)
+        print(f"\n{ok}/{len(rows)} plugins live = stock vol on the copy "
+              f"({sum(r.verdict == 'identical' for r in rows)} identical, "
+              f"{sum(r.verdict == 'fails-as-stock' for r in rows)} fail as stock does)")
+    return 0 if all(r.ok for r in rows) else 1
 
 
 # -- bench overhead and trace-check (issue 4: breakpoint monitor, compartment integrity) --
@@ -403,6 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--headers", help="extracted linux-headers, to type global variables")
     pb.add_argument("-o", "--output", help="write here (.json or .json.xz) instead of the store")
     pb.set_defaults(func=cmd_profile_build)
+    pd = pr.add_parser("diff", help="compare two ISF profiles on what plugins use (A: reference)")
+    pd.add_argument("a", help="reference profile (.json, .json.xz), e.g. from DWARF")
+    pd.add_argument("b", help="profile to check against it")
+    pd.add_argument("--stock", action="store_true",
+                    help="only the types and symbols stock volatility3 Linux plugins reference")
+    pd.add_argument("-r", dest="renderer", default="text", choices=["text", "json"])
+    pd.add_argument("--limit", type=int, default=40, help="differences listed per category (text)")
+    pd.set_defaults(func=cmd_profile_diff)
     rd = sub.add_parser("read", help="hex dump of guest memory (kernel virtual, or --physical)")
     src = rd.add_mutually_exclusive_group(required=True)
     src.add_argument("-vm", dest="vm")
@@ -412,9 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("address", type=_int)
     rd.add_argument("length", type=_int, nargs="?", default=64)
     rd.set_defaults(func=cmd_read, dump=None)
-    be = sub.add_parser("bench", help="benchmarks: read latency, end-to-end pslist")
-    be.add_argument("what", choices=["reads", "pslist", "overhead"])
-    be.add_argument("-vm", dest="vm", default="web01")
+    pl = sub.add_parser("plugins", help="list every plugin (stock volatility3 and ours)")
+    pl.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
+    pl.set_defaults(func=cmd_plugins)
+    be = sub.add_parser("bench", help="benchmarks: read latency, end-to-end pslist, plugin sweep")
+    be.add_argument("what", choices=["reads", "pslist", "overhead", "sweep"])
+    be.add_argument("-vm", dest="vm", required=True)
+    be.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"], help="sweep: backend")
+    be.add_argument("--plugins", help="sweep: comma-separated plugins (default: every stock Linux plugin)")
+    be.add_argument("--workdir", default="/var/tmp", help="sweep: where the raw copy is written")
     be.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
     be.add_argument("--runs", type=int, default=3)
     be.set_defaults(func=cmd_bench)

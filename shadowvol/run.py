@@ -7,6 +7,7 @@ the kernel location from the per-boot cache. Each run is one snapshot epoch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import ShadowvolError
@@ -33,6 +34,8 @@ def _top_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"])
     p.add_argument("-r", "--renderer", default="quick", choices=sorted(RENDERERS))
     p.add_argument("--profile", help="ISF profile to use instead of the store's")
+    p.add_argument("-o", "--output-dir", default=".", metavar="DIR",
+                   help="where plugins write the files they extract (as vol -o; default: here)")
     p.add_argument("-v", "--verbose", action="store_true", help="show volatility3 warnings")
     p.add_argument("plugin")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -60,14 +63,26 @@ def _plugin_parser(plugin_cls: type, name: str) -> argparse.ArgumentParser:
     return p
 
 
-def run_plugin(target, plugin_name: str, options: dict | None = None):
+def file_handler(output_dir: str) -> type:
+    """volatility3's own CLI file handler class, writing into ``output_dir`` (as ``vol -o``)."""
+    from volatility3.cli import CommandLine
+
+    if not os.path.isdir(output_dir):
+        raise ShadowvolError(f"output directory {output_dir} does not exist (-o DIR)")
+    cli = CommandLine()
+    cli.output_dir = os.path.abspath(output_dir)
+    return cli.file_handler_class_factory()
+
+
+def run_plugin(target, plugin_name: str, options: dict | None = None, output_dir: str | None = None):
     """Run a plugin on a :class:`~shadowvol.target.Target`; returns the TreeGrid (populated)."""
     from . import volbridge
 
     plugin_cls = volbridge.load_plugin(plugin_name)
     ctx = volbridge.build_context(target.memory, target.kernel, target.location, target.isf,
                                   isf_url=target.profile_path.as_uri())
-    plugin = volbridge.construct_plugin(ctx, plugin_cls, options or {})
+    handler = file_handler(output_dir) if output_dir is not None else None
+    plugin = volbridge.construct_plugin(ctx, plugin_cls, options or {}, file_handler=handler)
     return plugin.run()
 
 
@@ -85,7 +100,7 @@ def run_plugin_cli(argv: list[str]) -> int:
     try:
         from volatility3.cli import text_renderer
 
-        grid = run_plugin(target, args.plugin, popts)
+        grid = run_plugin(target, args.plugin, popts, output_dir=args.output_dir)
         renderer = getattr(text_renderer, RENDERERS[args.renderer])()
         renderer.render(grid)
         sys.stdout.flush()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from volatility3.framework import constants, contexts, exceptions, interfaces, objects, symbols
 from volatility3.framework.layers import intel
@@ -82,6 +82,18 @@ class LivePhysicalLayer(interfaces.layers.DataLayerInterface):
     def write(self, offset: int, data: bytes) -> None:
         raise exceptions.LayerException(self.name, "shadowvol never writes guest memory")
 
+    def _scan_iterator(self, scanner: Any, sections: Any) -> Iterator[Any]:
+        """Chunks of the sections that lie in guest RAM (holes skipped, as a
+        segmented layer such as LiME's does), so no chunk straddles a hole."""
+        ranges = self._memory.ranges()
+        ram_sections = []
+        for start, length in sections:
+            for lo, hi in ranges:
+                a, b = max(start, lo), min(start + length, hi)
+                if a < b:
+                    ram_sections.append((a, b - a))
+        return super()._scan_iterator(scanner, ram_sections)
+
     @classmethod
     def get_requirements(cls) -> list:
         return []
@@ -107,9 +119,46 @@ class LiveLinuxIntel32e(intel.LinuxIntel32e):
         self._vmask = (1 << self._maxvirtaddr) - 1
 
     def _fault(self, offset: int, exc: InvalidAddressError) -> exceptions.InvalidAddressException:
-        if exc.entry is not None and exc.level is not None:
-            return exceptions.PagedInvalidAddressException(self.name, offset, 12, exc.entry, str(exc))
+        if exc.level is not None:
+            # invalid_bits: the span the failing entry maps (a missing PML4 entry
+            # leaves 512 GiB unmapped), so mapping() skips it whole, as Intel does.
+            bits = self._paged.format.page_size(exc.level).bit_length() - 1
+            return exceptions.PagedInvalidAddressException(self.name, offset, bits, exc.entry or 0, str(exc))
         return exceptions.InvalidAddressException(self.name, offset, str(exc))
+
+    def _mapping(self, offset: int, length: int,
+                 ignore_errors: bool = False) -> Iterator[tuple[int, int, int, int, str]]:
+        """Intel's page-by-page ``_mapping``, answered by our walker in runs.
+
+        Same contract (offsets in the layer's masked address space; pages
+        whose physical frame the memory layer cannot read are left out, as
+        Intel does with ``is_valid``); ``mapping()`` merges the runs.
+        """
+        if length == 0:
+            yield from super()._mapping(offset, length, ignore_errors)
+            return
+        phys = self._context.layers[self._base_layer]
+        half = 1 << (self._maxvirtaddr - 1)
+        pos, end = offset & self._vmask, (offset & self._vmask) + length
+        # The masked space holds the lower canonical half, then the upper one.
+        for lo, hi in ((pos, min(end, half)), (max(pos, half), end)):
+            if lo >= hi:
+                continue
+            base = self.canonicalize(lo)
+            try:
+                runs = list(self._paged.mapping(base, hi - lo, ignore_errors))
+            except InvalidAddressError as exc:
+                raise self._fault(lo + (exc.address - base), exc) from None
+            for vaddr, n, paddr in runs:
+                v = vaddr & self._vmask
+                if phys.is_valid(paddr, n):
+                    yield v, n, paddr, n, self._base_layer
+                    continue
+                for k in range(0, n, 0x1000):  # RAM ends inside the run: page by page
+                    if phys.is_valid(paddr + k, 0x1000):
+                        yield v + k, 0x1000, paddr + k, 0x1000, self._base_layer
+                    elif not ignore_errors:
+                        raise exceptions.InvalidAddressException(self._base_layer, paddr + k)
 
     @property
     def paged(self) -> PagedMemory:
@@ -254,7 +303,15 @@ def build_context(memory: PhysicalMemory, paged: PagedMemory, location: KernelLo
     cls = LiveLinuxIntel5Level if location.la57 else LiveLinuxIntel32e
     kernel_layer = cls(ctx, cfg, KERNEL_LAYER, metadata={"os": "Linux"}, paged=paged)
     ctx.layers.add_layer(kernel_layer)
-    table = PreloadedLinuxSymbols(ctx, "shadowvol.symbols", SYMBOL_TABLE, isf_url, isf=isf)
+    # As volatility3's symbol finder does: symbol addresses are masked to the
+    # kernel layer's width, so address -> symbol lookups of (masked) pointers
+    # match. It goes into the context config *before* the table is built: the
+    # ISF format delegate caches its config branch when it is created.
+    scfg = "shadowvol.symbols"
+    ctx.config[f"{scfg}.symbol_mask"] = kernel_layer.address_mask
+    ctx.config[f"{scfg}.isf_url"] = isf_url
+    table = PreloadedLinuxSymbols(ctx, scfg, SYMBOL_TABLE, isf_url, isf=isf,
+                                  symbol_mask=kernel_layer.address_mask)
     ctx.symbol_space.append(table)
     mcfg = "shadowvol.kernel"
     ctx.config[f"{mcfg}.layer_name"] = KERNEL_LAYER
@@ -264,7 +321,23 @@ def build_context(memory: PhysicalMemory, paged: PagedMemory, location: KernelLo
     return ctx
 
 
-def load_plugin(name: str) -> type:
+def our_plugin_dir() -> "Path":
+    """Directory of shadowvol's own volatility3 plugins (``plugins/`` beside the package)."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "plugins"
+
+
+def our_plugin_files() -> list:
+    """Modules of ours that define a plugin (helpers such as ``kernel_hooks`` left out)."""
+    d = our_plugin_dir() / "linux"
+    if not d.is_dir():
+        return []
+    return [p for p in sorted(d.glob("*.py"))
+            if not p.name.startswith("_") and "PluginInterface" in p.read_text()]
+
+
+def load_plugin(name: str, ours_only: bool = False) -> type:
     """Import only the named plugin: ``linux.pslist`` or ``linux.pslist.PsList``.
 
     Our plugins/ directory goes first on ``volatility3.plugins.__path__``, as
@@ -278,7 +351,7 @@ def load_plugin(name: str) -> type:
     import volatility3.plugins
     from volatility3.framework.interfaces.plugins import PluginInterface
 
-    ours = str(Path(__file__).resolve().parents[1] / "plugins")
+    ours = str(our_plugin_dir())
     if os.path.isdir(ours) and ours not in volatility3.plugins.__path__:
         volatility3.plugins.__path__.insert(0, ours)
     parts = name.split(".")
@@ -294,6 +367,8 @@ def load_plugin(name: str) -> type:
             if exc.name and (prefix + mod_name).startswith(exc.name):
                 continue
             raise
+        if ours_only and not str(getattr(mod, "__file__", "")).startswith(ours):
+            continue
         classes = [c for c in vars(mod).values() if isinstance(c, type)
                    and issubclass(c, PluginInterface) and c.__module__ == mod.__name__]
         if cls_name:
@@ -306,7 +381,8 @@ def load_plugin(name: str) -> type:
     raise ShadowvolError(f"unknown plugin {name!r} (e.g. linux.pslist, linux.lsmod, linux.kmsg)")
 
 
-def construct_plugin(ctx: contexts.Context, plugin_cls: type, options: Mapping[str, Any]) -> Any:
+def construct_plugin(ctx: contexts.Context, plugin_cls: type, options: Mapping[str, Any],
+                     file_handler: type | None = None) -> Any:
     """Configure ``plugin_cls`` to use our ``kernel`` module, then build it."""
     from volatility3.framework import plugins
     from volatility3.framework.configuration import requirements
@@ -323,7 +399,7 @@ def construct_plugin(ctx: contexts.Context, plugin_cls: type, options: Mapping[s
     for key, value in options.items():
         ctx.config[f"{path}.{key}"] = value
     try:
-        return plugins.construct_plugin(ctx, [], plugin_cls, base, None, None)
+        return plugins.construct_plugin(ctx, [], plugin_cls, base, None, file_handler)
     except exceptions.UnsatisfiedException as exc:
         missing = ", ".join(k.split(".")[-1] for k in exc.unsatisfied)
         raise ShadowvolError(f"{plugin_cls.__name__} cannot run here: unsatisfied requirement(s) "

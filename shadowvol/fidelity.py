@@ -1,0 +1,334 @@
+"""Fidelity: every stock volatility3 Linux plugin, live, against stock ``vol -f``.
+
+The promise to an analyst is that a stock plugin run live gives the rows that
+stock ``vol`` gives on a copy of the same RAM with the same profile. This
+module measures it:
+
+- :func:`stock_plugins` lists the stock Linux plugins of the installed
+  volatility3 (deprecated aliases left out), with a one-line description.
+- :func:`paused` pauses a VM for a consistent view and restores its state.
+- :func:`raw_copy` writes guest-physical memory to a raw file that stock
+  ``vol -f`` opens (holes stay sparse).
+- :func:`sweep` runs each plugin live (``shadowvol -vm``) and with stock
+  ``vol -f`` on the copy, and compares the rows order-insensitively.
+
+Used by ``shadowvol bench sweep`` and by ``tests/live/test_fidelity.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib
+import json
+import os
+import pkgutil
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import ShadowvolError, VMError
+
+__all__ = ["PluginInfo", "SweepRow", "stock_plugins", "our_plugins", "paused", "raw_copy",
+           "flatten_rows", "compare_rows", "sweep", "PLUGIN_ARGS"]
+
+#: Arguments for stock plugins that need some (the same on both sides).
+#: ``{module_base}`` is replaced by the base address of a loaded module.
+PLUGIN_ARGS: dict[str, list[str]] = {
+    "linux.vmaregexscan.VmaRegExScan": ["--pattern", "Linux version"],
+    "linux.module_extract.ModuleExtract": ["--base", "{module_base}"],
+    "linux.pagecache.InodePages": ["--find", "/init"],
+}
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One plugin: its full name (``linux.pslist.PsList``), where it comes from, what it does."""
+
+    name: str
+    origin: str  # "stock" or "shadowvol"
+    description: str
+    error: str = ""  # set when the plugin cannot even be imported (a missing optional library)
+
+
+def _first_line(doc: str | None) -> str:
+    lines = [ln.strip() for ln in (doc or "").strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def _plugin_classes(directory: Path, prefix: str) -> Iterator[tuple[str, Any, str]]:
+    """(module name, plugin class or None, import error) for every module under ``directory``."""
+    from volatility3.framework.constants import architectures  # noqa: F401  (plugins need it loaded)
+    from volatility3.framework import interfaces
+
+    for info in pkgutil.walk_packages([str(directory)], prefix):
+        try:
+            mod = importlib.import_module(info.name)
+        except ImportError as exc:
+            yield info.name, None, f"needs the Python module {exc.name or exc}"
+            continue
+        if not str(getattr(mod, "__file__", "")).startswith(str(directory)):
+            continue  # a module of ours takes this name (plugins/ comes first on the path)
+        for obj in vars(mod).values():
+            if (isinstance(obj, type) and issubclass(obj, interfaces.plugins.PluginInterface)
+                    and obj.__module__ == mod.__name__):
+                yield info.name, obj, ""
+
+
+def stock_plugins(os_prefix: str = "linux") -> list[PluginInfo]:
+    """Stock volatility3 plugins for ``os_prefix`` (deprecated renames left out)."""
+    import volatility3
+    from volatility3.framework import deprecation
+
+    directory = Path(volatility3.__file__).parent / "framework" / "plugins" / os_prefix
+    base = "volatility3.plugins."
+    out = []
+    for mod_name, cls, err in _plugin_classes(directory, f"{base}{os_prefix}."):
+        short = mod_name[len(base):]
+        if cls is None:
+            out.append(PluginInfo(short, "stock", "", err))
+        elif not issubclass(cls, deprecation.PluginRenameClass):
+            out.append(PluginInfo(f"{short}.{cls.__name__}", "stock", _first_line(cls.__doc__)))
+    return sorted(out, key=lambda p: p.name)
+
+
+def our_plugins() -> list[PluginInfo]:
+    """shadowvol's own volatility3 plugins (``plugins/linux``)."""
+    from . import volbridge
+
+    out = []
+    for path in volbridge.our_plugin_files():
+        mod_name = f"linux.{path.stem}"
+        cls = volbridge.load_plugin(mod_name, ours_only=True)
+        out.append(PluginInfo(f"{mod_name}.{cls.__name__}", "shadowvol", _first_line(cls.__doc__)))
+    return sorted(out, key=lambda p: p.name)
+
+
+# -- a consistent view ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def paused(qmp_path: str) -> Iterator[bool]:
+    """Pause the VM behind ``qmp_path`` for the block; yields whether it was running.
+
+    A VM that was paused stays paused; one that was running is resumed, also
+    when the block fails.
+    """
+    from .qmp import QMPClient
+
+    with QMPClient(qmp_path, timeout=10.0) as q:
+        was_running = bool(q.execute("query-status").get("running"))
+        if was_running:
+            q.execute("stop")
+    try:
+        yield was_running
+    finally:
+        if was_running:
+            with QMPClient(qmp_path, timeout=10.0) as q:
+                q.execute("cont")
+
+
+def raw_copy(memory: Any, path: Path, chunk: int = 16 << 20) -> int:
+    """Write guest-physical memory to ``path`` as a raw (linear) image; returns bytes copied.
+
+    Holes between RAM ranges are left as sparse zeros, as stock ``vol -f``
+    reads a raw file linearly from physical address 0.
+    """
+    copied = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        end = 0
+        for start, stop in memory.ranges():
+            for pa in range(start, stop, chunk):
+                n = min(chunk, stop - pa)
+                os.pwrite(fd, memory.read_partial(pa, n).data, pa)
+                copied += n
+            end = max(end, stop)
+        os.ftruncate(fd, end)
+    finally:
+        os.close(fd)
+    return copied
+
+
+# -- comparing rows ---------------------------------------------------------
+
+
+def flatten_rows(rows: list[dict[str, Any]], depth: int = 0) -> list[str]:
+    """JSON renderer rows (nested through ``__children``) as canonical strings."""
+    out = []
+    stack = [(r, depth) for r in reversed(rows)]
+    while stack:
+        row, d = stack.pop()
+        children = row.get("__children") or []
+        flat = {k: v for k, v in row.items() if k != "__children"}
+        flat["__depth"] = d
+        out.append(json.dumps(flat, sort_keys=True, default=str))
+        stack.extend((c, d + 1) for c in reversed(children))
+    return out
+
+
+def compare_rows(live: list[str], dump: list[str]) -> tuple[bool, list[str], list[str]]:
+    """Order-insensitive comparison: (identical, only live, only dump)."""
+    a, b = collections.Counter(live), collections.Counter(dump)
+    only_live = sorted((a - b).elements())
+    only_dump = sorted((b - a).elements())
+    return not only_live and not only_dump, only_live, only_dump
+
+
+# -- the sweep --------------------------------------------------------------
+
+
+@dataclass
+class SweepRow:
+    """One plugin, live against the dump."""
+
+    plugin: str
+    live_s: float = 0.0
+    dump_s: float = 0.0
+    live_rows: int = -1
+    dump_rows: int = -1
+    live_error: str = ""
+    dump_error: str = ""
+    verdict: str = ""  # identical | fails-as-stock | DIFFERENT | LIVE-FAILS | ...
+    only_live: list[str] = field(default_factory=list)
+    only_dump: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict in ("identical", "fails-as-stock")
+
+    def as_dict(self, samples: int = 3) -> dict[str, Any]:
+        d = asdict(self)
+        d["only_live"] = self.only_live[:samples]
+        d["only_dump"] = self.only_dump[:samples]
+        return d
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float) -> tuple[int, float, str, str]:
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+        return p.returncode, time.perf_counter() - t0, p.stdout, p.stderr
+    except subprocess.TimeoutExpired:
+        return -9, time.perf_counter() - t0, "", f"timed out after {timeout:.0f} s"
+
+
+def _parse(rc: int, out: str, err: str) -> tuple[list[str] | None, str]:
+    if rc != 0:
+        return None, _last_line(err) or f"exit {rc}"
+    try:
+        return flatten_rows(json.loads(out)), ""
+    except ValueError:
+        return None, f"not JSON: {_last_line(out) or _last_line(err)}"
+
+
+def _stock_error(err: str) -> str:
+    """The essential part of an error line, for 'fails the same way' (drop tool prefixes)."""
+    for marker in ("shadowvol: error: ", "Volatility was unable", "error: "):
+        if marker in err:
+            err = err.split(marker, 1)[1]
+    return err.split(" (SHADOWVOL_DEBUG")[0].strip()
+
+
+def vol_command() -> str:
+    """Stock volatility3's ``vol`` beside our interpreter (or on PATH)."""
+    vol = shutil.which("vol", path=os.path.dirname(sys.executable)) or shutil.which("vol")
+    if not vol:
+        raise ShadowvolError("stock volatility3 'vol' is not installed")
+    return vol
+
+
+def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str = "shadow",
+          timeout: float = 300.0, progress: Any = None) -> list[SweepRow]:
+    """Pause ``vm``, copy its RAM, run every plugin live and with stock vol on the copy.
+
+    The VM stays paused for the whole sweep (live and dump then see the same
+    bytes) and is resumed afterwards if it was running.
+    """
+    from .target import open_target
+    from .vm.registry import get_vm
+
+    say = progress or (lambda msg: None)
+    entry = get_vm(vm)
+    if not entry.qmp:
+        raise VMError(f"{vm} has no QMP socket: cannot pause it for a consistent copy")
+    names = plugins or [p.name for p in stock_plugins() if not p.error]
+    vol = vol_command()
+    workdir = Path(workdir)
+    rows: list[SweepRow] = []
+    with paused(entry.qmp):
+        target = open_target(vm=vm, backend=backend)
+        try:
+            raw = workdir / "guest.raw"
+            say(f"copying guest RAM to {raw}")
+            raw_copy(target.memory, raw)
+            symdir = workdir / "symbols"
+            (symdir / "linux").mkdir(parents=True, exist_ok=True)
+            shutil.copy(target.profile_path, symdir / "linux" / target.profile_path.name)
+            module_base = _a_module_base(target)
+        finally:
+            target.close()
+        me = [sys.executable, "-m", "shadowvol", "-vm", vm, "--backend", backend, "-r", "json"]
+        stock = [vol, "-q", "-f", str(raw), "-s", str(symdir), "-r", "json"]
+        for name in names:
+            args = [a.replace("{module_base}", hex(module_base)) for a in PLUGIN_ARGS.get(name, [])]
+            row = SweepRow(name)
+            say(f"{name}: live")
+            live_dir = workdir / "out-live" / name
+            dump_dir = workdir / "out-dump" / name
+            live_dir.mkdir(parents=True, exist_ok=True)
+            dump_dir.mkdir(parents=True, exist_ok=True)
+            rc, row.live_s, out, err = _run(me + [name] + args, live_dir, timeout)
+            live, row.live_error = _parse(rc, out, err)
+            say(f"{name}: stock vol on the copy")
+            rc, row.dump_s, out, err = _run(stock + [name] + args, dump_dir, timeout)
+            dump, row.dump_error = _parse(rc, out, err)
+            row.live_rows = -1 if live is None else len(live)
+            row.dump_rows = -1 if dump is None else len(dump)
+            if live is not None and dump is not None:
+                same, row.only_live, row.only_dump = compare_rows(live, dump)
+                files_same = _same_files(live_dir, dump_dir)
+                row.verdict = "identical" if same and files_same else (
+                    "DIFFERENT" if not same else "DIFFERENT-FILES")
+            elif live is None and dump is None:
+                same_err = _stock_error(row.live_error) == _stock_error(row.dump_error)
+                row.verdict = "fails-as-stock" if same_err else "BOTH-FAIL-DIFFERENTLY"
+            else:
+                row.verdict = "LIVE-FAILS" if live is None else "DUMP-FAILS"
+            row.live_s, row.dump_s = round(row.live_s, 2), round(row.dump_s, 2)
+            rows.append(row)
+    return rows
+
+
+def _a_module_base(target: Any) -> int:
+    """Base of the first module on the module list (for ``module_extract --base``)."""
+    try:
+        from .run import run_plugin
+
+        grid = run_plugin(target, "linux.lsmod.Lsmod")
+        found: list[int] = []
+        grid.populate(lambda node, acc: acc.append(node.values[0]) if not acc else None, found)
+        return int(found[0]) if found else 0
+    except Exception:  # no module list: the plugin then fails alike on both sides
+        return 0
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Files a plugin wrote (``-o``): the same names and bytes on both sides."""
+    import hashlib
+
+    def digests(d: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(d.iterdir()) if p.is_file()}
+
+    return digests(a) == digests(b)
