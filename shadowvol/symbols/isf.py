@@ -27,11 +27,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shadowvol.symbols.typegraph import INT_BOOL, INT_CHAR, INT_SIGNED, CType, Kind, TypeGraph
+from shadowvol.symbols.typegraph import INT_BOOL, INT_CHAR, INT_SIGNED, QUALIFIERS, CType, Kind, TypeGraph
 
-__all__ = ["ISF_FORMAT", "SymbolEntry", "build_isf"]
+__all__ = ["ISF_FORMAT", "DWARF2JSON_COMPATIBLE", "SymbolEntry", "build_isf"]
 
 ISF_FORMAT = "6.2.0"
+
+#: The ISF conventions this writer follows are dwarf2json's up to this
+#: version: anonymous structs named after their typedef (0.7.0), anonymous
+#: members kept as ``unnamed_field_*`` with ``"anonymous": true`` and
+#: DW_AT_data_bit_offset bitfields (0.8.0), Rust units skipped (0.9.0).
+#: volatility3 gates plugins on the producer being dwarf2json of a version
+#: (``linux.malware.hidden_modules`` wants >= 0.8.0, ``linux.kmsg`` > 0.4.1),
+#: so the producer says so, and ``generator`` names the real tool.
+#: ``shadowvol profile diff`` against a DWARF profile shows the equivalence.
+DWARF2JSON_COMPATIBLE = "0.9.0"
 
 _AGGREGATES = (Kind.STRUCT, Kind.UNION)
 _ENUMS = (Kind.ENUM, Kind.ENUM64)
@@ -66,8 +76,9 @@ class _Writer:
         }
         self.desc: dict[int, dict[str, Any]] = {}
         self.names: dict[int, str] = {}
-        self.pending: list[int] = []
+        self.pending: list[tuple[int, str]] = []
         self.done: set[str] = set()
+        self.alias_layouts: dict[tuple[str, str], str] = {}
         self.typedef_names = self._typedef_names()
         self.named_defs = self._named_defs()
 
@@ -102,6 +113,30 @@ class _Writer:
     def _fullness(self, tid: int) -> tuple[int, int, int]:
         t = self.g[tid]
         return (t.kind != Kind.FWD, len(t.members) + len(t.enumerators), t.size)
+
+    def typedef_alias(self, tid: int) -> tuple[int, str] | None:
+        """(anonymous aggregate/enum id, name) when ``tid`` reaches an
+        anonymous struct/union/enum through a typedef: the type is named
+        after the typedef nearest to it, as dwarf2json names it from DWARF.
+        BTF deduplicates identical anonymous types (``kuid_t`` and
+        ``vfsuid_t`` share one), so the name comes from the reference, not
+        from the type. None when the name is taken by a named type or by a
+        different layout."""
+        g, alias, seen = self.g, None, 0
+        while tid and g[tid].kind in QUALIFIERS and seen < 64:
+            if g[tid].kind == Kind.TYPEDEF:
+                alias = g[tid].name
+            tid, seen = g[tid].type_id, seen + 1
+        t = g[tid]
+        if not alias or t.name or not (t.kind in _AGGREGATES or t.kind in _ENUMS):
+            return None
+        key = (self._kind_word(t), alias)
+        if key in self.named_defs:
+            return None
+        layout = self._layout_hash(tid)
+        if self.alias_layouts.setdefault(key, layout) != layout:
+            return None
+        return tid, alias
 
     def type_name(self, tid: int) -> str:
         """ISF name of a struct/union/enum/fwd type id."""
@@ -160,9 +195,13 @@ class _Writer:
         if got is not None:
             return got
         orig = tid
+        alias = self.typedef_alias(tid) if tid and self.g[tid].kind in QUALIFIERS else None
         tid = self.g.strip(tid) if tid else 0
         t = self.g[tid]
-        if tid == 0:
+        if alias is not None:
+            out = {"kind": self._kind_word(t), "name": alias[1]}
+            self.pending.append(alias)
+        elif tid == 0:
             out: dict[str, Any] = {"kind": "base", "name": "void"}
         elif t.kind in (Kind.INT, Kind.FLOAT):
             out = self.base(t)
@@ -179,12 +218,12 @@ class _Writer:
             if t.name:
                 tid = self.named_defs.get((word, t.name), tid)
             out = {"kind": word, "name": self.type_name(tid)}
-            self.pending.append(tid)
+            self.pending.append((tid, out["name"]))
         elif t.kind in _ENUMS:
             if t.name:
                 tid = self.named_defs.get(("enum", t.name), tid)
             out = {"kind": "enum", "name": self.type_name(tid)}
-            self.pending.append(tid)
+            self.pending.append((tid, out["name"]))
         elif t.kind in (Kind.FUNC_PROTO, Kind.FUNC):
             out = {"kind": "function"}
         elif t.kind == Kind.VAR:
@@ -233,8 +272,7 @@ class _Writer:
     def flush(self) -> None:
         """Emits every aggregate/enum referenced so far (transitively)."""
         while self.pending:
-            tid = self.pending.pop()
-            name = self.type_name(tid)
+            tid, name = self.pending.pop()
             t = self.g[tid]
             if t.kind in _ENUMS:
                 if name in self.done:
@@ -277,6 +315,9 @@ def build_isf(graph: TypeGraph, symbols: Mapping[str, SymbolEntry], *,
     if all_types:
         for tid in sorted(w.named_defs.values()) + sorted(w.typedef_names):
             w.descriptor(tid)
+        for tid, t in enumerate(graph.types):  # every typedef naming an anonymous type
+            if t.kind == Kind.TYPEDEF:
+                w.descriptor(tid)
         for tid, t in enumerate(graph.types):
             if t.kind in (Kind.INT, Kind.FLOAT):
                 w.descriptor(tid)
@@ -294,9 +335,11 @@ def build_isf(graph: TypeGraph, symbols: Mapping[str, SymbolEntry], *,
         "metadata": {
             "format": ISF_FORMAT,
             "producer": {
-                "name": "shadowvol",
-                "version": producer_version,
+                "name": "dwarf2json",
+                "version": DWARF2JSON_COMPATIBLE,
                 "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "generator": "shadowvol",
+                "generator_version": producer_version,
             },
             "linux": linux,
         },
