@@ -21,7 +21,8 @@ from shadowvol.errors import ProfileError
 from shadowvol.symbols.kallsyms import Symbol
 from shadowvol.symbols.typegraph import INT_BOOL, INT_CHAR, INT_SIGNED, CType, Kind, Member, TypeGraph
 
-__all__ = ["DwarfImporter", "die_name", "strip_qualifiers", "open_elf", "iter_variables", "elf_symbols", "graph_from_dwarf"]
+__all__ = ["DwarfImporter", "die_name", "strip_qualifiers", "open_elf", "dwarf_info", "iter_variables",
+           "elf_symbols", "graph_from_dwarf"]
 
 # DW_ATE_* base type encodings.
 _ATE_BOOLEAN = 0x02
@@ -86,6 +87,11 @@ class DwarfImporter:
         self.graph = graph
         self.reuse_named = reuse_named
         self._done: dict[tuple[int, int], int] = {}  # (cu offset, die offset) -> id
+
+    def forget_unit(self) -> None:
+        """Forgets DIE offsets already imported (call between compile units:
+        references are unit-local, and named types are found again by name)."""
+        self._done.clear()
 
     def _existing(self, kind: Kind, name: str) -> int | None:
         if not (self.reuse_named and name):
@@ -242,12 +248,22 @@ def strip_qualifiers(die: Any) -> Any:
     return die
 
 
-def iter_variables(elf: Any) -> Iterator[Any]:
-    """Top-level ``DW_TAG_variable`` DIEs of every compile unit."""
+def dwarf_info(elf: Any) -> Any:
+    """The ``DWARFInfo`` of an ELF file.
+
+    Relocations are applied only to relocatable objects (``ET_REL``, such as
+    the probe's ``.o``). A linked vmlinux built with ``--emit-relocs`` still
+    carries ``.rela.debug_*`` sections (255 MB of them on 6.1): the linker has
+    already applied them, and pyelftools would spend minutes re-applying them.
+    """
     if not elf.has_dwarf_info():
         raise ProfileError("the ELF file has no DWARF debug info")
-    dwarf = elf.get_dwarf_info()
-    for cu in dwarf.iter_CUs():
+    return elf.get_dwarf_info(relocate_dwarf_sections=elf["e_type"] == "ET_REL")
+
+
+def iter_variables(elf: Any) -> Iterator[Any]:
+    """Top-level ``DW_TAG_variable`` DIEs of every compile unit."""
+    for cu in dwarf_info(elf).iter_CUs():
         for die in cu.get_top_DIE().iter_children():
             if die.tag == "DW_TAG_variable":
                 yield die
@@ -286,25 +302,69 @@ def elf_symbols(elf: Any) -> list[Symbol]:
     return out
 
 
-def graph_from_dwarf(elf: Any) -> tuple[TypeGraph, dict[str, int]]:
-    """Imports every type of an ELF's DWARF into a new graph, and returns
-    the declared type of each global variable by name."""
+#: Top-level DIEs that define types a profile keeps.
+_TYPE_TAGS = frozenset({"DW_TAG_structure_type", "DW_TAG_union_type", "DW_TAG_enumeration_type",
+                        "DW_TAG_typedef", "DW_TAG_base_type"})
+_LANG_RUST = 0x1C  # DW_LANG_Rust: skipped, as dwarf2json 0.9.0 does (type confusion)
+
+
+def _drop_die_cache(cu: Any) -> None:
+    """Frees the DIEs pyelftools cached for one compile unit (it keeps every
+    DIE it ever parsed; on a kernel that is gigabytes)."""
+    if hasattr(cu, "_dielist") and hasattr(cu, "_diemap"):
+        cu._dielist = []
+        cu._diemap = []
+
+
+def graph_from_dwarf(elf: Any, progress: Callable[[str], None] | None = None
+                     ) -> tuple[TypeGraph, dict[str, int]]:
+    """Imports the types of an ELF's DWARF into a new graph, and returns the
+    declared type of each global variable by name.
+
+    Only what a profile needs is parsed: the top-level DIEs of each compile
+    unit (``iter_children`` jumps over function bodies, lexical blocks,
+    inlined subroutines and call sites through ``DW_AT_sibling``), and the
+    types they reference. Named structs, unions, enums and typedefs are
+    merged by name as dwarf2json does, so a struct defined again in a later
+    unit is recognised from its DIE alone and its members are skipped.
+    A variable's definition beats an ``extern`` declaration (which may lack
+    an array bound).
+    """
     graph = TypeGraph()
     importer = DwarfImporter(graph, reuse_named=True)
     variables: dict[str, int] = {}
-    dwarf = elf.get_dwarf_info()
-    for cu in dwarf.iter_CUs():
-        for die in cu.get_top_DIE().iter_children():
-            if die.tag in ("DW_TAG_structure_type", "DW_TAG_union_type", "DW_TAG_enumeration_type",
-                           "DW_TAG_typedef", "DW_TAG_base_type"):
+    from_declaration: set[str] = set()
+    dwarf = dwarf_info(elf)
+    total = max(1, dwarf.debug_info_sec.size)
+    for index, cu in enumerate(dwarf.iter_CUs()):
+        if progress is not None and index % 200 == 0:
+            progress(f"DWARF: unit {index}, {100 * cu.cu_offset // total}% of .debug_info, "
+                     f"{len(graph)} types")
+        top = cu.get_top_DIE()
+        if _attr(top, "DW_AT_language") == _LANG_RUST:
+            _drop_die_cache(cu)
+            continue
+        for die in top.iter_children():
+            tag = die.tag
+            if tag in _TYPE_TAGS:
                 importer.import_type(die)
-            elif die.tag == "DW_TAG_variable":
+            elif tag == "DW_TAG_variable":
                 name = die_name(die)
                 spec = die
                 if "DW_AT_specification" in die.attributes:
                     spec = die.get_DIE_from_attribute("DW_AT_specification")
                     name = name or die_name(spec)
                 typed = die if "DW_AT_type" in die.attributes else spec
-                if name and name not in variables and "DW_AT_type" in typed.attributes:
-                    variables[name] = importer.import_type(typed.get_DIE_from_attribute("DW_AT_type"))
+                if not name or "DW_AT_type" not in typed.attributes:
+                    continue
+                declaration = bool(_attr(die, "DW_AT_declaration", False))
+                if name in variables and (declaration or name not in from_declaration):
+                    continue
+                variables[name] = importer.import_type(typed.get_DIE_from_attribute("DW_AT_type"))
+                if declaration:
+                    from_declaration.add(name)
+                else:
+                    from_declaration.discard(name)
+        importer.forget_unit()
+        _drop_die_cache(cu)
     return graph, variables
