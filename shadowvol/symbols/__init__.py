@@ -141,13 +141,22 @@ def build_profile(vmlinuz: Path | None = None, vmlinux: Path | None = None,
                 except ProfileError:
                     continue
                 rep.symbol_source = f"kallsyms ({tables.layout} layout)"
-                extra = {"kallsyms_num_syms": (tables.names - 8, "unsigned int"),
-                         "kallsyms_names": (tables.names, "u8[1]"),
-                         "kallsyms_markers": (tables.markers, "unsigned int[1]"),
-                         "kallsyms_token_table": (tables.token_table, "char[1]"),
-                         "kallsyms_token_index": (tables.token_index, "u16[256]")}
+                # scripts/kallsyms.c leaves its own tables out of kallsyms.
+                # Types as kernel/kallsyms_internal.h declares them (unbounded
+                # arrays: count 0, as DWARF has them).
+                word = "unsigned int" if tables.marker_width == 4 else "unsigned long"  # u64 before 4.20
+                extra = {"kallsyms_num_syms": (tables.names - 8, word),
+                         "kallsyms_names": (tables.names, "u8[0]"),
+                         "kallsyms_markers": (tables.markers, f"{word}[0]"),
+                         "kallsyms_token_table": (tables.token_table, "char[0]"),
+                         "kallsyms_token_index": (tables.token_index, "u16[0]")}
                 if tables.relative_base is not None:
-                    extra["kallsyms_offsets"] = (tables.addresses, "int[1]")
+                    extra["kallsyms_offsets"] = (tables.addresses, "int[0]")
+                if tables.relative_base_address is not None:
+                    # volatility3's kallsyms API needs it for negative offsets.
+                    extra["kallsyms_relative_base"] = (tables.relative_base_address, "unsigned long")
+                if tables.seqs_of_names is not None:
+                    extra["kallsyms_seqs_of_names"] = (tables.seqs_of_names, "u8[0]")
                 break
             if not symbols:
                 raise ProfileError(f"{source}: no symbol table and no kallsyms tables")

@@ -24,6 +24,9 @@ How the tables are located:
    ``kallsyms_addresses``): before ``num_syms`` up to v6.3, after
    ``kallsyms_token_index`` since v6.4 (commit 404bad70fcf7 "scripts/kallsyms:
    change the output order"); the variant whose addresses are sorted wins.
+6. ``kallsyms_seqs_of_names`` (v6.2, and backported to 6.1 stable): 3 bytes
+   per symbol between the markers and the token table; recognised by its
+   size and by holding symbol indexes only.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ class KallsymsTables:
     addresses: int  # kallsyms_offsets or kallsyms_addresses
     relative_base: int | None  # None: absolute kallsyms_addresses
     layout: str  # "pre-6.4" or "6.4+"
+    #: Address of ``kallsyms_relative_base`` itself (None with absolute addresses).
+    relative_base_address: int | None = None
+    #: ``kallsyms_seqs_of_names`` (None on kernels without it).
+    seqs_of_names: int | None = None
 
 
 def _align(value: int, to: int) -> int:
@@ -179,7 +186,7 @@ def _find_names(buf: bytes, base: int, markers_off: int, markers: list[int]) -> 
 
 
 def _read_addresses(buf: bytes, base: int, num: int, names_off: int, index_off: int):
-    """Yield (layout, table offset, relative_base or None, addresses)."""
+    """Yield (layout, table offset, relative_base or None, its offset or None, addresses)."""
     after_index = _align(base + index_off + 512, 8) - base
     rel_pre = names_off - 16
     candidates = [
@@ -208,7 +215,7 @@ def _read_addresses(buf: bytes, base: int, num: int, names_off: int, index_off: 
             decodings.append(list(struct.unpack_from(f"<{num}Q", buf, table)))
         for addrs in decodings:
             if all(a <= b for a, b in zip(addrs, addrs[1:])) and addrs[-1] > addrs[0]:
-                yield layout, table, rel_base, addrs
+                yield layout, table, rel_base, rel_off if relative else None, addrs
                 break
 
 
@@ -229,16 +236,32 @@ def find_kallsyms(buf: bytes | memoryview, base: int = 0) -> tuple[KallsymsTable
                 if found is None:
                     continue
                 names_off, num = found
-                for layout, addr_off, rel_base, addrs in _read_addresses(
+                for layout, addr_off, rel_base, rel_off, addrs in _read_addresses(
                         data, base, num, names_off, index_off):
                     symbols = _decode_names(data, names_off, num, tokens, addrs)
+                    after = _align(base + markers_off + width * ((num + 255) // 256), 8) - base
+                    seqs = _seqs_of_names(data, after, table_off, num)
                     tables = KallsymsTables(
                         num_syms=num, names=base + names_off, markers=base + markers_off,
                         marker_width=width, token_table=base + table_off,
                         token_index=base + index_off, addresses=base + addr_off,
-                        relative_base=rel_base, layout=layout)
+                        relative_base=rel_base, layout=layout,
+                        relative_base_address=None if rel_off is None else base + rel_off,
+                        seqs_of_names=None if seqs is None else base + seqs)
                     return tables, symbols
     raise ProfileError("no kallsyms tables found (kernel built without CONFIG_KALLSYMS?)")
+
+
+def _seqs_of_names(buf: bytes, start: int, token_table: int, num: int) -> int | None:
+    """Offset of ``kallsyms_seqs_of_names`` (u8[3 * num], big-endian symbol
+    indexes in name order) if it fills the gap between the markers and the
+    token table, else None."""
+    if start + 3 * num > len(buf) or not 0 <= token_table - (start + 3 * num) < 8:
+        return None
+    for i in range(0, min(num, 64)):
+        if int.from_bytes(buf[start + 3 * i:start + 3 * i + 3], "big") >= num:
+            return None
+    return start
 
 
 def _decode_names(buf: bytes, off: int, num: int, tokens: list[bytes], addrs: list[int]) -> list[Symbol]:
@@ -297,11 +320,17 @@ def size_bounds(symbols: list[Symbol]) -> dict[int, int]:
 
 
 def unique_by_name(symbols: list[Symbol]) -> dict[str, Symbol]:
-    """One symbol per name: global (upper-case type) beats local; otherwise
-    the first one wins."""
+    """One symbol per name: global (upper-case type) beats local; among
+    equals the lowest address wins, so the choice does not depend on the
+    source's order (kallsyms is sorted by address, an ELF symtab by file):
+    profiles from kallsyms and from the symtab agree on every address."""
     out: dict[str, Symbol] = {}
     for sym in symbols:
         old = out.get(sym.name)
-        if old is None or (old.type.islower() and sym.type.isupper()):
+        if old is None:
+            out[sym.name] = sym
+            continue
+        rank_old, rank_new = old.type.isupper(), sym.type.isupper()
+        if rank_new > rank_old or (rank_new == rank_old and sym.address < old.address):
             out[sym.name] = sym
     return out

@@ -146,3 +146,34 @@ def test_size_bounds_and_unique() -> None:
 def test_system_map_stub() -> None:
     with pytest.raises(ProfileError):
         parse_system_map(b"ffffffffffffffff B The_real_System.map_is_in_the_linux-image-<version>-dbg_package\n")
+
+
+@pytest.mark.parametrize("layout", ["6.1", "6.2", "6.4"])
+def test_kallsyms_table_addresses(layout: str) -> None:
+    """kallsyms_relative_base and kallsyms_seqs_of_names are located too
+    (scripts/kallsyms.c leaves its own tables out of kallsyms)."""
+    syms = make_symbols()
+    buf = build_tables(syms, layout, relative=True)
+    tables, _ = find_kallsyms(buf, BASE)
+    rel_base = min(a for _, a, t in syms if t != "A")
+    assert tables.relative_base_address is not None
+    off = tables.relative_base_address - BASE
+    assert struct.unpack_from("<Q", buf, off)[0] == rel_base
+    if layout == "6.2":
+        assert tables.seqs_of_names is not None
+        markers_end = tables.markers + 4 * ((len(syms) + 255) // 256)
+        assert tables.seqs_of_names == (markers_end + 7) & ~7
+    else:
+        assert tables.seqs_of_names is None
+
+
+def test_unique_by_name_is_order_independent() -> None:
+    """Same-named locals: the lowest address wins whatever the input order
+    (kallsyms is sorted by address, an ELF symtab by file)."""
+    text = ("ffffffff81000300 t dup\nffffffff81000100 t dup\nffffffff81000200 t dup\n"
+            "ffffffff81000400 d other\n")
+    syms = parse_system_map(text)
+    assert unique_by_name(syms)["dup"].address == 0xFFFFFFFF81000100
+    assert unique_by_name(list(reversed(syms)))["dup"].address == 0xFFFFFFFF81000100
+    both = parse_system_map("ffffffff81000100 t g\nffffffff81000200 T g\n")
+    assert unique_by_name(both)["g"].type == "T"
