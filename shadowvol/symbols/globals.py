@@ -21,8 +21,12 @@ globals. They are recovered in three steps, each validated:
    onto the BTF graph by name (struct/union/enum/typedef/base names resolve to
    the BTF types; pointers and arrays are added). An array declared without a
    bound (``extern const sys_call_ptr_t sys_call_table[]``) gets its count
-   from the symbol's size bound (distance to the next kallsyms address).
-   A type larger than that bound is rejected.
+   from a header macro (:data:`ARRAY_LENGTH_MACROS`), else count 0, as the
+   declaration says and as DWARF has it: the distance to the next kallsyms
+   address is only an upper bound (``hex_asc``: 32 bytes to the next
+   symbol, 17 declared), and most such symbols are linker or assembler
+   labels (``_text``, ``__start___ksymtab``) that DWARF also types ``[0]``.
+   A type larger than the symbol's size bound is rejected.
 3. **Curated statics.** Variables no header declares (``static struct
    printk_ringbuffer *prb`` in kernel/printk/printk.c, ``idt_table``,
    ``tk_core``...) come from :data:`CURATED_STATICS`; an entry is used only if
@@ -150,10 +154,33 @@ CURATED_STATICS: tuple[tuple[str, str], ...] = (
     ("init_task", "struct task_struct"),
     ("init_pid_ns", "struct pid_namespace"),
     ("jiffies", "unsigned long"),
+    # What stock volatility3 plugins look up (shadowvol profile diff --stock
+    # against DWARF); each declaration's file as DWARF's DW_AT_decl_file has it.
+    ("cap_last_cap", "int"),                           # kernel/sysctl.c: static const int
+    ("ftrace_ops_trampoline_list", "struct list_head"),  # kernel/trace/ftrace.c: static LIST_HEAD
+    ("bpf_tree", "struct latch_tree_root"),            # kernel/bpf/core.c
+    ("registered_fb", "struct fb_info *[32]"),         # drivers/video/fbdev/core/fbmem.c: [FB_MAX]
+    ("num_registered_fb", "int"),                      # drivers/video/fbdev/core/fbmem.c
+    ("__start___tracepoints_ptrs", "tracepoint_ptr_t[0]"),  # kernel/tracepoint.c: extern ...[]
+    ("__start___ksymtab", "struct kernel_symbol[0]"),  # kernel/module/internal.h: extern ...[]
+    ("__stop___ksymtab", "struct kernel_symbol[0]"),
+    ("raw_seq_ops", "struct seq_operations"),          # net/ipv4/raw.c: static const
+    ("raw6_seq_ops", "struct seq_operations"),         # net/ipv6/raw.c
+    ("tcp4_seq_ops", "struct seq_operations"),         # net/ipv4/tcp_ipv4.c
+    ("tcp6_seq_ops", "struct seq_operations"),         # net/ipv6/tcp_ipv6.c
+    ("arp_seq_ops", "struct seq_operations"),          # net/ipv4/arp.c
+    ("unix_seq_ops", "struct seq_operations"),         # net/unix/af_unix.c
+    ("packet_seq_ops", "struct seq_operations"),       # net/packet/af_packet.c
+    ("tcp4_seq_afinfo", "struct tcp_seq_afinfo"),      # net/ipv4/tcp_ipv4.c: static
+    ("tcp6_seq_afinfo", "struct tcp_seq_afinfo"),      # net/ipv6/tcp_ipv6.c
+    ("udp4_seq_afinfo", "struct udp_seq_afinfo"),      # net/ipv4/udp.c: static
+    ("udp6_seq_afinfo", "struct udp_seq_afinfo"),      # net/ipv6/udp.c
+    ("udplite4_seq_afinfo", "struct udp_seq_afinfo"),  # net/ipv4/udplite.c
+    ("udplite6_seq_afinfo", "struct udp_seq_afinfo"),  # net/ipv6/udplite.c
 )
 
 #: Arrays declared without a bound, and the header macro giving their length
-#: (evaluated by the probe; otherwise the kallsyms size bound is used).
+#: (evaluated by the probe; otherwise the count is 0, as declared).
 ARRAY_LENGTH_MACROS: tuple[tuple[str, str], ...] = (
     ("sys_call_table", "NR_syscalls"),
     ("ia32_sys_call_table", "IA32_NR_syscalls"),
@@ -256,7 +283,7 @@ def probe_header_types(graph: TypeGraph, symbols: list[Symbol], headers: Path,
                        max_rounds: int = 6) -> tuple[dict[str, int], set[str], list[str]]:
     """Step 2 of the module docstring: declared types of symbols from the
     kernel headers, mapped onto ``graph``. Returns (name -> type id, names
-    whose array length was guessed from the size bound, notes)."""
+    declared as arrays without a bound and no length macro, notes)."""
     from shadowvol.symbols.dwarf import DwarfImporter, open_elf
     from shadowvol.symbols.kbuild import prepare_headers, run_kbuild
 
@@ -308,12 +335,11 @@ def probe_header_types(graph: TypeGraph, symbols: list[Symbol], headers: Path,
             if ptr.tag != "DW_TAG_pointer_type" or "DW_AT_type" not in ptr.attributes:
                 continue
             bound = bounds.get(by_name[sym].address)
+            count = None
             if sym in lengths:
                 count = (lambda elem, n=lengths[sym]: n)
-            else:
-                count = (lambda elem, b=bound: (b // elem) if b else 0)
-                if _unbounded_array(ptr):
-                    inferred.add(sym)
+            elif _unbounded_array(ptr):
+                inferred.add(sym)
             tid = importer.import_type(ptr.get_DIE_from_attribute("DW_AT_type"), array_count=count)
             stripped = graph[graph.strip(tid)]
             if stripped.kind in (Kind.FUNC_PROTO, Kind.FUNC):
@@ -328,7 +354,7 @@ def probe_header_types(graph: TypeGraph, symbols: list[Symbol], headers: Path,
                  f"({len(candidates)} declared extern, {len(rejected)} of them rejected by gcc)")
     notes.append(f"array lengths from header macros: {lengths}")
     if inferred:
-        notes.append(f"{len(inferred)} unbounded arrays sized from kallsyms bounds (upper bounds)")
+        notes.append(f"{len(inferred)} arrays declared without a bound left at count 0 (as DWARF)")
     return found, inferred, notes
 
 
@@ -371,7 +397,7 @@ def type_globals(graph: TypeGraph, symbols: list[Symbol], headers: Path | None =
         curated = {name for name, _ in CURATED_STATICS}
         for name, tid in found.items():
             if name in inferred and name in curated:
-                continue  # a curated exact length beats a size-bound guess
+                continue  # a curated exact length beats an unbounded declaration
             result.types.setdefault(name, tid)
             result.origin.setdefault(name, "headers")
     else:
