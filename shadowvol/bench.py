@@ -345,3 +345,42 @@ def summarize_event_cost(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "libvmi_us_per_event": cb,
                     "ratio": round(cb / cs, 1) if cs and cb and cs > 0 else None})
     return out
+
+
+def bench_scan(vm: str, runs: int = 3) -> list[dict[str, Any]]:
+    """Physical-layer scan throughput (GB/s): our literal scan against volatility3's own
+    chunked scan, with the scanners stock plugins use (psscan's pointer needles, a banner)."""
+    from volatility3.framework.layers import scanners
+
+    from . import volbridge
+    from .target import open_target
+
+    volbridge.quiet_volatility()
+    t = open_target(vm=vm)
+    try:
+        ctx = volbridge.build_context(t.memory, t.kernel, t.location, t.isf)
+        layer = ctx.layers[volbridge.PHYSICAL_LAYER]
+        kernel = ctx.modules[volbridge.KERNEL_MODULE]
+        names = [n for n in ("fair_sched_class", "rt_sched_class", "dl_sched_class",
+                             "idle_sched_class", "stop_sched_class") if kernel.has_symbol(n)]
+        klayer = ctx.layers[kernel.layer_name]
+        needles = [klayer.canonicalize(kernel.get_symbol(n).address + kernel.offset).to_bytes(8, "little")
+                   for n in names]
+        cases = [("MultiStringScanner (psscan needles)", lambda: scanners.MultiStringScanner(needles)),
+                 ("BytesScanner (banner)", lambda: scanners.BytesScanner(b"Linux version "))]
+        size = t.memory.size()
+        rows = []
+        for label, make in cases:
+            for path, scan in (("shadowvol", layer.scan),
+                               ("volatility3 chunked", super(volbridge.LivePhysicalLayer, layer).scan)):
+                times, hits = [], 0
+                for _ in range(runs if path == "shadowvol" else 1):
+                    t0 = time.perf_counter()
+                    hits = sum(1 for _ in scan(ctx, make()))
+                    times.append(time.perf_counter() - t0)
+                secs = statistics.median(times)
+                rows.append({"scanner": label, "path": path, "hits": hits, "seconds": round(secs, 3),
+                             "GB_per_s": round(size / secs / 1e9, 2)})
+        return rows
+    finally:
+        t.close()

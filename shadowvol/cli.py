@@ -265,6 +265,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bench.render(bench.summarize_reads(rows), args.renderer)
     elif args.what == "sweep":
         return cmd_bench_sweep(args)
+    elif args.what == "scan":
+        bench.render(bench.bench_scan(args.vm, runs=args.runs), args.renderer)
     else:
         bench.render(bench.bench_pslist(args.vm, runs=args.runs), args.renderer)
     return 0
@@ -497,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
     pl.set_defaults(func=cmd_plugins)
     be = sub.add_parser("bench", help="benchmarks: read latency, end-to-end pslist, plugin sweep")
-    be.add_argument("what", choices=["reads", "pslist", "overhead", "sweep"])
+    be.add_argument("what", choices=["reads", "pslist", "overhead", "sweep", "scan"])
     be.add_argument("-vm", dest="vm", required=True)
     be.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"], help="sweep: backend")
     be.add_argument("--plugins", help="sweep: comma-separated plugins (default: every stock Linux plugin)")

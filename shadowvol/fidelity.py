@@ -37,11 +37,12 @@ __all__ = ["PluginInfo", "SweepRow", "stock_plugins", "our_plugins", "paused", "
            "flatten_rows", "compare_rows", "sweep", "PLUGIN_ARGS"]
 
 #: Arguments for stock plugins that need some (the same on both sides).
-#: ``{module_base}`` is replaced by the base address of a loaded module.
+#: ``{module_base}`` becomes the ``struct module`` address of a loaded module,
+#: ``{cached_file}`` the path of a regular file with pages in the page cache.
 PLUGIN_ARGS: dict[str, list[str]] = {
-    "linux.vmaregexscan.VmaRegExScan": ["--pattern", "Linux version"],
+    "linux.vmaregexscan.VmaRegExScan": ["--pattern", "BusyBox v[0-9.]+"],
     "linux.module_extract.ModuleExtract": ["--base", "{module_base}"],
-    "linux.pagecache.InodePages": ["--find", "/init"],
+    "linux.pagecache.InodePages": ["--find", "{cached_file}", "--dump"],
 }
 
 
@@ -225,19 +226,35 @@ def _run(cmd: list[str], cwd: Path, timeout: float) -> tuple[int, float, str, st
 
 def _parse(rc: int, out: str, err: str) -> tuple[list[str] | None, str]:
     if rc != 0:
-        return None, _last_line(err) or f"exit {rc}"
+        return None, error_key(err) or f"exit {rc}"
     try:
         return flatten_rows(json.loads(out)), ""
     except ValueError:
         return None, f"not JSON: {_last_line(out) or _last_line(err)}"
 
 
-def _stock_error(err: str) -> str:
-    """The essential part of an error line, for 'fails the same way' (drop tool prefixes)."""
-    for marker in ("shadowvol: error: ", "Volatility was unable", "error: "):
-        if marker in err:
-            err = err.split(marker, 1)[1]
-    return err.split(" (SHADOWVOL_DEBUG")[0].strip()
+_NOISE = ("Volatility 3 Framework", "No further results will be produced", "* ")
+
+
+def error_key(stderr: str) -> str:
+    """The essence of a failure, comparable between shadowvol's one-line errors and
+    stock vol's (a traceback's last line, or its "symbol-related issue" paragraph)."""
+    lines = [ln.strip() for ln in stderr.splitlines()
+             if ln.strip() and not ln.strip().startswith(_NOISE)]
+    if not lines:
+        return ""
+    text = lines[-1]
+    for i, ln in enumerate(lines):
+        if ln.startswith("Volatility experienced") and i + 1 < len(lines):
+            text = lines[i + 1]
+    text = text.split(" (SHADOWVOL_DEBUG")[0]
+    for prefix in ("shadowvol: error: ", "internal error: ", "volatility3 ", "SymbolError: ",
+                   "SymbolSpaceError: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    if "!" in text.split(":", 1)[0]:  # "table!name: Unknown symbol: name"
+        text = text.split(": ", 1)[-1]
+    return text.strip()
 
 
 def vol_command() -> str:
@@ -275,13 +292,13 @@ def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str
             symdir = workdir / "symbols"
             (symdir / "linux").mkdir(parents=True, exist_ok=True)
             shutil.copy(target.profile_path, symdir / "linux" / target.profile_path.name)
-            module_base = _a_module_base(target)
+            placeholders = sweep_arguments(target)
         finally:
             target.close()
         me = [sys.executable, "-m", "shadowvol", "-vm", vm, "--backend", backend, "-r", "json"]
         stock = [vol, "-q", "-f", str(raw), "-s", str(symdir), "-r", "json"]
         for name in names:
-            args = [a.replace("{module_base}", hex(module_base)) for a in PLUGIN_ARGS.get(name, [])]
+            args = [placeholders.get(a, a) for a in PLUGIN_ARGS.get(name, [])]
             row = SweepRow(name)
             say(f"{name}: live")
             live_dir = workdir / "out-live" / name
@@ -301,7 +318,7 @@ def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str
                 row.verdict = "identical" if same and files_same else (
                     "DIFFERENT" if not same else "DIFFERENT-FILES")
             elif live is None and dump is None:
-                same_err = _stock_error(row.live_error) == _stock_error(row.dump_error)
+                same_err = row.live_error == row.dump_error
                 row.verdict = "fails-as-stock" if same_err else "BOTH-FAIL-DIFFERENTLY"
             else:
                 row.verdict = "LIVE-FAILS" if live is None else "DUMP-FAILS"
@@ -310,25 +327,55 @@ def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str
     return rows
 
 
-def _a_module_base(target: Any) -> int:
-    """Base of the first module on the module list (for ``module_extract --base``)."""
-    try:
-        from .run import run_plugin
+def _first_value(target: Any, plugin: str, column: int, keep: Any = lambda values: True) -> Any:
+    """``values[column]`` of the first row of a plugin run on ``target`` that ``keep`` accepts."""
+    from .run import run_plugin
 
-        grid = run_plugin(target, "linux.lsmod.Lsmod")
-        found: list[int] = []
-        grid.populate(lambda node, acc: acc.append(node.values[0]) if not acc else None, found)
-        return int(found[0]) if found else 0
-    except Exception:  # no module list: the plugin then fails alike on both sides
-        return 0
+    found: list[Any] = []
+
+    def visit(node: Any, acc: list) -> list:
+        if not acc and keep(node.values):
+            acc.append(node.values[column])
+        return acc
+
+    run_plugin(target, plugin).populate(visit, found)
+    return found[0] if found else None
+
+
+def sweep_arguments(target: Any) -> dict[str, str]:
+    """Values for :data:`PLUGIN_ARGS` placeholders, read from the guest itself."""
+    module = _first_value(target, "linux.lsmod.Lsmod", 0)
+    cached = _first_value(target, "linux.pagecache.Files", 12,
+                          lambda v: str(v[5]) == "REG" and int(v[7] or 0) > 0)
+    return {"{module_base}": hex(int(module)) if module is not None else "0",
+            "{cached_file}": str(cached) if cached is not None else "/"}
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a written file; of a tar archive, of its members (name, mode, size,
+    bytes): gzip headers and the times at which the tool created entries differ run to run."""
+    import hashlib
+    import tarfile
+
+    h = hashlib.sha256()
+    if path.name.endswith((".tar", ".tar.gz", ".tgz")):
+        try:
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    h.update(f"{m.name}|{m.type!r}|{m.mode:o}|{m.size}|{m.linkname}\n".encode())
+                    if m.isfile():
+                        h.update(tar.extractfile(m).read())
+            return "tar:" + h.hexdigest()
+        except (tarfile.TarError, OSError, EOFError):
+            h = hashlib.sha256()
+    h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def _same_files(a: Path, b: Path) -> bool:
-    """Files a plugin wrote (``-o``): the same names and bytes on both sides."""
-    import hashlib
+    """Files a plugin wrote (``-o``): the same names and contents on both sides."""
 
     def digests(d: Path) -> dict[str, str]:
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(d.iterdir()) if p.is_file()}
+        return {p.name: _file_digest(p) for p in sorted(d.iterdir()) if p.is_file()}
 
     return digests(a) == digests(b)

@@ -99,8 +99,10 @@ class PhysicalMemory(ABC):
             addr += chunk
         return PartialRead(paddr, bytes(out), failed)
 
-    def find(self, needle: bytes, chunk: int = 32 << 20) -> Iterator[int]:
-        """Physical address of every occurrence of ``needle`` in RAM, in order, each once.
+    def find(self, needle: bytes, start: int = 0, end: int | None = None,
+             chunk: int = 32 << 20) -> Iterator[int]:
+        """Physical address of every occurrence of ``needle`` lying in RAM within
+        ``[start, end)``, in order, each once.
 
         Reads ``chunk`` bytes at a time (plus the needle's length, so matches
         across a chunk boundary are found; a match is reported by the chunk it
@@ -108,9 +110,10 @@ class PhysicalMemory(ABC):
         """
         if not needle:
             raise ValueError("empty needle")
-        for start, end in self.ranges():
-            for off in range(start, end, chunk):
-                data = self.read_partial(off, min(chunk + len(needle) - 1, end - off)).data
+        for lo, hi in self.ranges():
+            lo, hi = max(lo, start), hi if end is None else min(hi, end)
+            for off in range(lo, hi, chunk):
+                data = self.read_partial(off, min(chunk + len(needle) - 1, hi - off)).data
                 i = data.find(needle)
                 while 0 <= i < chunk:
                     yield off + i
@@ -215,6 +218,34 @@ class BufferMemory(PhysicalMemory):
             addr = stop
             i += 1
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def find(self, needle: bytes, start: int = 0, end: int | None = None,
+             chunk: int = 32 << 20) -> Iterator[int]:
+        """As :meth:`PhysicalMemory.find`, searching the buffer in place (no copy:
+        ``mmap.find`` runs at memory speed, where copying 512 MiB costs 0.8 s)."""
+        if not needle:
+            raise ValueError("empty needle")
+        stop = (1 << 64) if end is None else end
+        segs = self._segments
+        for k, seg in enumerate(segs):
+            lo, hi = max(seg.start, start), min(seg.end, stop)
+            if lo >= hi:
+                continue
+            delta = seg.offset - seg.start
+            i = self._buf.find(needle, lo + delta, hi + delta + len(needle) - 1)
+            limit = min(seg.end, hi + len(needle) - 1) + delta
+            while i >= 0 and i + len(needle) <= limit:
+                yield i - delta
+                i = self._buf.find(needle, i + 1, hi + delta + len(needle) - 1)
+            # A match across two physically adjacent segments (stored apart in the buffer).
+            if k + 1 < len(segs) and segs[k + 1].start == seg.end and len(needle) > 1:
+                edge = max(lo, seg.end - len(needle) + 1)
+                if edge < hi:
+                    data = self.read(edge, seg.end - edge + min(len(needle) - 1, segs[k + 1].length))
+                    j = data.find(needle)
+                    while 0 <= j and edge + j < hi and edge + j + len(needle) > seg.end:
+                        yield edge + j
+                        j = data.find(needle, j + 1)
 
     def segments(self) -> list[Segment]:
         """The guest-physical -> buffer-offset map."""
