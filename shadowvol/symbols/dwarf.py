@@ -87,6 +87,7 @@ class DwarfImporter:
         self.graph = graph
         self.reuse_named = reuse_named
         self._done: dict[tuple[int, int], int] = {}  # (cu offset, die offset) -> id
+        self._enum_decls: set[int] = set()  # ids of enums known from a declaration only
 
     def forget_unit(self) -> None:
         """Forgets DIE offsets already imported (call between compile units:
@@ -145,9 +146,17 @@ class DwarfImporter:
             kind = {"DW_TAG_union_type": Kind.UNION, "DW_TAG_enumeration_type": Kind.ENUM}.get(tag, Kind.STRUCT)
             declaration = bool(_attr(die, "DW_AT_declaration", False))
             found = self._existing(kind, name)
-            if found is not None and (declaration or g[found].kind != Kind.FWD):
+            if found is not None and (declaration or (g[found].kind != Kind.FWD
+                                                      and found not in self._enum_decls)):
                 self._done[key] = found
                 return found
+            if declaration and kind == Kind.ENUM:
+                # A declared-only enum (GNU C forward enum) is still an enum,
+                # int-sized, without constants; a later definition replaces it.
+                tid = g.add(CType(Kind.ENUM, name, size=_attr(die, "DW_AT_byte_size", 0) or 4))
+                self._enum_decls.add(tid)
+                self._done[key] = tid
+                return tid
             if declaration:
                 tid = g.add(CType(Kind.FWD, name, flag=kind == Kind.UNION))
                 self._done[key] = tid

@@ -63,7 +63,11 @@ def test_dwarf_types_to_isf(obj: Path) -> None:
 # its .rela.debug_* sections must not be applied again.
 UNIT_A = r"""
 typedef struct { unsigned int val; } kuid_t;
+enum fwd_only;
+enum fwd_later;
 struct shared { int a; kuid_t uid; struct shared *next; };
+struct holder { enum fwd_only *only; enum fwd_later *later; };
+struct holder holder;
 extern int table[];
 struct shared shared_a;
 kuid_t root_uid;
@@ -77,6 +81,8 @@ int main(void) {
 UNIT_B = r"""
 struct shared { int a; struct { unsigned int val; } uid; struct shared *next; };
 int table[5] = { 1, 2, 3, 4, 5 };
+enum fwd_later { LATER = 3 };
+enum fwd_later later_var = LATER;
 struct shared shared_b;
 """
 
@@ -106,7 +112,8 @@ def test_linked_units_merge_and_skip_bodies(prog: Path) -> None:
     assert "counter_in_function" not in variables
     # The definition (b.c, 5 elements) beats the extern declaration (a.c, no bound).
     syms = {s.name: s.address for s in elf_symbols(elf)}
-    entries = {n: SymbolEntry(syms[n], variables[n]) for n in ("table", "shared_a", "shared_b", "root_uid")}
+    entries = {n: SymbolEntry(syms[n], variables[n])
+               for n in ("table", "shared_a", "shared_b", "root_uid", "holder", "later_var")}
     isf = build_isf(graph, entries)
     assert isf["symbols"]["table"]["type"] == {"kind": "array", "count": 5,
                                                "subtype": {"kind": "base", "name": "int"}}
@@ -117,6 +124,11 @@ def test_linked_units_merge_and_skip_bodies(prog: Path) -> None:
     # Addresses from .symtab, types right: the relocated DWARF was read as linked.
     assert syms["shared_a"] != syms["shared_b"]
     assert isf["symbols"]["shared_b"]["type"] == {"kind": "struct", "name": "shared"}
+    # A declared-only enum stays an enum; a later definition wins.
+    assert isf["enums"]["fwd_only"]["constants"] == {} and "fwd_only" not in isf["user_types"]
+    assert isf["enums"]["fwd_later"]["constants"] == {"LATER": 3}
+    assert isf["user_types"]["holder"]["fields"]["later"]["type"] == {
+        "kind": "pointer", "subtype": {"kind": "enum", "name": "fwd_later"}}
     producer = isf["metadata"]["producer"]
     assert producer["name"] == "dwarf2json" and producer["generator"] == "shadowvol"
 
