@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 from shadowvol.errors import ProfileError
-from shadowvol.symbols.typegraph import CType, Kind, Member, TypeGraph
+from shadowvol.symbols.typegraph import QUALIFIERS, CType, Kind, Member, TypeGraph
 
 __all__ = ["BTF_MAGIC", "parse_btf", "find_btf", "btf_from_elf"]
 
@@ -64,6 +64,20 @@ def find_btf(buf: bytes | memoryview, start: int = 0) -> int:
     return -1
 
 
+def _sign_enums(types: list[CType], kflag_known: bool) -> None:
+    """Signs 32-bit enum values. Since pahole 1.24 (Linux 6.0's btf.rst),
+    kind_flag 1 marks a signed enum and 0 an unsigned one; older encoders
+    never set it and stored values as s32. When some enum of the blob has
+    the flag, it is trusted (BLK_SEG_BOUNDARY_MASK = 0xffffffff stays
+    unsigned, HvSubnodeInvalid = -1 signed, as DWARF has them); else the
+    legacy s32 reading applies."""
+    for t in types:
+        if t.kind != Kind.ENUM:
+            continue
+        if t.encoding or not kflag_known:
+            t.enumerators = [(n, v - (1 << 32) if v >= 0x80000000 else v) for n, v in t.enumerators]
+
+
 def parse_btf(blob: bytes | memoryview, base: TypeGraph | None = None) -> TypeGraph:
     """Decodes a BTF blob into a :class:`TypeGraph`.
 
@@ -72,6 +86,59 @@ def parse_btf(blob: bytes | memoryview, base: TypeGraph | None = None) -> TypeGr
     :param base: for split BTF (modules), the vmlinux graph; type ids and
         string offsets then continue from it. The base graph is not modified.
     """
+    try:
+        graph = _parse_btf(blob, base)
+    except (IndexError, ValueError, OverflowError, struct.error) as exc:
+        # Words or strings past their section (a hostile or truncated blob).
+        raise ProfileError(f"corrupt BTF: {exc}") from None
+    _check_graph(graph, 0 if base is None else len(base.types))
+    return graph
+
+
+#: Most types a blob may declare (vmlinux 6.1 has ~95,000, 6.12 ~130,000).
+MAX_TYPES = 4_000_000
+
+
+def _check_graph(graph: TypeGraph, first: int) -> None:
+    """Every type id referenced is in the graph, and no chain of qualifiers,
+    typedefs, pointers and arrays loops (a type pointing at itself):
+    consumers follow such chains without a cycle check. Iterative, linear in
+    the type count."""
+    types = graph.types
+    n = len(types)
+    if n > MAX_TYPES:
+        raise ProfileError(f"BTF declares {n} types (more than {MAX_TYPES})")
+    # Kinds whose type_id is followed by consumers; in C none of these can
+    # reach itself without passing through a struct/union member.
+    chained = QUALIFIERS | {Kind.ARRAY, Kind.PTR, Kind.FUNC_PROTO, Kind.VAR, Kind.FUNC, Kind.DECL_TAG}
+    for tid in range(first, n):
+        t = types[tid]
+        if t.type_id >= n or (t.kind == Kind.ARRAY and t.vlen >= n):
+            raise ProfileError(f"corrupt BTF: type {tid} refers to type {max(t.type_id, t.vlen)}, "
+                               f"past the last ({n - 1})")
+        for m in t.members:
+            if m.type_id >= n:
+                raise ProfileError(f"corrupt BTF: a member of type {tid} refers to type {m.type_id}, "
+                                   f"past the last ({n - 1})")
+    # 0 = unvisited, 1 = on the current chain, 2 = done.
+    state = bytearray(n)
+    for start in range(first, n):
+        if state[start] or types[start].kind not in chained:
+            continue
+        chain = []
+        tid = start
+        while types[tid].kind in chained and state[tid] == 0:
+            state[tid] = 1
+            chain.append(tid)
+            tid = types[tid].type_id
+        if types[tid].kind in chained and state[tid] == 1:
+            raise ProfileError(f"corrupt BTF: type {tid} refers to itself through "
+                               f"typedef/qualifier/pointer/array links")
+        for c in chain:
+            state[c] = 2
+
+
+def _parse_btf(blob: bytes | memoryview, base: TypeGraph | None) -> TypeGraph:
     order, _hdr_len, type_start, type_len, str_start, str_len = _header(blob)
     raw = bytes(blob[type_start:type_start + type_len])
     strings = bytes(blob[str_start:str_start + str_len])
@@ -96,7 +163,9 @@ def parse_btf(blob: bytes | memoryview, base: TypeGraph | None = None) -> TypeGr
                 got = base.btf_name_at(off)  # type: ignore[union-attr,misc]
             else:
                 local = off - base_str_len
-                end = strings.index(b"\0", local)
+                end = strings.find(b"\0", local)
+                if local >= len(strings) or end < 0:
+                    raise ProfileError(f"corrupt BTF: name offset {off:#x} is past the string section")
                 got = strings[local:end].decode("utf-8", "replace")
             name_cache[off] = got
         return got
@@ -105,6 +174,8 @@ def parse_btf(blob: bytes | memoryview, base: TypeGraph | None = None) -> TypeGr
     n = len(words)
     i = 0
     while i < n:
+        if len(types) > MAX_TYPES:
+            raise ProfileError(f"BTF declares more than {MAX_TYPES} types")
         name_off, info, size_type = words[i], words[i + 1], words[i + 2]
         i += 3
         kind_no = (info >> 24) & 0x1F
@@ -143,9 +214,7 @@ def parse_btf(blob: bytes | memoryview, base: TypeGraph | None = None) -> TypeGr
             for _ in range(vlen):
                 e_name, val = words[i], words[i + 1]
                 i += 2
-                if not kflag and val >= 0x80000000:
-                    val -= 1 << 32
-                enums.append((name_at(e_name), val))
+                enums.append((name_at(e_name), val))  # raw u32: sign fixed below
             t.enumerators = enums
         elif kind == Kind.ENUM64:
             t.size = size_type
@@ -191,6 +260,8 @@ def parse_btf(blob: bytes | memoryview, base: TypeGraph | None = None) -> TypeGr
     if i != n:
         raise ProfileError("BTF type section ends inside a type")
 
+    first_new = len(base.types) if base is not None else 0
+    _sign_enums(types[first_new:], any(t.kind == Kind.ENUM and t.encoding for t in types))
     graph = TypeGraph(types)
     graph.btf_str_len = base_str_len + len(strings)
     graph.btf_name_at = name_at

@@ -160,3 +160,17 @@ def test_isf_validates_against_volatility_schema(sample: tuple[bytes, dict[str, 
     isf = build_isf(parse_btf(blob), {"x": SymbolEntry(1, ids["thing"])},
                     linux_metadata={"symbols": [{"kind": "symtab", "name": "t"}]})
     assert schemas.validate(isf, use_cache=False)
+
+
+def test_enum_sign_from_kind_flag() -> None:
+    """pahole >= 1.24 sets kind_flag on signed enums; once a blob uses the
+    flag, an unflagged enum is unsigned (0xffffffff stays 4294967295)."""
+    b = BTFBuilder()
+    signed = b.add("hv_subnode_type", 6, 1, 4, struct.pack("<Ii", b.s("HvSubnodeInvalid"), -1), kflag=True)
+    unsigned = b.add("blk_default_limits", 6, 1, 4, struct.pack("<II", b.s("BLK_SEG_BOUNDARY_MASK"), 0xFFFFFFFF))
+    g = parse_btf(b.blob())
+    assert g[signed].enumerators == [("HvSubnodeInvalid", -1)]
+    assert g[unsigned].enumerators == [("BLK_SEG_BOUNDARY_MASK", 0xFFFFFFFF)]
+    isf = build_isf(g, {})
+    assert isf["enums"]["blk_default_limits"]["base"] == "unsigned int"
+    assert isf["enums"]["hv_subnode_type"]["base"] == "int"
