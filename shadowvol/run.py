@@ -37,7 +37,7 @@ def _top_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", default=".", metavar="DIR",
                    help="where plugins write the files they extract (as vol -o; default: here)")
     p.add_argument("-v", "--verbose", action="store_true", help="show volatility3 warnings")
-    p.add_argument("plugin")
+    p.add_argument("plugin", nargs="?")
     p.add_argument("args", nargs=argparse.REMAINDER)
     return p
 
@@ -88,6 +88,11 @@ def run_plugin(target, plugin_name: str, options: dict | None = None, output_dir
 
 def run_plugin_cli(argv: list[str]) -> int:
     args = _top_parser().parse_args(argv)
+    if not args.plugin:
+        raise ShadowvolError("which plugin? e.g. shadowvol -vm NAME linux.pslist "
+                             "('shadowvol plugins' lists them all)")
+    if not os.path.isdir(args.output_dir):
+        raise ShadowvolError(f"output directory {args.output_dir} does not exist (-o DIR)")
     from . import volbridge
     from .target import open_target
 
