@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,13 @@ __all__ = [
 #: Largest memory chunk per ``m`` packet: QEMU 7.2 advertises PacketSize=0x1000
 #: and hex-encodes, so 2 KiB per reply fits.
 MAX_MEM_CHUNK = 0x800
+
+#: Most bytes buffered while waiting for one packet (QEMU's PacketSize is 4 KiB).
+MAX_PACKET = 1 << 20
+#: Largest qXfer object (target.xml and its includes are a few KiB each).
+MAX_XFER = 1 << 20
+#: Most target-description documents followed through includes.
+MAX_XML_DOCS = 32
 
 _ESCAPE = frozenset(b"$#}*")
 _STOP_RE = re.compile(rb"[ST][0-9a-fA-F]{2}")
@@ -100,28 +108,55 @@ class Register:
 
 
 def parse_target_xml(documents: dict[str, str], root: str = "target.xml") -> list[Register]:
-    """Registers in ``g``-packet order from a target description and its includes."""
+    """Registers in ``g``-packet order from a target description and its includes.
+
+    Includes are followed iteratively, each document once, so an include
+    loop ends; a malformed description raises GdbError."""
     regs: list[Register] = []
     next_num = 0
+    # A stack of element iterators, one per open document: document order is kept.
+    stack: list[Any] = []
+    opened: set[str] = set()
 
-    def walk(name: str) -> None:
-        nonlocal next_num
+    def open_doc(name: str) -> None:
+        if name in opened:
+            raise GdbError(f"target description includes {name[:60]!r} twice (an include loop?)")
+        if name not in documents:
+            raise GdbError(f"target description includes {name[:60]!r}, which the gdbstub did not serve")
+        opened.add(name)
         text = re.sub(r"<!DOCTYPE[^>]*>", "", documents[name])
         text = re.sub(r"<(/?)xi:", r"<\1", text).replace("xmlns:xi=", "xmlns_xi=")
-        feature = ""
-        for el in ET.fromstring(text).iter():
-            if el.tag == "include" and "href" in el.attrib:
-                walk(el.attrib["href"])
+        stack.append(["", ET.fromstring(text).iter()])
+
+    try:
+        open_doc(root)
+        while stack:
+            frame = stack[-1]
+            el = next(frame[1], None)
+            if el is None:
+                stack.pop()
+            elif el.tag == "include" and "href" in el.attrib:
+                open_doc(el.attrib["href"])
             elif el.tag == "feature":
-                feature = el.attrib.get("name", "")
+                frame[0] = el.attrib.get("name", "")
             elif el.tag == "reg":
                 num = int(el.attrib.get("regnum", next_num))
-                regs.append(Register(el.attrib["name"], int(el.attrib["bitsize"]), num, feature,
-                                     el.attrib.get("type", "int")))
+                bits = int(el.attrib["bitsize"])
+                if not (0 <= num < 1 << 16 and 0 < bits <= 4096):
+                    raise ValueError(f"register {el.attrib.get('name', '?')[:30]!r}: regnum {num}, bitsize {bits}")
+                regs.append(Register(el.attrib["name"], bits, num, frame[0], el.attrib.get("type", "int")))
                 next_num = num + 1
-
-    walk(root)
+    except (ET.ParseError, KeyError, ValueError, TypeError) as exc:
+        raise GdbError(f"malformed target description: {type(exc).__name__}: {str(exc)[:80]}") from None
     return sorted(regs, key=lambda r: r.regnum)
+
+
+def _unhex(reply: bytes, what: str) -> bytes:
+    """The bytes of a hex-encoded reply, or GdbError."""
+    try:
+        return bytes.fromhex(reply.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise GdbError(f"gdbstub {what}: reply is not hex ({reply[:16].decode('ascii', 'replace')!r})") from None
 
 
 def _address(target: str | tuple[str, int]) -> tuple[int, Any]:
@@ -152,6 +187,8 @@ class GdbStub:
         self._xml: dict[str, str] | None = None
         self._regs: list[Register] | None = None
         self._phys = False
+        #: End of the current exchange (time.monotonic), or None: wait as the socket timeout says.
+        self._deadline: float | None = None
         self.last_stop: str | None = None
         self.features: dict[str, str] = {}
         if connect:
@@ -191,7 +228,15 @@ class GdbStub:
         self.last_stop = self._request(b"?", stop_reply=True).decode(errors="replace")
 
     def _fill(self) -> None:
-        assert self._sock is not None, "not connected"
+        if self._sock is None:
+            raise GdbError("gdbstub session is closed")
+        if len(self._buf) > MAX_PACKET:
+            raise GdbError(f"gdbstub {self.target}: more than {MAX_PACKET} bytes without a complete packet")
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise GdbError(f"gdbstub {self.target}: no complete reply within {self.timeout:g} s")
+            self._sock.settimeout(left)
         try:
             chunk = self._sock.recv(65536)
         except socket.timeout:
@@ -206,7 +251,20 @@ class GdbStub:
         if self._sock is None:
             raise GdbError("gdbstub session is closed")
         self._last_sent = encode_packet(payload)
-        self._sock.sendall(self._last_sent)
+        self._sendall(self._last_sent)
+
+    def _sendall(self, data: bytes) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.sendall(data)
+        except socket.timeout:
+            raise GdbError(f"gdbstub {self.target} timed out") from None
+        except OSError as exc:
+            raise GdbError(f"gdbstub {self.target}: {exc.strerror or exc}") from None
+
+    def _exchange(self) -> "_Deadline":
+        """Context bounding one request/reply exchange by ``self.timeout`` overall."""
+        return _Deadline(self, self.timeout)
 
     def _read_packet(self) -> bytes:
         """Next valid packet payload (decoded); handles acks, nacks and bad checksums."""
@@ -217,8 +275,7 @@ class GdbStub:
                 start = buf.find(b"$")
                 noise = buf if start < 0 else buf[:start]
                 if b"-" in noise:
-                    assert self._sock is not None
-                    self._sock.sendall(self._last_sent)
+                    self._sendall(self._last_sent)
                 if start >= 0:
                     del buf[:start]
                     break
@@ -235,22 +292,23 @@ class GdbStub:
                 ok = int(want, 16) == checksum(raw)
             except ValueError:
                 ok = False
-            assert self._sock is not None
             if not ok:
-                self._sock.sendall(b"-")
+                self._sendall(b"-")
                 continue
-            self._sock.sendall(b"+")
+            self._sendall(b"+")
             return decode_payload(raw)
 
     def _request(self, payload: bytes, stop_reply: bool = False) -> bytes:
-        """Send a packet and return its reply; stale stop packets are skipped unless one is wanted."""
-        self._send(payload)
-        while True:
-            reply = self._read_packet()
-            # No reply we ask for other than a stop reply looks like "Txx"/"Sxx".
-            if not stop_reply and _STOP_RE.match(reply):
-                continue
-            return reply
+        """Send a packet and return its reply; stale stop packets are skipped
+        unless one is wanted. The whole exchange ends within ``self.timeout``."""
+        with self._exchange():
+            self._send(payload)
+            while True:
+                reply = self._read_packet()
+                # No reply we ask for other than a stop reply looks like "Txx"/"Sxx".
+                if not stop_reply and _STOP_RE.match(reply):
+                    continue
+                return reply
 
     def close(self, detach: bool = True) -> None:
         """Leave physical mode, detach (QEMU then resumes the VM) and close the socket."""
@@ -286,14 +344,26 @@ class GdbStub:
     def xfer(self, obj: str, annex: str) -> str:
         """Read a whole ``qXfer:<obj>:read:<annex>`` object."""
         out = bytearray()
-        size = int(self.features.get("PacketSize", "1000"), 16) - 16
+        try:
+            size = int(self.features.get("PacketSize", "1000"), 16) - 16
+        except ValueError:
+            size = 0x1000 - 16
+        size = min(max(size, 64), MAX_PACKET)
         while True:
             reply = self._request(f"qXfer:{obj}:read:{annex}:{len(out):x},{size:x}".encode())
-            if reply[:1] == b"E" or not reply:
-                raise GdbError(f"gdbstub cannot read {obj} {annex}: {reply.decode(errors='replace')}")
+            if reply[:1] not in (b"l", b"m"):
+                raise GdbError(f"gdbstub cannot read {obj} {annex[:60]}: "
+                               f"{reply[:40].decode(errors='replace') or 'empty reply'}")
             out += reply[1:]
+            if len(out) > MAX_XFER:
+                raise GdbError(f"gdbstub {obj} {annex[:60]} is longer than {MAX_XFER} bytes")
             if reply[:1] == b"l":
-                return out.decode()
+                try:
+                    return out.decode()
+                except UnicodeDecodeError:
+                    raise GdbError(f"gdbstub {obj} {annex[:60]} is not UTF-8") from None
+            if len(reply) == 1:
+                raise GdbError(f"gdbstub {obj} {annex[:60]}: empty chunk before the end")
 
     def target_xml(self) -> dict[str, str]:
         """target.xml and every file it includes, by name (fetched once)."""
@@ -304,6 +374,8 @@ class GdbStub:
                 name = todo.pop()
                 if name in docs:
                     continue
+                if len(docs) >= MAX_XML_DOCS:
+                    raise GdbError(f"target description includes more than {MAX_XML_DOCS} documents")
                 docs[name] = self.xfer("features", name)
                 todo += re.findall(r'<xi:include href="([^"]+)"', docs[name])
             self._xml = docs
@@ -325,7 +397,7 @@ class GdbStub:
         hexdata = self._request(b"g")
         if hexdata[:1] == b"E":
             raise GdbError(f"gdbstub g failed: {hexdata.decode()}")
-        data = bytes.fromhex(hexdata.decode())
+        data = _unhex(hexdata, "g")
         out: dict[str, int] = {}
         pos = 0
         for reg in regs:
@@ -343,8 +415,11 @@ class GdbStub:
             raise GdbError(f"the gdbstub has no register {name!r}")
         reply = self._request(b"p%x" % reg.regnum)
         if reply[:1] == b"E" or not reply:
-            return self.read_registers()[name]
-        return int.from_bytes(bytes.fromhex(reply.decode()), "little")
+            regs = self.read_registers()
+            if name not in regs:
+                raise GdbError(f"the gdbstub's g packet has no register {name!r}")
+            return regs[name]
+        return int.from_bytes(_unhex(reply, f"p {name}"), "little")
 
     def write_register(self, name: str, value: int) -> None:
         """Set one register with ``P`` (fetches target.xml first, as QEMU 7.2 requires)."""
@@ -379,7 +454,7 @@ class GdbStub:
             reply = self._request(b"m%x,%x" % (pos, n))
             if reply[:1] == b"E" or len(reply) != 2 * n:
                 raise InvalidAddressError(layer, pos, f"gdbstub m failed ({reply[:8].decode(errors='replace')})")
-            out += bytes.fromhex(reply.decode())
+            out += _unhex(reply, "m")
             pos += n
         return bytes(out)
 
@@ -387,21 +462,24 @@ class GdbStub:
 
     def monitor(self, command: str) -> str:
         """Run a QEMU monitor command through ``qRcmd`` and return its output."""
-        self._send(b"qRcmd," + command.encode().hex().encode())
-        out = bytearray()
-        while True:
-            reply = self._read_packet()
-            if reply[:1] == b"O" and reply != b"OK":
-                out += bytes.fromhex(reply[1:].decode())
-            elif reply == b"OK":
-                return out.decode(errors="replace")
-            elif reply[:1] == b"E":
-                raise GdbError(f"monitor command {command!r} failed: {reply.decode(errors='replace')}")
-            elif reply[:1] in (b"T", b"S"):
-                continue
-            else:
-                out += bytes.fromhex(reply.decode())
-                return out.decode(errors="replace")
+        with self._exchange():
+            self._send(b"qRcmd," + command.encode().hex().encode())
+            out = bytearray()
+            while True:
+                reply = self._read_packet()
+                if reply[:1] == b"O" and reply != b"OK":
+                    out += _unhex(reply[1:], "qRcmd")
+                elif reply == b"OK":
+                    return out.decode(errors="replace")
+                elif reply[:1] == b"E":
+                    raise GdbError(f"monitor command {command!r} failed: {reply[:40].decode(errors='replace')}")
+                elif reply[:1] in (b"T", b"S"):
+                    continue
+                else:
+                    out += _unhex(reply, "qRcmd")
+                    return out.decode(errors="replace")
+                if len(out) > MAX_XFER:
+                    raise GdbError(f"monitor command {command!r}: output longer than {MAX_XFER} bytes")
 
     # -- execution control ------------------------------------------------
 
@@ -431,8 +509,13 @@ class GdbStub:
 
     def wait_stop(self, timeout: float | None = None) -> str:
         """Block until the next stop reply (breakpoint hit, interrupt...)."""
-        assert self._sock is not None
+        if self._sock is None:
+            raise GdbError("gdbstub session is closed")
         old = self._sock.gettimeout()
+        saved = self._deadline
+        # An overall deadline when a timeout is given; None waits for as long
+        # as the guest runs (a breakpoint may take that long to be hit).
+        self._deadline = None if timeout is None else time.monotonic() + timeout
         self._sock.settimeout(timeout)
         try:
             while True:
@@ -443,12 +526,13 @@ class GdbStub:
                 if reply[:1] == b"O" and reply != b"OK":
                     continue
         finally:
-            self._sock.settimeout(old)
+            self._deadline = saved
+            if self._sock is not None:
+                self._sock.settimeout(old)
 
     def interrupt(self, timeout: float | None = 5.0) -> str:
         """Stop a running VM (0x03) and return the stop reply."""
-        assert self._sock is not None
-        self._sock.sendall(b"\x03")
+        self._sendall(b"\x03")
         return self.wait_stop(timeout)
 
     def step_over_breakpoint(self, addr: int, kind: int = 1) -> str:
@@ -463,5 +547,28 @@ class GdbStub:
 def stop_signal(stop: str) -> int | None:
     """The signal number of a ``T``/``S`` stop reply (5 = SIGTRAP, 2 = SIGINT)."""
     if stop[:1] in ("T", "S") and len(stop) >= 3:
-        return int(stop[1:3], 16)
+        try:
+            return int(stop[1:3], 16)
+        except ValueError:
+            return None
     return None
+
+
+class _Deadline:
+    """Sets ``stub._deadline`` for one exchange (nested exchanges keep the outer one)."""
+
+    def __init__(self, stub: GdbStub, timeout: float) -> None:
+        self.stub, self.timeout, self.saved = stub, timeout, None
+
+    def __enter__(self) -> None:
+        self.saved = self.stub._deadline
+        if self.saved is None:
+            self.stub._deadline = time.monotonic() + self.timeout
+
+    def __exit__(self, *exc: object) -> None:
+        self.stub._deadline = self.saved
+        if self.stub._sock is not None and self.saved is None:
+            try:
+                self.stub._sock.settimeout(self.stub.timeout)
+            except OSError:
+                pass

@@ -84,7 +84,7 @@ class GdbPhysicalMemory(_CheckedMemory):
         self._was_running = True
         if qmp_path is not None:
             with QMPClient(qmp_path) as qmp:
-                self._was_running = bool(qmp.execute("query-status").get("running", True))
+                self._was_running = bool(qmp.query("query-status").get("running", True))
         self.stub: GdbStub | None = GdbStub(gdb_target)
         try:
             _block, _size, segs = qemu_ram_layout(self.stub.monitor)
@@ -135,7 +135,7 @@ class QmpPhysicalMemory(_CheckedMemory):
         self._resume = False
         try:
             _block, _size, segs = qemu_ram_layout(self.qmp)
-            if pause and self.qmp.execute("query-status").get("running"):
+            if pause and self.qmp.query("query-status").get("running"):
                 self.qmp.execute("stop")
                 self._resume = True
         except BaseException:

@@ -197,7 +197,9 @@ class NoSharedRamFile(BackendError):
 def _backend_file(qmp: QMPClient, block: str) -> str:
     """The shared mem-path behind RAM block ``block``, or BackendError."""
     objects = qmp.execute("qom-list", path="/objects")
-    names = [o["name"] for o in objects if o.get("type") == "child<memory-backend-file>"]
+    if not isinstance(objects, list) or not all(isinstance(o, dict) for o in objects):
+        raise BackendError("QMP qom-list /objects: reply is not a list of objects")
+    names = [o.get("name") for o in objects if o.get("type") == "child<memory-backend-file>"]
     if block not in names:
         raise NoSharedRamFile(f"guest RAM block {block!r} is not a memory-backend-file; "
                            "use ShadowProcess (open_shadow(qmp_path, process=True))")

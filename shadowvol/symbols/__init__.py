@@ -50,12 +50,15 @@ class _Image:
     """A vmlinux ELF held in memory, readable by virtual address."""
 
     def __init__(self, data: bytes) -> None:
-        from elftools.elf.elffile import ELFFile
+        from shadowvol.symbols.vmlinuz import elf_errors, open_elf
 
         self.data = data
-        self.elf = ELFFile(io.BytesIO(data))
-        self.segments = [(s["p_vaddr"], s["p_offset"], s["p_filesz"])
-                         for s in self.elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+        self.elf = open_elf(data)
+        try:
+            self.segments = [(s["p_vaddr"], s["p_offset"], s["p_filesz"])
+                             for s in self.elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+        except elf_errors() as exc:
+            raise ProfileError(f"corrupt ELF program headers ({type(exc).__name__}: {exc})") from None
 
     def read(self, va: int, size: int) -> bytes:
         for vaddr, off, filesz in self.segments:
@@ -65,8 +68,13 @@ class _Image:
         raise ProfileError(f"address {va:#x} is not in the image")
 
     def section(self, name: str) -> bytes | None:
-        sec = self.elf.get_section_by_name(name)
-        return None if sec is None else sec.data()
+        from shadowvol.symbols.vmlinuz import elf_errors
+
+        try:
+            sec = self.elf.get_section_by_name(name)
+            return None if sec is None else sec.data()
+        except elf_errors() as exc:
+            raise ProfileError(f"corrupt ELF section {name} ({type(exc).__name__}: {exc})") from None
 
 
 def linux_banner(image_read: Any, address: int | None, rodata: bytes | None = None) -> bytes:
@@ -103,17 +111,31 @@ def build_profile(vmlinuz: Path | None = None, vmlinux: Path | None = None,
         type ordinary globals; without it only BTF VARs and curated statics.
     :param report: filled with what was done.
     """
+    from shadowvol.symbols.vmlinuz import elf_errors
+
+    try:
+        return _build_profile(vmlinuz, vmlinux, system_map, headers, report)
+    except elf_errors(broad=False) as exc:
+        # pyelftools parses lazily: a corrupt image can fail on any access.
+        raise ProfileError(f"corrupt kernel image ({type(exc).__name__}: {exc})") from None
+
+
+def _build_profile(vmlinuz: Path | None, vmlinux: Path | None, system_map: Path | None,
+                   headers: Path | None, report: ProfileReport | None) -> dict[str, Any]:
+    from shadowvol.safeio import check_input, read_input
     from shadowvol.symbols import btf as btf_mod
 
     rep = report if report is not None else ProfileReport()
+    if headers is not None:
+        check_input(headers, "--headers", directory=True)
     if vmlinux is not None:
-        raw = Path(vmlinux).read_bytes()
+        raw = read_input(vmlinux, "--vmlinux")
         source = Path(vmlinux)
         from shadowvol.symbols.vmlinuz import extract_vmlinux
         data = extract_vmlinux(raw)
     elif vmlinuz is not None:
         from shadowvol.symbols.vmlinuz import extract_vmlinux
-        raw = Path(vmlinuz).read_bytes()
+        raw = read_input(vmlinuz, "--vmlinuz")
         source = Path(vmlinuz)
         data = extract_vmlinux(raw)
     else:
@@ -124,7 +146,7 @@ def build_profile(vmlinuz: Path | None = None, vmlinux: Path | None = None,
     symbols: list[Symbol]
     extra: dict[str, tuple[int, str]] = {}
     if system_map is not None:
-        symbols = parse_system_map(Path(system_map).read_bytes())
+        symbols = parse_system_map(read_input(system_map, "--system-map", limit=1 << 30))
         rep.symbol_source, sym_kind, sym_file = "system-map", "system-map", Path(system_map)
     else:
         from shadowvol.symbols.dwarf import elf_symbols
@@ -185,7 +207,8 @@ def build_profile(vmlinuz: Path | None = None, vmlinux: Path | None = None,
     sym_item = {"kind": sym_kind,
                 "name": f"kallsyms:{sym_file.name}" if rep.symbol_source.startswith("kallsyms") else sym_file.name,
                 "hash_type": "sha256",
-                "hash_value": _sha256(raw if sym_file == source else Path(sym_file).read_bytes())}
+                "hash_value": _sha256(raw if sym_file == source else
+                                      read_input(sym_file, "--system-map", limit=1 << 30))}
     return assemble_profile(graph, symbols, banner, headers=headers, report=rep, extra=extra,
                             variables=variables, linux_metadata={"symbols": [sym_item], "types": [type_item]})
 
@@ -228,23 +251,69 @@ def assemble_profile(graph: TypeGraph, symbols: list[Symbol], banner: bytes, *,
 
 def write_profile(isf: dict[str, Any], path: Path) -> Path:
     """Writes the ISF as JSON, xz-compressed when ``path`` ends in ``.xz``."""
+    from shadowvol.safeio import atomic_write
+
     path = Path(path)
+    return atomic_write(path, encode_profile(isf, xz=path.suffix == ".xz"), mode=0o644)
+
+
+def encode_profile(isf: dict[str, Any], xz: bool) -> bytes:
+    """The ISF as compact JSON bytes, xz-compressed with ``xz``."""
     text = json.dumps(isf, separators=(",", ":"), sort_keys=True).encode()
-    if path.suffix == ".xz":
-        text = lzma.compress(text, preset=6)
-    path.write_bytes(text)
-    return path
+    return lzma.compress(text, preset=6) if xz else text
 
 
 def read_profile(path: Path) -> dict[str, Any]:
     """Reads an ISF written by :func:`write_profile` (or any .json[.xz]), or
     a fast file written by :func:`save_fast`."""
-    raw = Path(path).read_bytes()
+    from shadowvol.safeio import read_input
+
+    raw = read_input(path, "profile", limit=MAX_PROFILE)
     if raw.startswith(FAST_MAGIC):
         return load_fast(path)
-    if raw.startswith(b"\xfd7zXZ"):
-        raw = lzma.decompress(raw)
-    return json.loads(raw)
+    return parse_profile(raw, str(path))
+
+
+#: Largest profile accepted, compressed or not (a 6.1 DWARF ISF is ~60 MB of JSON).
+MAX_PROFILE = 1 << 30
+#: Sections every ISF has (volatility3's schema requires them).
+ISF_SECTIONS = ("metadata", "base_types", "user_types", "enums", "symbols")
+
+
+def parse_profile(raw: bytes, name: str = "profile") -> dict[str, Any]:
+    """An ISF dict from JSON or xz-compressed JSON bytes, with its sections
+    checked as far as shadowvol itself uses them; ProfileError otherwise."""
+    try:
+        if raw.startswith(b"\xfd7zXZ"):
+            dec = lzma.LZMADecompressor()
+            raw = dec.decompress(raw, MAX_PROFILE + 1)
+            if len(raw) > MAX_PROFILE or not dec.eof:
+                raise ProfileError(f"{name}: xz stream truncated or larger than {MAX_PROFILE >> 20} MiB")
+        isf = json.loads(raw)
+    except (ValueError, lzma.LZMAError, EOFError) as exc:
+        raise ProfileError(f"{name}: not an ISF profile ({type(exc).__name__}: {str(exc)[:80]})") from None
+    except RecursionError:
+        raise ProfileError(f"{name}: not an ISF profile (JSON nested too deep)") from None
+    check_isf(isf, name)
+    return isf
+
+
+def check_isf(isf: Any, name: str = "profile") -> None:
+    """Raises ProfileError unless ``isf`` has the ISF sections as dicts of
+    dicts, and every symbol has an integer address."""
+    if not isinstance(isf, dict):
+        raise ProfileError(f"{name}: not an ISF profile (top level is not an object)")
+    missing = [k for k in ISF_SECTIONS if not isinstance(isf.get(k), dict)]
+    if missing:
+        raise ProfileError(f"{name}: not an ISF profile (missing or malformed: {', '.join(missing)})")
+    for section in ISF_SECTIONS[1:]:
+        for key, value in isf[section].items():
+            if not isinstance(value, dict):
+                raise ProfileError(f"{name}: {section}.{str(key)[:60]} is not an object")
+    for key, value in isf["symbols"].items():
+        address = value.get("address")
+        if type(address) is not int:
+            raise ProfileError(f"{name}: symbol {str(key)[:60]} has no integer address")
 
 
 class LazySection(dict):
@@ -297,7 +366,9 @@ def load_fast(path: Path, lazy: bool = True) -> dict[str, Any]:
     """Reads a file written by :func:`save_fast`. With ``lazy``, the big
     sections are :class:`LazySection` mappings (enough for Volatility's
     ISF readers, which only use get/in/iteration); else plain dicts."""
-    raw = Path(path).read_bytes()
+    from shadowvol.safeio import read_input
+
+    raw = read_input(path, "fast profile", limit=MAX_PROFILE)
     if not raw.startswith(FAST_MAGIC):
         raise ProfileError(f"{path}: not a shadowvol fast profile")
     try:
@@ -307,6 +378,6 @@ def load_fast(path: Path, lazy: bool = True) -> dict[str, Any]:
         for key in _LAZY:
             section = LazySection(isf[key])
             isf[key] = section if lazy else {k: section[k] for k in section}
-    except (EOFError, ValueError, TypeError) as exc:
+    except (EOFError, ValueError, TypeError, AttributeError) as exc:
         raise ProfileError(f"{path}: corrupt fast profile ({exc})") from None
     return isf

@@ -120,8 +120,9 @@ def _check_graph(graph: TypeGraph, first: int) -> None:
             if m.type_id >= n:
                 raise ProfileError(f"corrupt BTF: a member of type {tid} refers to type {m.type_id}, "
                                    f"past the last ({n - 1})")
-    # 0 = unvisited, 1 = on the current chain, 2 = done.
+    # 0 = unvisited, 1 = on the current chain, 2 = done; depth = links to a type with a layout.
     state = bytearray(n)
+    depth = [0] * n
     for start in range(first, n):
         if state[start] or types[start].kind not in chained:
             continue
@@ -134,8 +135,72 @@ def _check_graph(graph: TypeGraph, first: int) -> None:
         if types[tid].kind in chained and state[tid] == 1:
             raise ProfileError(f"corrupt BTF: type {tid} refers to itself through "
                                f"typedef/qualifier/pointer/array links")
-        for c in chain:
+        d = depth[tid]
+        for c in reversed(chain):
+            d += 1
+            depth[c] = d
             state[c] = 2
+        if d > MAX_CHAIN:
+            raise ProfileError(f"corrupt BTF: type {start} is {d} typedef/qualifier/pointer/array "
+                               f"links deep (more than {MAX_CHAIN})")
+    _check_anonymous(types, first, chained)
+
+
+#: Longest typedef/qualifier/pointer/array chain (kernels stay under 10) and
+#: deepest nesting of anonymous structs/unions accepted: consumers recurse on both.
+MAX_CHAIN = 48
+MAX_NESTING = 48
+
+
+def _check_anonymous(types: list[CType], first: int, chained: frozenset[Kind] | set[Kind]) -> None:
+    """Anonymous structs/unions never contain themselves, directly or through
+    other anonymous ones (C cannot name them, so no real kernel does; the ISF
+    writer names each after a hash of its layout, recursively), and nest at
+    most MAX_NESTING deep. Iterative depth-first search."""
+    aggregates = (Kind.STRUCT, Kind.UNION)
+
+    def inner(tid: int) -> list[int]:
+        out = []
+        for m in types[tid].members:
+            t = m.type_id
+            for _ in range(MAX_CHAIN + 1):
+                if types[t].kind not in chained:
+                    break
+                t = types[t].type_id
+            if types[t].kind in aggregates and not types[t].name:
+                out.append(t)
+        return out
+
+    n = len(types)
+    state = bytearray(n)  # 0 new, 1 on stack, 2 done
+    height = [0] * n
+    for root in range(first, n):
+        t = types[root]
+        if state[root] or t.kind not in aggregates or t.name:
+            continue
+        stack = [(root, iter(inner(root)))]
+        state[root] = 1
+        while stack:
+            tid, it = stack[-1]
+            child = next(it, None)
+            if child is None:
+                stack.pop()
+                state[tid] = 2
+                if stack:
+                    parent = stack[-1][0]
+                    height[parent] = max(height[parent], height[tid] + 1)
+                continue
+            if state[child] == 1:
+                raise ProfileError(f"corrupt BTF: anonymous type {child} contains itself")
+            if state[child] == 2:
+                height[tid] = max(height[tid], height[child] + 1)
+                continue
+            if len(stack) > MAX_NESTING:
+                raise ProfileError(f"corrupt BTF: anonymous types nested more than {MAX_NESTING} deep")
+            state[child] = 1
+            stack.append((child, iter(inner(child))))
+        if height[root] > MAX_NESTING:
+            raise ProfileError(f"corrupt BTF: anonymous types nested more than {MAX_NESTING} deep")
 
 
 def _parse_btf(blob: bytes | memoryview, base: TypeGraph | None) -> TypeGraph:

@@ -99,8 +99,10 @@ def _find_token_table(buf: bytes, base: int) -> list[tuple[int, int, list[bytes]
                 break
             end = nul + 1
         if ok:
-            for index_off in range(end, end + 16, 2):
-                if (base + index_off) % 2 or index_off + 512 > len(buf):
+            # The index is aligned (.balign 8); the table may end on an odd
+            # address (6.1 rt, 6.12), so step from the first even one.
+            for index_off in range(end + (base + end) % 2, end + 16, 2):
+                if index_off + 512 > len(buf):
                     continue
                 idx = _u16s(buf, index_off, 256)
                 start = pos - idx[0x30]
@@ -227,6 +229,14 @@ def find_kallsyms(buf: bytes | memoryview, base: int = 0) -> tuple[KallsymsTable
     :raises ProfileError: when no consistent set of tables is found.
     """
     data = buf if isinstance(buf, bytes) else bytes(buf)
+    try:
+        return _find_kallsyms(data, base)
+    except (IndexError, ValueError, OverflowError, struct.error) as exc:
+        # A table that points past the buffer (hostile or truncated memory).
+        raise ProfileError(f"corrupt kallsyms tables: {exc}") from None
+
+
+def _find_kallsyms(data: bytes, base: int) -> tuple[KallsymsTables, list[Symbol]]:
     for table_off, index_off, tokens in _find_token_table(data, base):
         lo = max(0, table_off - 8 * 1024 * 1024)
         for width in (4, 8):
@@ -286,10 +296,15 @@ def kallsyms_from_elf(path: Path) -> tuple[KallsymsTables, list[Symbol]]:
     a vmlinux (the tables live in .rodata)."""
     from elftools.elf.elffile import ELFFile
 
+    from shadowvol.symbols.vmlinuz import elf_errors
+
     with open(path, "rb") as fh:
-        elf = ELFFile(fh)
-        segments = [(seg["p_vaddr"], seg.data()) for seg in elf.iter_segments()
-                    if seg["p_type"] == "PT_LOAD" and seg["p_filesz"]]
+        try:
+            elf = ELFFile(fh)
+            segments = [(seg["p_vaddr"], seg.data()) for seg in elf.iter_segments()
+                        if seg["p_type"] == "PT_LOAD" and seg["p_filesz"]]
+        except elf_errors() as exc:
+            raise ProfileError(f"{path}: corrupt ELF ({type(exc).__name__}: {exc})") from None
     for vaddr, data in segments:
         if _DIGITS in data:
             try:
@@ -305,7 +320,8 @@ _MAP_LINE = re.compile(rb"^([0-9a-fA-F]+)\s+([A-Za-z?])\s+(\S+)", re.M)
 def parse_system_map(text: bytes | str) -> list[Symbol]:
     """Symbols of a System.map file ("ffffffff81000000 T _text" lines)."""
     raw = text.encode() if isinstance(text, str) else text
-    syms = [Symbol(m[3].decode(), int(m[1], 16), m[2].decode()) for m in _MAP_LINE.finditer(raw)]
+    syms = [Symbol(m[3].decode(errors="replace"), int(m[1], 16), m[2].decode(errors="replace"))
+            for m in _MAP_LINE.finditer(raw)]
     if len(syms) < 2:
         raise ProfileError("System.map holds no symbols (Debian ships a stub; the real one is "
                            "in linux-image-<release>-dbg)")

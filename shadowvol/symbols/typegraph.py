@@ -12,6 +12,8 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shadowvol.errors import ProfileError
+
 __all__ = ["Kind", "Member", "CType", "TypeGraph", "QUALIFIERS"]
 
 
@@ -136,22 +138,26 @@ class TypeGraph:
             type_id = self.types[type_id].type_id
             seen += 1
             if seen > 64:
-                raise ValueError(f"qualifier loop at type {type_id}")
+                raise ProfileError(f"qualifier loop at type {type_id}")
         return type_id
 
     def sizeof(self, type_id: int) -> int | None:
         """Byte size of a type, or None for void, functions and forward
         declarations."""
-        t = self.types[self.strip(type_id)]
-        if t.kind == Kind.PTR:
-            return 8
-        if t.kind == Kind.ARRAY:
-            elem = self.sizeof(t.type_id)
-            return None if elem is None else elem * t.nelems
-        if t.kind in (Kind.INT, Kind.FLOAT, Kind.STRUCT, Kind.UNION, Kind.ENUM, Kind.ENUM64,
-                      Kind.DATASEC):
-            return t.size
-        return None
+        count = 1
+        for _ in range(64):  # iterative: nested arrays, bounded against loops
+            t = self.types[self.strip(type_id)]
+            if t.kind == Kind.ARRAY:
+                count *= t.nelems
+                type_id = t.type_id
+                continue
+            if t.kind == Kind.PTR:
+                return 8 * count
+            if t.kind in (Kind.INT, Kind.FLOAT, Kind.STRUCT, Kind.UNION, Kind.ENUM, Kind.ENUM64,
+                          Kind.DATASEC):
+                return t.size * count
+            return None
+        raise ProfileError(f"array nesting too deep (or a loop) at type {type_id}")
 
     def pointer_to(self, type_id: int) -> int:
         """Id of a ``PTR`` to ``type_id`` (reused if one exists)."""
@@ -175,20 +181,23 @@ class TypeGraph:
             self._pointer_index = index
         return self._pointer_index
 
-    def describe(self, type_id: int) -> str:
-        """A C-like spelling of a type, for messages."""
+    def describe(self, type_id: int, _depth: int = 0) -> str:
+        """A C-like spelling of a type, for messages (at most 32 levels deep)."""
+        if _depth > 32:
+            return "..."
+        describe = lambda tid: self.describe(tid, _depth + 1)  # noqa: E731
         t = self.types[type_id]
         if type_id == 0:
             return "void"
         if t.kind == Kind.PTR:
-            return self.describe(t.type_id) + " *"
+            return describe(t.type_id) + " *"
         if t.kind == Kind.ARRAY:
-            return f"{self.describe(t.type_id)}[{t.nelems}]"
+            return f"{describe(t.type_id)}[{t.nelems}]"
         if t.kind in (Kind.STRUCT, Kind.UNION, Kind.ENUM, Kind.ENUM64):
             word = {Kind.STRUCT: "struct", Kind.UNION: "union"}.get(t.kind, "enum")
             return f"{word} {t.name or '<anon>'}"
         if t.kind in (Kind.CONST, Kind.VOLATILE, Kind.RESTRICT, Kind.TYPE_TAG):
-            return f"{t.kind.name.lower()} {self.describe(t.type_id)}"
+            return f"{t.kind.name.lower()} {describe(t.type_id)}"
         if t.kind == Kind.FUNC_PROTO:
-            return f"{self.describe(t.type_id)} (*)(...)"
+            return f"{describe(t.type_id)} (*)(...)"
         return t.name or t.kind.name.lower()

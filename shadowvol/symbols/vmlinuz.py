@@ -15,10 +15,16 @@ import shutil
 import struct
 import subprocess
 import zlib
+from typing import Any
 
 from shadowvol.errors import ProfileError
 
-__all__ = ["extract_vmlinux", "bzimage_payload", "decompress_payload", "COMPRESSORS"]
+__all__ = ["extract_vmlinux", "bzimage_payload", "decompress_payload", "COMPRESSORS", "MAX_VMLINUX",
+           "elf_errors", "open_elf"]
+
+#: Largest decompressed kernel accepted (a 6.1 cloud vmlinux is 53 MB; a
+#: decompression bomb must not exhaust memory).
+MAX_VMLINUX = 1 << 30
 
 #: Payload magics, as in scripts/extract-vmlinux.
 COMPRESSORS: dict[str, bytes] = {
@@ -62,6 +68,7 @@ def _lz4_legacy(payload: bytes) -> bytes:
     if lz4_block is not None:
         out = []
         off = 4
+        total = 0
         while off + 4 <= len(payload):
             size = struct.unpack_from("<I", payload, off)[0]
             if size == 0x184C2102:  # concatenated frame
@@ -70,6 +77,9 @@ def _lz4_legacy(payload: bytes) -> bytes:
             if size == 0 or off + 4 + size > len(payload):
                 break  # trailing size word or padding
             out.append(lz4_block.decompress(payload[off + 4:off + 4 + size], uncompressed_size=8 << 20))
+            total += len(out[-1])
+            if total > MAX_VMLINUX:
+                raise ProfileError(f"lz4 payload decompresses to more than {MAX_VMLINUX >> 20} MiB")
             off += 4 + size
         return b"".join(out)
     return _run_tool(["lz4", "-dc"], payload, "lz4")
@@ -78,42 +88,70 @@ def _lz4_legacy(payload: bytes) -> bytes:
 def _run_tool(argv: list[str], data: bytes, name: str) -> bytes:
     """Pipes ``data`` through a decompressor; keeps its output even when it
     complains about trailing bytes after the stream."""
+    import tempfile
+
     if shutil.which(argv[0]) is None:
         raise ProfileError(f"{name} payload: install the python module or the '{argv[0]}' tool")
-    proc = subprocess.run(argv, input=data, capture_output=True, check=False)
-    if not proc.stdout:
-        raise ProfileError(f"{argv[0]} failed: {proc.stderr.decode(errors='replace').strip()}")
-    return proc.stdout
+    # Input from a file, output read up to MAX_VMLINUX + 1 bytes: a bomb is
+    # cut off, not buffered (no feeder thread needed).
+    with tempfile.TemporaryFile() as src:
+        src.write(data)
+        src.seek(0)
+        proc = subprocess.Popen(argv, stdin=src, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        out = proc.stdout.read(MAX_VMLINUX + 1)
+        if len(out) > MAX_VMLINUX:
+            proc.kill()
+        proc.stdout.close()
+        err = proc.stderr.read(4096)
+        proc.stderr.close()
+        proc.wait()
+    if len(out) > MAX_VMLINUX:
+        raise ProfileError(f"{name} payload decompresses to more than {MAX_VMLINUX >> 20} MiB")
+    if not out:
+        raise ProfileError(f"{argv[0]} failed: {err.decode(errors='replace').strip()}")
+    return out
 
 
 def decompress_payload(payload: bytes, method: str) -> bytes:
     """Decompresses a kernel payload; trailing bytes (the kernel appends the
     uncompressed size) are ignored."""
+    limit = MAX_VMLINUX + 1  # one byte more than allowed tells a bomb apart
     if method == "gzip":
-        return zlib.decompressobj(wbits=31).decompress(payload)
-    if method == "xz":
-        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
-    if method == "lzma":
-        return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload)
-    if method == "bzip2":
-        return bz2.BZ2Decompressor().decompress(payload)
-    if method == "lz4":
-        return _lz4_legacy(payload)
-    if method == "zstd":
+        out = zlib.decompressobj(wbits=31).decompress(payload, limit)
+    elif method == "xz":
+        out = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload, limit)
+    elif method == "lzma":
+        out = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload, limit)
+    elif method == "bzip2":
+        out = bz2.BZ2Decompressor().decompress(payload, limit)
+    elif method == "lz4":
+        out = _lz4_legacy(payload)
+    elif method == "zstd":
         try:
             import zstandard  # type: ignore[import-not-found]
         except ImportError:
             return _run_tool(["zstd", "-dc"], payload, "zstd")
-        return zstandard.ZstdDecompressor().decompressobj().decompress(payload)
-    if method == "lzo":
+        import io
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)) as reader:
+            out = reader.read(limit)
+    elif method == "lzo":
         return _run_tool(["lzop", "-dc"], payload, "lzo")
-    raise ProfileError(f"unknown compression {method!r}")
+    else:
+        raise ProfileError(f"unknown compression {method!r}")
+    if len(out) > MAX_VMLINUX:
+        raise ProfileError(f"{method} payload decompresses to more than {MAX_VMLINUX >> 20} MiB")
+    return out
 
 
 def _try(payload: bytes, method: str) -> bytes | None:
     try:
         out = decompress_payload(payload, method)
-    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, ProfileError):
+    except ProfileError as exc:
+        if "decompresses to more than" in str(exc):
+            raise
+        return None
+    except Exception:  # noqa: BLE001 - each decompressor has its own errors (zlib, lzma, lz4, zstd)
         return None
     return out if out.startswith(_ELF_MAGIC) else None
 
@@ -145,3 +183,35 @@ def extract_vmlinux(vmlinuz: bytes) -> bytes:
             tries += 1
     raise ProfileError("not a Linux kernel image: no compressed ELF payload found "
                        f"(tried {', '.join(COMPRESSORS)})")
+
+
+def elf_errors(broad: bool = True) -> tuple[type[BaseException], ...]:
+    """What pyelftools raises on a corrupt ELF (it parses lazily, so any
+    access may raise these, not only opening). ``broad=False``: only its own
+    exception classes, for wrapping code that does more than parse."""
+    from elftools.common.exceptions import DWARFError, ELFError
+    from elftools.construct.core import ConstructError
+
+    own: tuple[type[BaseException], ...] = (ELFError, DWARFError, ConstructError, struct.error)
+    if not broad:
+        return own
+    return own + (ValueError, IndexError, KeyError, TypeError, AttributeError, AssertionError,
+                  OverflowError, EOFError, zlib.error, lzma.LZMAError, RecursionError)
+
+
+def open_elf(data: bytes, what: str = "kernel image") -> "Any":
+    """An ``ELFFile`` over ``data``, with its header and section/segment
+    tables read once up front; corruption raises ProfileError."""
+    import io
+
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        for _ in elf.iter_sections():
+            pass
+        for _ in elf.iter_segments():
+            pass
+    except elf_errors() as exc:
+        raise ProfileError(f"{what}: corrupt or truncated ELF ({type(exc).__name__}: {exc})") from None
+    return elf

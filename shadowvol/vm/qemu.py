@@ -240,6 +240,6 @@ def vm_state(entry: registry.VMEntry) -> str:
     """QEMU's run state (running, paused, ...), or 'unresponsive'."""
     try:
         with QMPClient(entry.qmp, timeout=2.0) as q:
-            return q.execute("query-status").get("status", "?")
+            return str(q.query("query-status").get("status", "?"))
     except VMError:
         return "unresponsive"
