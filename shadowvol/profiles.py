@@ -18,11 +18,12 @@ import hashlib
 import json
 import lzma
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from . import paths, symbols
-from .errors import ProfileError
+from .errors import ProfileError, ShadowvolError
 
 REPO_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
@@ -30,9 +31,11 @@ REPO_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 def store_dir() -> Path:
     """``$SHADOWVOL_PROFILE_DIR`` if set (then the only place searched), else ``<cache>/profiles``."""
     env = os.environ.get("SHADOWVOL_PROFILE_DIR")
-    d = Path(env) if env else paths.cache_dir() / "profiles"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    if env:
+        d = Path(env)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+    return paths.private_dir(paths.cache_dir() / "profiles")
 
 
 def profile_files() -> Iterator[Path]:
@@ -52,33 +55,38 @@ def _fast_path(path: Path) -> Path:
 
 def load_profile(path: Path) -> dict[str, Any]:
     """The ISF dict of a profile, through its lazy fast copy when fresh."""
-    path = Path(path)
-    if not path.exists():
-        raise ProfileError(f"profile {path} does not exist")
+    from .safeio import check_input
+
+    path = check_input(path, "profile")  # a FIFO or device is refused before any open()
     fast = _fast_path(path)
     try:
         return symbols.load_fast(fast)
-    except (OSError, ProfileError):
+    except (OSError, ShadowvolError):  # no fresh fast copy yet, or a corrupt one
         pass
     try:
         isf = symbols.read_profile(path)
+        symbols.check_isf(isf, str(path))  # a fast file given as --profile skips parse_profile
     except (OSError, ValueError, lzma.LZMAError) as exc:
         raise ProfileError(f"cannot read profile {path}: {exc}") from None
-    if not isinstance(isf, dict) or "symbols" not in isf or "user_types" not in isf:
-        raise ProfileError(f"{path} is not an ISF profile (no symbols/user_types)")
-    fast.parent.mkdir(parents=True, exist_ok=True)
+    paths.private_dir(fast.parent)
     tmp = fast.with_suffix(f".{os.getpid()}.tmp")
-    symbols.save_fast(isf, tmp)
-    tmp.replace(fast)
+    try:
+        symbols.save_fast(isf, tmp)
+        os.chmod(tmp, 0o600)
+        tmp.replace(fast)
+    finally:
+        tmp.unlink(missing_ok=True)
     return symbols.load_fast(fast)
 
 
 def write_profile(isf: dict[str, Any], name: str) -> Path:
     """Store an ISF dict as ``<store>/<name>.json.xz`` and index it."""
+    from .safeio import atomic_write
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}", name) or ".." in name:
+        raise ProfileError(f"invalid profile name {name[:80]!r}")
     out = store_dir() / f"{name}.json.xz"
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.xz")
-    symbols.write_profile(isf, tmp)
-    tmp.replace(out)
+    atomic_write(out, symbols.encode_profile(isf, xz=True))
     _update_index(out, isf)
     return out
 
@@ -123,7 +131,13 @@ def _update_index(path: Path, isf: dict[str, Any]) -> None:
     idx = _load_index()
     idx[str(path)] = {"banner": profile_banner(isf).decode(errors="replace"),
                       "mtime": path.stat().st_mtime_ns}
-    _index_path().write_text(json.dumps(idx, indent=1))
+    _save_index(idx)
+
+
+def _save_index(idx: dict[str, Any]) -> None:
+    from .safeio import atomic_write
+
+    atomic_write(_index_path(), json.dumps(idx, indent=1).encode())
 
 
 def _load_index() -> dict[str, Any]:
@@ -150,7 +164,7 @@ def indexed_profiles() -> dict[Path, bytes]:
             changed = True
         out[p] = rec["banner"].encode(errors="replace")
     if changed:
-        _index_path().write_text(json.dumps(idx, indent=1))
+        _save_index(idx)
     return out
 
 

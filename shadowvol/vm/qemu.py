@@ -184,6 +184,7 @@ def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
         msg = (proc.stderr.strip().splitlines() or ["no error output"])[-1]
         raise VMError(f"QEMU failed to start {name}: {msg}")
     entry.pid = int(pidfile.read_text().strip())
+    _restrict_modes(entry)
     entry.save()
     (d / "starting").unlink(missing_ok=True)
     deadline = time.monotonic() + timeout
@@ -207,6 +208,19 @@ def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
             pass
         time.sleep(0.2)
     return entry
+
+
+def _restrict_modes(entry: registry.VMEntry) -> None:
+    """Guest RAM, sockets and logs 0600: QEMU's -daemonize sets umask 027,
+    so what it creates would be 0640 (files) and 0750 (sockets)."""
+    for f in (entry.ram_file, entry.qmp, entry.gdb, entry.ctl, entry.console, entry.console_log):
+        if f:
+            try:
+                os.chmod(f, 0o600)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise VMError(f"cannot make {f} private (0600): {exc.strerror or exc}") from None
 
 
 def stop_vm(name: str, timeout: float = 10.0) -> None:

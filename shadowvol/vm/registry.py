@@ -27,7 +27,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 def validate_name(name: str) -> str:
     """VM names are 1-32 of [A-Za-z0-9_-], starting alphanumeric: no path tricks."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise VMError(f"invalid VM name {name!r}: use 1-32 letters, digits, '-' or '_', "
+        shown = repr(name) if len(repr(name)) <= 40 else repr(name)[:36] + "...'"
+        raise VMError(f"invalid VM name {shown}: use 1-32 letters, digits, '-' or '_', "
                       "starting with a letter or digit")
     return name
 
@@ -69,12 +70,10 @@ class VMEntry:
             f"process=shadowvol-{self.name},".encode() in cmdline
 
     def save(self) -> None:
-        f = self.path / "vm.json"
-        tmp = f.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(asdict(self), fh, indent=2)
-        tmp.replace(f)
+        """Write vm.json atomically (temp file in the same dir, fsync, rename), 0600."""
+        from ..safeio import atomic_write
+
+        atomic_write(self.path / "vm.json", json.dumps(asdict(self), indent=2).encode(), mode=0o600)
 
 
 def vms_dir() -> Path:
@@ -108,13 +107,17 @@ def _load(d: Path) -> VMEntry | None:
 
 
 def remove_files(entry_dir: Path, ram_file: str | None) -> None:
-    """Delete a VM's private directory and its RAM file."""
+    """Delete a VM's private directory and its RAM file, but only what lies
+    inside our own directories (paths resolved): a stale or forged vm.json
+    naming a file elsewhere never makes us unlink it."""
     if ram_file:
-        try:
-            os.unlink(ram_file)
-        except FileNotFoundError:
-            pass
-    shutil.rmtree(entry_dir, ignore_errors=True)
+        if paths.is_inside(ram_file, paths.shm_dir()) and not Path(ram_file).is_symlink():
+            try:
+                os.unlink(ram_file)
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
+                pass
+    if paths.is_inside(entry_dir, vms_dir()) and not Path(entry_dir).is_symlink():
+        shutil.rmtree(entry_dir, ignore_errors=True)
 
 
 def cleanup_stale() -> list[str]:
