@@ -49,6 +49,8 @@ def cmd_vm_build(args: argparse.Namespace) -> int:
     finally:
         stop()
     print(f"{'built' if built else 'up to date'}: {img.release} ({img.root})")
+    if img.stub_unavailable():
+        print(img.stub_unavailable() + " (image and profile built without it)")
     return 0
 
 
@@ -59,6 +61,8 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
 
     validate_name(args.name)
     parse_memory(args.memory)
+    if not 1 <= args.cpus <= 64:  # before "booting" is printed
+        raise ShadowvolError(f"--cpus must be between 1 and 64, not {args.cpus}")
     stub_params = {}
     for kv in args.stub_param:
         key, sep, value = kv.partition("=")
@@ -190,11 +194,16 @@ def cmd_read(args: argparse.Namespace) -> int:
 def cmd_profile_build(args: argparse.Namespace) -> int:
     from . import profiles, symbols
 
+    from .safeio import check_input
+
     if not (args.vmlinuz or args.vmlinux):
         raise ShadowvolError("profile build needs --vmlinuz FILE or --vmlinux FILE")
-    for f in (args.vmlinuz, args.vmlinux, args.system_map, args.headers):
-        if f and not Path(f).exists():
-            raise ShadowvolError(f"{f} does not exist")
+    # stat first: a FIFO or device would block or never end; --headers is a directory.
+    for flag, f in (("--vmlinuz", args.vmlinuz), ("--vmlinux", args.vmlinux), ("--system-map", args.system_map)):
+        if f:
+            check_input(f, flag)
+    if args.headers:
+        check_input(args.headers, "--headers", directory=True)
     report = symbols.ProfileReport()
     isf = symbols.build_profile(vmlinuz=args.vmlinuz and Path(args.vmlinuz),
                                 vmlinux=args.vmlinux and Path(args.vmlinux),
@@ -203,12 +212,40 @@ def cmd_profile_build(args: argparse.Namespace) -> int:
     if args.output:
         out = symbols.write_profile(isf, Path(args.output))
     else:
-        out = profiles.write_profile(isf, f"linux-{report.release or 'unknown'}")
+        name = f"linux-{report.release or 'unknown'}"
+        _refuse_degrading(profiles.store_dir() / f"{name}.json.xz", isf, args.force)
+        out = profiles.write_profile(isf, name)
     print(f"{out}: {report.release}, {report.symbols} symbols ({report.symbol_source}), "
           f"{report.typed_symbols} typed, types from {report.type_source}")
     for note in report.notes:
         print(f"  note: {note}")
     return 0
+
+
+def typed_symbols(isf: dict) -> set[str]:
+    """Names of the symbols of an ISF that carry a type."""
+    return {n for n, v in isf.get("symbols", {}).items() if isinstance(v, dict) and v.get("type")}
+
+
+def _refuse_degrading(stored: Path, isf: dict, force: bool) -> None:
+    """``profile build`` into the store never replaces a profile with more
+    typed symbols (e.g. one built with --headers) unless --force."""
+    from . import profiles
+
+    if force or not stored.exists():
+        return
+    try:
+        old = typed_symbols(profiles.load_profile(stored))
+    except ShadowvolError:
+        return  # an unreadable stored profile is no loss
+    new = typed_symbols(isf)
+    lost = sorted(old - new)
+    if len(new) < len(old) or lost:
+        sample = ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "")
+        raise ShadowvolError(
+            f"the store's {stored.name} has {len(old)} typed symbols, this build {len(new)}: writing it would "
+            f"lose the types of {len(lost)} ({sample}); use -o FILE to write it elsewhere, --headers DIR "
+            "to type them, or --force to replace it")
 
 
 def cmd_profile_diff(args: argparse.Namespace) -> int:
@@ -477,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--system-map", help="symbols from a System.map instead")
     pb.add_argument("--headers", help="extracted linux-headers, to type global variables")
     pb.add_argument("-o", "--output", help="write here (.json or .json.xz) instead of the store")
+    pb.add_argument("--force", action="store_true",
+                    help="replace a stored profile even if it has more typed symbols")
     pb.set_defaults(func=cmd_profile_build)
     pd = pr.add_parser("diff", help="compare two ISF profiles on what plugins use (A: reference)")
     pd.add_argument("a", help="reference profile (.json, .json.xz), e.g. from DWARF")
@@ -518,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+            from .safeio import short
+
+            raise ShadowvolError(
+                f"unknown command {short(argv[0], 40)!r}: commands are {', '.join(SUBCOMMANDS)}; "
+                "a plugin runs as 'shadowvol -vm NAME PLUGIN' or 'shadowvol -f DUMP PLUGIN'")
         if argv and argv[0] not in SUBCOMMANDS and not argv[0] in ("-h", "--help"):
             from .run import run_plugin_cli
 

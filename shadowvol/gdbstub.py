@@ -240,6 +240,8 @@ class GdbStub:
         try:
             chunk = self._sock.recv(65536)
         except socket.timeout:
+            if self._deadline is not None:
+                raise GdbError(f"gdbstub {self.target}: no complete reply within {self.timeout:g} s") from None
             raise GdbError(f"gdbstub {self.target} timed out") from None
         except OSError as exc:
             raise GdbError(f"gdbstub {self.target}: {exc.strerror or exc}") from None

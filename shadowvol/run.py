@@ -37,6 +37,8 @@ def _top_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", default=".", metavar="DIR",
                    help="where plugins write the files they extract (as vol -o; default: here)")
     p.add_argument("-v", "--verbose", action="store_true", help="show volatility3 warnings")
+    p.add_argument("--partial", action="store_true",
+                   help="accept a dump shorter than its layout (a warning instead of an error)")
     p.add_argument("plugin", nargs="?")
     p.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -101,7 +103,10 @@ def run_plugin_cli(argv: list[str]) -> int:
     plugin_cls = volbridge.load_plugin(args.plugin)
     popts = {k: v for k, v in vars(_plugin_parser(plugin_cls, args.plugin).parse_args(args.args)).items()
              if v is not None}
-    target = open_target(vm=args.vm, dump=args.dump, backend=args.backend, profile=args.profile)
+    target = open_target(vm=args.vm, dump=args.dump, backend=args.backend, profile=args.profile,
+                         partial=args.partial)
+    for warning in target.warnings:
+        print(f"shadowvol: warning: {warning}", file=sys.stderr)
     try:
         from volatility3.cli import text_renderer
 

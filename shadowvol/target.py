@@ -37,6 +37,8 @@ class Target:
     isf: dict[str, Any]
     profile_path: Path
     description: str
+    #: One-line warnings for the user (a dump opened with --partial...).
+    warnings: list[str] = field(default_factory=list)
     cache: TranslationCache = field(init=False)
     kernel: PagedMemory = field(init=False)
 
@@ -126,12 +128,12 @@ def _open_vm(spec: str, backend: str) -> _Source:
                    registers=lambda: _qmp_registers(entry.qmp))
 
 
-def _open_dump(path: str) -> _Source:
+def _open_dump(path: str, partial: bool = False) -> _Source:
     from .backends.dump import open_dump
+    from .safeio import check_input
 
-    if not os.path.exists(path):
-        raise BackendError(f"dump {path} does not exist")
-    d = open_dump(path)
+    check_input(path, "-f")  # a FIFO, device or directory is refused before open()
+    d = open_dump(path, partial=partial)
 
     def regs() -> tuple[int, int] | None:
         for cpu in d.cpu_states():
@@ -173,19 +175,54 @@ def _locate(src: _Source, symbols: dict[str, int], banner: bytes, progress: Prog
 
 
 def open_target(vm: str | None = None, dump: str | None = None, backend: str = "shadow",
-                profile: str | None = None, progress: Progress | None = None) -> Target:
-    """Open ``-vm`` or ``-f`` and find the kernel and its profile."""
+                profile: str | None = None, progress: Progress | None = None,
+                partial: bool = False) -> Target:
+    """Open ``-vm`` or ``-f`` and find the kernel and its profile.
+
+    A dump shorter than its layout (LiME/ELF headers, or for a raw dump the
+    kernel's own ``max_pfn``) raises BackendError; with ``partial`` it opens
+    and the shortfall is in ``Target.warnings``."""
     say = progress or (lambda msg: None)
     if backend not in ("shadow", "libvmi"):
         raise ShadowvolError(f"unknown backend {backend!r}: shadow or libvmi")
     if (vm is None) == (dump is None):
         raise ShadowvolError("give exactly one of -vm NAME or -f DUMP")
-    src = _open_vm(vm, backend) if vm is not None else _open_dump(dump)
+    if profile is not None:
+        from .safeio import check_input
+
+        check_input(profile, "--profile")
+    src = _open_vm(vm, backend) if vm is not None else _open_dump(dump, partial)
     try:
-        return _resolve(src, profile, say)
+        target = _resolve(src, profile, say)
+        if dump is not None:
+            target.warnings += list(getattr(src.memory, "truncated", []))
+            short = _raw_shortfall(target)
+            if short and not partial:
+                raise BackendError(short + " (--partial reads what is there)")
+            if short:
+                target.warnings.append(short)
+        return target
     except BaseException:
         src.memory.close()
         raise
+
+
+def _raw_shortfall(target: Target) -> str | None:
+    """Why a dump holds less RAM than the kernel in it has, from the kernel's
+    ``max_pfn`` (last page frame + 1); None when it holds all of it."""
+    sym = target.isf["symbols"].get("max_pfn") if isinstance(target.isf.get("symbols"), dict) else None
+    if not isinstance(sym, dict) or not isinstance(sym.get("address"), int):
+        return None
+    try:
+        raw = target.kernel.read(sym["address"] + target.location.virt_shift, 8)
+    except ShadowvolError:
+        return f"{target.description}: the kernel's max_pfn is not readable: truncated dump?"
+    ram_end = int.from_bytes(raw, "little") << 12
+    have = max((hi for _, hi in target.memory.ranges()), default=0)
+    if ram_end > have and ram_end < 1 << 52:
+        return (f"{target.description}: truncated dump: the kernel has RAM up to {ram_end:#x} "
+                f"({ram_end >> 20} MiB), the dump ends at {have:#x} ({have >> 20} MiB)")
+    return None
 
 
 def _profile_from_guest(src: _Source, info: dict[str, str] | None, say: Progress) -> Path:
@@ -193,7 +230,9 @@ def _profile_from_guest(src: _Source, info: dict[str, str] | None, say: Progress
     from .symbols import ProfileReport
     from .symbols.live import profile_from_memory
 
-    release = (info or {}).get("OSRELEASE", "unknown release")
+    from .safeio import short
+
+    release = short((info or {}).get("OSRELEASE", "unknown release"), 60)
     say(f"no stored profile for {release}: building one from guest memory")
     report = ProfileReport()
     try:
@@ -203,7 +242,79 @@ def _profile_from_guest(src: _Source, info: dict[str, str] | None, say: Progress
             f"no profile for the kernel in {src.description} ({release}), and none can be built from "
             f"its memory ({exc}); build one with 'shadowvol profile build --vmlinuz "
             "/boot/vmlinuz-<release>' (from the Debian linux-image package)") from None
-    return profiles.write_profile(isf, f"linux-{report.release or 'unknown'}-from-guest")
+    # Stored under a hash, never under text read from the guest (a release of
+    # "6.1/../../x" must not become a path).
+    import hashlib
+
+    btf_hash = guest_btf_hash(isf) or ""
+    key = hashlib.sha256(profiles.profile_banner(isf)).hexdigest()[:16]
+    return profiles.write_profile(isf, f"guest-{key}-{btf_hash[:8] or 'nobtf'}")
+
+
+def guest_btf_hash(isf: dict[str, Any]) -> str | None:
+    """The BTF hash of a profile built from guest memory, None for other profiles."""
+    from .symbols.live import GUEST_BTF_NAME
+
+    try:
+        types = isf["metadata"]["linux"]["types"]
+        item = next(t for t in types if isinstance(t, dict) and t.get("name") == GUEST_BTF_NAME)
+    except (KeyError, TypeError, StopIteration):
+        return None
+    value = item.get("hash_value")
+    return value if isinstance(value, str) else ""
+
+
+def verify_guest_profile(target: Target) -> bool:
+    """For a profile built from guest memory: the BTF at ``__start_BTF``, read
+    through the guest's page tables, hashes to what the profile recorded, and
+    ``_text`` and ``linux_banner`` are mapped. True for any other profile."""
+    import hashlib
+
+    from .symbols.btf import btf_size
+
+    want = guest_btf_hash(target.isf)
+    if want is None:
+        return True
+    syms = target.isf["symbols"]
+    shift = target.location.virt_shift
+    try:
+        for name in ("_text", "linux_banner"):
+            target.kernel.read(syms[name]["address"] + shift, 8)
+        start = syms["__start_BTF"]["address"] + shift
+        size = btf_size(target.kernel.read(start, 24))
+        if not 24 < size <= 64 << 20:
+            return False
+        return hashlib.sha256(target.kernel.read(start, size)).hexdigest() == want
+    except (KeyError, TypeError, ShadowvolError):
+        return False
+
+
+def _stored_profile(src: _Source, banner: bytes, info: dict[str, str] | None,
+                    say: Progress) -> tuple[Path, dict[str, Any]] | None:
+    """A stored profile for ``banner``: one built from kernel files first; one
+    built from some guest's memory only if this guest's own BTF hashes the
+    same (a banner alone is guest-controlled text)."""
+    want = banner.rstrip(b"\0")
+    candidates = [p for p, b in profiles.indexed_profiles().items() if b == want]
+    guest = []
+    for p in candidates:
+        try:
+            isf = profiles.load_profile(p)
+        except ShadowvolError:
+            continue
+        if guest_btf_hash(isf) is None:
+            return p, isf
+        guest.append((p, isf))
+    for p, isf in guest:
+        try:
+            loc = _locate(src, profiles.profile_addresses(isf), banner, say, info)
+        except ShadowvolError:
+            continue
+        if verify_guest_profile(Target(src.memory, loc, isf, p, src.description)):
+            return p, isf
+    if guest:
+        say("no stored profile from guest memory matches this guest's BTF")
+    return None
 
 
 def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
@@ -216,14 +327,19 @@ def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
                 cached = None
         except (OSError, ValueError):
             cached = None
-    if cached:
-        path = Path(cached["profile"])
-        if path.exists():
-            isf = profiles.load_profile(path)
-            banner = profiles.profile_banner(isf)
-            loc = KernelLocation.from_json(cached["location"])
-            if kaslr.verify_location(src.memory, loc, profiles.profile_addresses(isf), banner):
-                return Target(src.memory, loc, isf, path, src.description)
+    if isinstance(cached, dict):
+        try:
+            path = Path(cached["profile"])
+            if path.is_file():
+                isf = profiles.load_profile(path)
+                banner = profiles.profile_banner(isf)
+                loc = KernelLocation.from_json(cached["location"])
+                if kaslr.verify_location(src.memory, loc, profiles.profile_addresses(isf), banner):
+                    t = Target(src.memory, loc, isf, path, src.description)
+                    if verify_guest_profile(t):
+                        return t
+        except (KeyError, TypeError, ValueError, ShadowvolError):
+            pass  # a damaged cache is only a missed shortcut
     info = src.vmcoreinfo()  # once: it may cost a QMP dump-guest-memory
     if profile is not None:
         path = Path(profile)
@@ -233,16 +349,20 @@ def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
         path = None
         say("identifying the kernel")
         banner = scan_banners(src.memory, profiles.known_banners())
-        if banner is not None:
-            path = profiles.find_profile(banner)
-        if path is None:
+        found = _stored_profile(src, banner, info, say) if banner is not None else None
+        if found is not None:
+            path, isf = found
+        else:
             path = _profile_from_guest(src, info, say)
-        isf = profiles.load_profile(path)
+            isf = profiles.load_profile(path)
         banner = profiles.profile_banner(isf)
     symbols = profiles.profile_addresses(isf)
     loc = _locate(src, symbols, banner, say, info)
-    if state is not None:
-        state.write_text(json.dumps({"boot": src.boot_key, "profile": str(path),
-                                     "location": loc.to_json()}))
-        os.chmod(state, 0o600)
+    if state is not None and profile is None:
+        # Only what was found without user flags is remembered for later runs:
+        # a --profile applies to the run that passed it.
+        from .safeio import atomic_write
+
+        atomic_write(state, json.dumps({"boot": src.boot_key, "profile": str(path),
+                                        "location": loc.to_json()}).encode(), mode=0o600)
     return Target(src.memory, loc, isf, path, src.description)

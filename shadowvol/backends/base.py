@@ -271,11 +271,24 @@ class BufferMemory(PhysicalMemory):
 
 def map_file_readonly(path: str, what: str, flags: int = mmap.MAP_SHARED) -> mmap.mmap:
     """mmap a whole file read-only; ``what`` names it in the one-line errors."""
+    import stat as _stat
+
+    # stat before open: a FIFO would block open() forever, a device never ends.
     try:
-        fd = os.open(path, os.O_RDONLY)
+        st = os.stat(path)
+    except OSError as exc:
+        raise BackendError(f"cannot open {what} {path}: {exc.strerror}") from None
+    if not _stat.S_ISREG(st.st_mode):
+        kind = "a directory" if _stat.S_ISDIR(st.st_mode) else "a FIFO" if _stat.S_ISFIFO(st.st_mode) else \
+            "a device" if (_stat.S_ISCHR(st.st_mode) or _stat.S_ISBLK(st.st_mode)) else "not a regular file"
+        raise BackendError(f"{what} {path} is {kind}: give a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise BackendError(f"cannot open {what} {path}: {exc.strerror}") from None
     try:
+        if not _stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BackendError(f"{what} {path} is not a regular file")
         size = os.fstat(fd).st_size
         if size == 0:
             raise BackendError(f"{what} {path} is empty")

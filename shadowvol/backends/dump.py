@@ -57,8 +57,11 @@ class ElfNote:
     desc: bytes
 
 
-def parse_lime(buf: bytes | mmap.mmap, path: str = "dump") -> list[Segment]:
-    """Segments of a LiME file; BackendError if a header is bad or points past EOF."""
+def parse_lime(buf: bytes | mmap.mmap, path: str = "dump", partial: bool = False,
+               truncated: list[str] | None = None) -> list[Segment]:
+    """Segments of a LiME file; BackendError if a header is bad or points past
+    EOF. With ``partial``, a last range cut short by EOF is kept as far as it
+    goes and described in ``truncated`` instead."""
     size = len(buf)
     segs: list[Segment] = []
     pos = 0
@@ -75,16 +78,26 @@ def parse_lime(buf: bytes | mmap.mmap, path: str = "dump") -> list[Segment]:
         length = e_addr - s_addr + 1
         data = pos + _LIME_HDR.size
         if data + length > size:
-            raise BackendError(f"{path}: LiME range {s_addr:#x}-{e_addr:#x} at offset {pos:#x} runs past "
-                               f"end of file ({size:#x} bytes): truncated dump")
+            msg = (f"{path}: LiME range {s_addr:#x}-{e_addr:#x} at offset {pos:#x} runs past "
+                   f"end of file ({size:#x} bytes): truncated dump")
+            if not partial:
+                raise BackendError(msg + " (--partial reads what is there)")
+            if truncated is not None:
+                truncated.append(msg)
+            if data < size:
+                segs.append(Segment(s_addr, s_addr + (size - data), data))
+            break
         segs.append(Segment(s_addr, e_addr + 1, data))
         pos = data + length
     _check_overlap(segs, path)
     return segs
 
 
-def parse_elf(buf: bytes | mmap.mmap, path: str = "dump") -> tuple[list[Segment], list[ElfNote]]:
-    """PT_LOAD segments (by p_paddr) and notes of a 64-bit little-endian ELF core."""
+def parse_elf(buf: bytes | mmap.mmap, path: str = "dump", partial: bool = False,
+              truncated: list[str] | None = None) -> tuple[list[Segment], list[ElfNote]]:
+    """PT_LOAD segments (by p_paddr) and notes of a 64-bit little-endian ELF
+    core. With ``partial``, PT_LOADs cut short by EOF are kept as far as they
+    go and described in ``truncated``."""
     size = len(buf)
     if size < _ELF64_EHDR.size:
         raise BackendError(f"{path}: truncated ELF header")
@@ -108,8 +121,13 @@ def parse_elf(buf: bytes | mmap.mmap, path: str = "dump") -> tuple[list[Segment]
         p_type, _pf, offset, _vaddr, paddr, filesz, _memsz, _align = _ELF64_PHDR.unpack_from(buf, phoff + i * phentsize)
         if offset + filesz > size:
             kind = "PT_LOAD" if p_type == PT_LOAD else f"segment {i}"
-            raise BackendError(f"{path}: ELF {kind} at {paddr:#x} ({filesz:#x} bytes at offset {offset:#x}) "
-                               f"runs past end of file ({size:#x} bytes): truncated dump")
+            msg = (f"{path}: ELF {kind} at {paddr:#x} ({filesz:#x} bytes at offset {offset:#x}) "
+                   f"runs past end of file ({size:#x} bytes): truncated dump")
+            if not partial or p_type != PT_LOAD:
+                raise BackendError(msg + (" (--partial reads what is there)" if p_type == PT_LOAD else ""))
+            if truncated is not None and len(truncated) < 8:
+                truncated.append(msg)
+            filesz = max(0, size - offset)
         if p_type == PT_LOAD and filesz:
             segs.append(Segment(paddr, paddr + filesz, offset))
         elif p_type == PT_NOTE:
@@ -193,6 +211,8 @@ class DumpMemory(BufferMemory):
         self.format = fmt
         self.path = path
         self._notes = list(notes or [])
+        #: What is missing from a dump opened with ``partial`` (one line each).
+        self.truncated: list[str] = []
 
     def notes(self) -> list[ElfNote]:
         """ELF notes (empty for raw and LiME)."""
@@ -210,19 +230,24 @@ class DumpMemory(BufferMemory):
         return [parse_qemu_cpu_state(n.desc) for n in self._notes if n.name == "QEMU"]
 
 
-def open_dump(path: str | os.PathLike[str], segments: list[Segment] | None = None) -> DumpMemory:
-    """Open a dump, detecting ELF core, LiME or raw; ``segments`` overrides the raw layout."""
+def open_dump(path: str | os.PathLike[str], segments: list[Segment] | None = None,
+              partial: bool = False) -> DumpMemory:
+    """Open a dump, detecting ELF core, LiME or raw; ``segments`` overrides the
+    raw layout. A LiME/ELF dump shorter than its headers say raises
+    BackendError, or with ``partial`` opens what is there and lists the
+    shortfall in ``DumpMemory.truncated``."""
     path = str(path)
     mm = map_file_readonly(path, "dump", mmap.MAP_PRIVATE)
+    truncated: list[str] = []
     try:
         head = mm[:16]
         notes: list[ElfNote] = []
         if head[:4] == b"\x7fELF":
             fmt = "elf"
-            segs, notes = parse_elf(mm, path)
+            segs, notes = parse_elf(mm, path, partial, truncated)
         elif len(head) >= 4 and struct.unpack_from("<I", head)[0] == LIME_MAGIC:
             fmt = "lime"
-            segs = parse_lime(mm, path)
+            segs = parse_lime(mm, path, partial, truncated)
         elif head[:8] in (b"KDUMP   ", b"DISKDUMP"):
             raise BackendError(f"{path}: kdump-compressed dumps are not supported "
                                "(use dump-guest-memory without -z/-l/-s)")
@@ -232,7 +257,9 @@ def open_dump(path: str | os.PathLike[str], segments: list[Segment] | None = Non
         if segments is not None and fmt != "raw":
             raise BackendError(f"{path}: segments can only be given for raw dumps, this is {fmt}")
         try:
-            return DumpMemory(mm, segs, fmt, path, notes)
+            dump = DumpMemory(mm, segs, fmt, path, notes)
+            dump.truncated = truncated
+            return dump
         except ValueError as exc:
             raise BackendError(f"{path}: {exc}") from None
     except BaseException:

@@ -32,7 +32,10 @@ from shadowvol.symbols import ProfileReport, assemble_profile
 from shadowvol.symbols.btf import btf_size, find_btf, parse_btf
 from shadowvol.symbols.kallsyms import Symbol, find_kallsyms
 
-__all__ = ["profile_from_memory", "DEFAULT_TEXT_LINK_ADDRESS"]
+__all__ = ["profile_from_memory", "DEFAULT_TEXT_LINK_ADDRESS", "GUEST_BTF_NAME"]
+
+#: ``metadata.linux.types[0].name`` of a profile built from guest memory.
+GUEST_BTF_NAME = "btf:guest-memory"
 
 #: ``_text`` at link time on x86-64 with the default CONFIG_PHYSICAL_START.
 DEFAULT_TEXT_LINK_ADDRESS = 0xFFFF_FFFF_8100_0000
@@ -105,6 +108,11 @@ def profile_from_memory(memory: Any, vmcoreinfo: Mapping[str, str] | None = None
     if m is None:
         raise ProfileError(f"no Linux banner at linux_banner (physical {pa_banner:#x})")
     banner = m.group(0)
+    import hashlib
+
+    # The BTF hash lets a later run re-verify the profile against its guest
+    # (shadowvol.target): a profile from guest memory is never trusted by banner alone.
     meta = {"symbols": [{"kind": "symtab", "name": "kallsyms:guest-memory"}],
-            "types": [{"kind": "dwarf", "name": "btf:guest-memory"}]}
+            "types": [{"kind": "dwarf", "name": GUEST_BTF_NAME, "hash_type": "sha256",
+                       "hash_value": hashlib.sha256(best[1]).hexdigest()}]}
     return assemble_profile(graph, linked, banner, report=rep, linux_metadata=meta)

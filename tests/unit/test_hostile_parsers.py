@@ -277,7 +277,7 @@ def test_qmp_dribbling_peer_hits_overall_deadline() -> None:
     t0 = time.monotonic()
     with pytest.raises(VMError, match="within"):
         QMPClient("x", timeout=1.0, sock=a)
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 5.0
     b.close()
 
 
@@ -291,7 +291,7 @@ def test_qmp_event_flood_hits_deadline() -> None:
     t0 = time.monotonic()
     with pytest.raises(VMError):
         q.execute("query-status")
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 5.0
     b.close()
 
 
@@ -317,7 +317,7 @@ def test_gdbstub_dribbling_peer_hits_overall_deadline() -> None:
     t0 = time.monotonic()
     with pytest.raises(GdbError, match="within"):
         g.attach_socket(a)
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 5.0
     b.close()
 
 
