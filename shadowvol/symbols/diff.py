@@ -85,9 +85,8 @@ def shape(isf: Mapping[str, Any], desc: Mapping[str, Any] | None, _depth: int = 
         return ("pointer", shape(isf, desc.get("subtype"), _depth))
     if kind == "array":
         return ("array", desc.get("count"), shape(isf, desc.get("subtype"), _depth))
-    if kind == "bitfield":
-        return ("bitfield", desc.get("bit_position"), desc.get("bit_length"),
-                shape(isf, desc.get("type"), _depth))
+    if kind == "bitfield":  # where its bits are: see placed()
+        return ("bitfield", desc.get("bit_length"), shape(isf, desc.get("type"), _depth))
     if kind in ("struct", "union", "class", "enum"):
         name = desc.get("name", "")
         if not _anonymous(name):
@@ -99,10 +98,21 @@ def shape(isf: Mapping[str, Any], desc: Mapping[str, Any] | None, _depth: int = 
             return ("enum", e.get("size"), tuple(sorted((e.get("constants") or {}).items())))
         t = isf["user_types"].get(name) or {}
         return (kind, t.get("size"), tuple(sorted(
-            (f, off, shape(isf, d, _depth + 1)) for f, (off, d) in flat_fields(isf, name).items())))
+            (f,) + placed(isf, off, d, _depth + 1) for f, (off, d) in flat_fields(isf, name).items())))
     if kind == "base":
         return ("base", desc.get("name"))
     return (kind,)
+
+
+def placed(isf: Mapping[str, Any], offset: int, desc: Mapping[str, Any], _depth: int = 0
+           ) -> tuple[int, Any]:
+    """(bit offset, shape) of a field. A bitfield's bits are placed
+    absolutely: dwarf2json puts ``rtnl_link_state:16`` at byte 1258 bit 0,
+    shadowvol at 1256 bit 16 (the enum's storage unit); the same bits."""
+    bits = offset * 8
+    if desc.get("kind") == "bitfield":
+        bits += desc.get("bit_position") or 0
+    return bits, shape(isf, desc, _depth)
 
 
 def flat_fields(isf: Mapping[str, Any], type_name: str, _depth: int = 0
@@ -179,7 +189,7 @@ def _fmt(s: Any) -> str:
     if kind == "array":
         return f"{_fmt(s[2])}[{s[1]}]"
     if kind == "bitfield":
-        return f"{_fmt(s[3])}:{s[2]}@{s[1]}"
+        return f"{_fmt(s[2])}:{s[1]}"
     if kind == "base":
         return str(s[1])
     if len(s) == 2:
@@ -189,6 +199,10 @@ def _fmt(s: Any) -> str:
     if kind == "enum":
         return f"enum <anon, {len(s[2])} constants>"
     return kind
+
+
+def _bits(offset: int) -> str:
+    return str(offset // 8) if offset % 8 == 0 else f"{offset // 8}+{offset % 8} bits"
 
 
 def _compare_keys(a: Iterable[str], b: Iterable[str], only: set[str] | None
@@ -233,15 +247,14 @@ def diff_profiles(a: Mapping[str, Any], b: Mapping[str, Any],
                 result.note("fields_only_in_b", f"{name}.{f}", _fmt(shape(b, fb[f][1])))
                 differs.append(f"extra field {f}")
             else:
-                (oa, da), (ob, db) = fa[f], fb[f]
-                sa, sb = shape(a, da), shape(b, db)
+                (oa, sa), (ob, sb) = placed(a, *fa[f]), placed(b, *fb[f])
                 if oa == ob and sa == sb:
                     fc.identical += 1
                     continue
                 fc.differing += 1
                 what = []
                 if oa != ob:
-                    what.append(f"offset {oa} vs {ob}")
+                    what.append(f"offset {_bits(oa)} vs {_bits(ob)}")
                 if sa != sb:
                     what.append(f"type {_fmt(sa)} vs {_fmt(sb)}")
                 result.note("fields_differing", f"{name}.{f}", ", ".join(what))

@@ -179,3 +179,18 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert rc != 0
     assert err.startswith("shadowvol: error: ") and err.count("\n") == 1
     assert "Traceback" not in err
+
+
+def test_bitfields_compare_by_absolute_bits() -> None:
+    """Same bits, different storage unit (dwarf2json vs shadowvol): equal;
+    a moved bit is not."""
+    a, b = base_isf(), base_isf()
+    enum = {"kind": "enum", "name": "pid_type"}
+    a["user_types"]["list_head"]["fields"]["state"] = {
+        "offset": 10, "type": {"kind": "bitfield", "bit_position": 0, "bit_length": 16, "type": enum}}
+    b["user_types"]["list_head"]["fields"]["state"] = {
+        "offset": 8, "type": {"kind": "bitfield", "bit_position": 16, "bit_length": 16, "type": enum}}
+    assert diff.diff_profiles(a, b).failures == 0
+    b["user_types"]["list_head"]["fields"]["state"]["type"]["bit_position"] = 17
+    d = diff.diff_profiles(a, b)
+    assert dict(d.details["fields_differing"])["list_head.state"] == "offset 10 vs 10+1 bits"
