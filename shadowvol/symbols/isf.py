@@ -33,14 +33,20 @@ __all__ = ["ISF_FORMAT", "DWARF2JSON_COMPATIBLE", "SymbolEntry", "build_isf"]
 
 ISF_FORMAT = "6.2.0"
 
-#: The ISF conventions this writer follows are dwarf2json's up to this
-#: version: anonymous structs named after their typedef (0.7.0), anonymous
-#: members kept as ``unnamed_field_*`` with ``"anonymous": true`` and
-#: DW_AT_data_bit_offset bitfields (0.8.0), Rust units skipped (0.9.0).
-#: volatility3 gates plugins on the producer being dwarf2json of a version
-#: (``linux.malware.hidden_modules`` wants >= 0.8.0, ``linux.kmsg`` > 0.4.1),
-#: so the producer says so, and ``generator`` names the real tool.
-#: ``shadowvol profile diff`` against a DWARF profile shows the equivalence.
+#: What volatility3 checks a dwarf2json version for, this writer does as
+#: dwarf2json 0.9.0 does: anonymous members kept as ``unnamed_field_*`` with
+#: ``"anonymous": true`` and DW_AT_data_bit_offset bitfields (0.8.0, the
+#: reason ``linux.malware.hidden_modules`` wants >= 0.8.0), anonymous structs
+#: named after their typedef (0.7.0), Rust units skipped (0.9.0); ``linux.kmsg``
+#: wants > 0.4.1. Those checks only look at a producer called dwarf2json, so
+#: the producer says dwarf2json 0.9.0 and ``generator`` names shadowvol.
+#: Known differences from dwarf2json 0.9.0's output (checked with
+#: ``shadowvol profile diff`` on 6.1.0-57; layouts agree except where two
+#: files define a struct of the same name):
+#: dwarf2json also names references to typedef'd *named* structs after the
+#: typedef (``spinlock_t``; for ``kernel_cap_t`` that makes stock
+#: ``linux.capabilities`` fail on kernels < 6.3), types function symbols
+#: ``void``, and keeps the last of same-named symbols.
 DWARF2JSON_COMPATIBLE = "0.9.0"
 
 _AGGREGATES = (Kind.STRUCT, Kind.UNION)
