@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 from ..errors import VMError
 
@@ -31,31 +32,104 @@ def depends(package: str) -> list[str]:
     return deps
 
 
-def resolve_kernel_package(package: str) -> str:
-    """Follow metapackages (``linux-image-cloud-amd64``) to ``linux-image-<release>``.
+def show(package: str) -> str:
+    """``apt-cache show`` of the candidate version of ``package``."""
+    out = _run(["apt-cache", "show", "--no-all-versions", package])
+    if not out.strip():
+        raise VMError(f"{package}: no such package in the apt lists (run apt-get update?)")
+    return out
 
-    A real kernel package ships ``/boot/vmlinuz-<release>``; a metapackage only
-    depends on one. We follow ``linux-image-*`` dependencies until the name
-    carries a release (digits after ``linux-image-``).
+
+def parse_control(text: str) -> dict[str, str]:
+    """Fields of the first stanza of Debian control text (``apt-cache show``);
+    continuation lines are joined to their field."""
+    fields: dict[str, str] = {}
+    key = None
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        if line[0] in " \t" and key is not None:
+            fields[key] += "\n" + line.strip()
+            continue
+        k, sep, v = line.partition(":")
+        if sep:
+            key = k.strip()
+            fields[key] = v.strip()
+    return fields
+
+
+def parse_relations(value: str) -> list[list[str]]:
+    """A relation field ("a (>= 1) | b, c:any") as alternatives of package
+    names: ``[["a", "b"], ["c"]]``; versions and qualifiers dropped."""
+    groups = []
+    for group in value.split(","):
+        names = []
+        for alt in group.split("|"):
+            m = re.match(r"\s*([a-z0-9][a-z0-9+.-]*)", alt)
+            if m:
+                names.append(m.group(1))
+        if names:
+            groups.append(names)
+    return groups
+
+
+def declared_kernel(control: str) -> str | None:
+    """The kernel image package a metapackage's stanza depends on, or None
+    when it depends on none (a real kernel package, which ships the image).
+
+    Debian's metapackages (``linux-image-cloud-amd64``,
+    ``linux-image-6.12-amd64``) declare ``Depends: linux-image-<release>``;
+    real kernel packages depend on kmod, initramfs-tools and the like only.
     """
-    seen = set()
+    fields = parse_control(control)
+    for field in ("Pre-Depends", "Depends"):
+        for group in parse_relations(fields.get(field, "")):
+            for name in group:
+                if name.startswith("linux-image-"):
+                    return name
+    return None
+
+
+def resolve_kernel_package(package: str, show: Callable[[str], str] = show) -> str:
+    """Follow metapackages to the real kernel package, by their declared
+    ``Depends`` (``apt-cache show``), never by the shape of their names.
+
+    ``linux-image-6.12-cloud-amd64`` -> ``linux-image-6.12.117+deb12-cloud-amd64``.
+    Whether the result really ships ``/boot/vmlinuz-*`` is checked on its
+    contents (:func:`vmlinuz_release`) once downloaded.
+    """
+    seen: list[str] = []
     name = package
-    while not re.match(r"linux-image-\d", name):
+    while True:
         if name in seen:
-            raise VMError(f"cannot resolve {package}: dependency cycle")
-        seen.add(name)
-        nxt = [d for d in depends(name) if d.startswith("linux-image-")]
-        if not nxt:
-            raise VMError(f"{name} does not depend on a linux-image package; is it a kernel package?")
-        name = nxt[0]
-    if name.endswith("-dbg") or name.endswith("-unsigned"):
-        raise VMError(f"{name}: pick a signed or plain kernel image package")
-    return name
+            raise VMError(f"cannot resolve {package}: dependency cycle ({' -> '.join(seen + [name])})")
+        seen.append(name)
+        nxt = declared_kernel(show(name))
+        if nxt is None:
+            return name
+        name = nxt
 
 
-def kernel_release(image_package: str) -> str:
-    """``linux-image-6.1.0-56-cloud-amd64`` -> ``6.1.0-56-cloud-amd64``."""
-    return image_package[len("linux-image-"):]
+def parse_listing(listing: str) -> str | None:
+    """The release of the ``./boot/vmlinuz-<release>`` file in a
+    ``dpkg-deb -c`` listing, or None when the package ships none."""
+    for line in listing.splitlines():
+        m = re.search(r"\s\./boot/vmlinuz-(\S+?)(?: -> .*)?$", line)
+        if m and line.startswith("-"):  # a regular file, not a symlink or directory
+            return m.group(1)
+    return None
+
+
+def vmlinuz_release(deb: Path, package: str) -> str:
+    """The kernel release of a downloaded kernel package, from the
+    ``/boot/vmlinuz-<release>`` it ships."""
+    release = parse_listing(_run(["dpkg-deb", "-c", str(deb)]))
+    if release is None:
+        raise VMError(f"{package} ships no /boot/vmlinuz-*: not a kernel image package "
+                      "(a -dbg package holds symbols only; use the image package or its metapackage)")
+    return release
 
 
 def headers_packages(release: str) -> list[str]:

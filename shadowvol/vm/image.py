@@ -97,7 +97,7 @@ def find_image(spec: str | None = None) -> Image:
                 return img
         return images[-1]
     for img in images:
-        if spec in (img.release, img.manifest.get("package"), img.manifest.get("image_package")):
+        if spec == img.release or spec in _names(img.manifest):
             return img
     raise VMError(f"no image for {spec!r}; built: {', '.join(i.release for i in images)}")
 
@@ -290,21 +290,36 @@ def build_image(package: str = DEFAULT_KERNEL_PACKAGE, progress: Progress | None
         os.close(lock)
 
 
+def _built_for(image_pkg: str) -> Image | None:
+    """The image already built from the kernel package ``image_pkg``."""
+    for img in list_images():
+        if img.manifest.get("image_package") == image_pkg:
+            return img
+    return None
+
+
 def _build_image(package: str, say: Progress, force: bool) -> tuple[Image, bool]:
     say(f"resolving {package}")
     image_pkg = debpkg.resolve_kernel_package(package)
-    release = debpkg.kernel_release(image_pkg)
-    img = Image(release, images_dir() / release)
     digest = _inputs_digest()
-    if not force and (img.root / "manifest.json").exists() and img.initramfs.exists():
+    img = _built_for(image_pkg)
+    if img is not None and not force:
         man = img.manifest
-        if man.get("inputs") == digest and man.get("package") == package and _has_profile(img):
+        if man.get("inputs") == digest and _has_profile(img):
+            if package not in _names(man):  # another metapackage of the same kernel
+                man["packages"] = [*man.get("packages", []), package]
+                _write_manifest(img, man)
             return img, False
-    img.root.mkdir(parents=True, exist_ok=True)
     debs_dir = paths.cache_dir() / "debs"
+    say(f"downloading {image_pkg}")
+    kernel_deb = debpkg.download([image_pkg], debs_dir)[0]
+    # The release is the one of the /boot/vmlinuz-<release> it ships.
+    release = debpkg.vmlinuz_release(kernel_deb, image_pkg)
+    img = Image(release, images_dir() / release)
+    img.root.mkdir(parents=True, exist_ok=True)
     header_pkgs = debpkg.headers_packages(release)
-    say(f"downloading {image_pkg} and {len(header_pkgs)} header packages")
-    debs = debpkg.download([image_pkg, *header_pkgs], debs_dir)
+    say(f"downloading {len(header_pkgs)} header packages")
+    debs = [kernel_deb, *debpkg.download(header_pkgs, debs_dir)]
     with tempfile.TemporaryDirectory(prefix="shadowvol-build-") as tmp:
         work = Path(tmp)
         say(f"extracting {debs[0].name}")
@@ -351,5 +366,17 @@ def _build_image(package: str, say: Progress, force: bool) -> tuple[Image, bool]
         "modules": [m.name for m in modules],
         "stub": stub_ko is not None,
     }
-    (img.root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _write_manifest(img, manifest)
     return img, True
+
+
+def _names(manifest: dict) -> list[str]:
+    """Every package name an image answers to (``--image P``)."""
+    return [n for n in (manifest.get("package"), manifest.get("image_package"),
+                        *manifest.get("packages", [])) if n]
+
+
+def _write_manifest(img: Image, manifest: dict) -> None:
+    tmp = img.root / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(img.root / "manifest.json")
