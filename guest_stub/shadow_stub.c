@@ -414,6 +414,20 @@ static void sv_unregister_all(void)
 	tracepoint_synchronize_unregister();
 }
 
+/*
+ * Largest buddy allocation, in bytes. MAX_ORDER_NR_PAGES means the same on
+ * every kernel, across MAX_ORDER turning inclusive (v6.4, commit 23baf831a32c
+ * "mm, treewide: redefine MAX_ORDER sanely") and its rename to MAX_PAGE_ORDER
+ * (v6.8, commit 5e0a760b4441): detected by the preprocessor, never by version.
+ */
+#if defined(MAX_ORDER_NR_PAGES)
+#define SV_MAX_ALLOC (PAGE_SIZE * MAX_ORDER_NR_PAGES)
+#elif defined(MAX_PAGE_ORDER)
+#define SV_MAX_ALLOC (PAGE_SIZE << MAX_PAGE_ORDER)
+#else
+#define SV_MAX_ALLOC (PAGE_SIZE << (MAX_ORDER - 1))
+#endif
+
 static int __init sv_init(void)
 {
 	unsigned int nr = nr_cpu_ids, i;
@@ -421,8 +435,8 @@ static int __init sv_init(void)
 	struct sv_header *h;
 	int order, err;
 
-	if (size_kb == 0 || size_kb > (PAGE_SIZE << (MAX_ORDER - 1)) / 1024) {
-		pr_err("shadow_stub: size_kb must be 1..%lu\n", (PAGE_SIZE << (MAX_ORDER - 1)) / 1024);
+	if (size_kb == 0 || size_kb > SV_MAX_ALLOC / 1024) {
+		pr_err("shadow_stub: size_kb must be 1..%lu\n", (unsigned long)(SV_MAX_ALLOC / 1024));
 		return -EINVAL;
 	}
 	if (SV_RINGCTL_OFF + nr * SV_RINGCTL_SIZE > 64 * 1024) {

@@ -114,6 +114,29 @@ class ShadowTracer:
         return self.compartment.drops() - self._drops0
 
 
+def _stub_unavailable(vm: str) -> str | None:
+    """Why a VM started by ``vm start`` has no stub: its image could not
+    build or load it on that kernel (None when that is not the reason)."""
+    from pathlib import Path
+
+    from ..vm import registry
+    from ..vm.image import Image
+
+    try:
+        entry = registry.get_vm(vm)
+        if entry.stub:  # asked for at boot: the guest's rcS says when insmod failed
+            log = Path(entry.console_log).read_bytes()
+            if b"shadowvol: the guest stub failed to load" in log:
+                return (f"the guest stub is unavailable on kernel {entry.release}: it failed to "
+                        f"load at boot (see {entry.console_log})")
+            return None
+        if not entry.image:
+            return None
+        return Image(entry.release, Path(entry.image)).stub_unavailable()
+    except (ShadowvolError, OSError, ValueError):
+        return None
+
+
 def trace_shadow(vm: str, *, syscalls: bool = True, sched: bool = False, proc: bool = False,
                  at: list[str] | None = None, duration: float = 5.0,
                  on_event: Callable[[Event], None] = lambda e: None, target: Any | None = None,
@@ -144,7 +167,13 @@ def trace_shadow(vm: str, *, syscalls: bool = True, sched: bool = False, proc: b
         kinds = wanted_kinds(syscalls, sched, proc, at)
         if not kinds:
             raise ShadowvolError("nothing to trace: give --syscalls, --sched, --proc or --at SYMBOL")
-        tr = ShadowTracer(target, kinds, at, from_start=from_start)
+        try:
+            tr = ShadowTracer(target, kinds, at, from_start=from_start)
+        except CompartmentError as exc:
+            why = _stub_unavailable(vm)
+            if why is None:
+                raise
+            raise CompartmentError(f"{why}; use --backend libvmi (breakpoints) on this VM") from exc
         counts: Counter[str] = Counter()
         backlog: deque[tuple[bytes, int]] = deque()
 

@@ -71,6 +71,14 @@ class Image:
     def profile(self) -> Path:
         return self.root / "profile.isf"
 
+    def stub_unavailable(self) -> str | None:
+        """Why this image has no guest stub (None when it has one)."""
+        man = self.manifest
+        if man.get("stub"):
+            return None
+        why = man.get("stub_error") or "the image was built without it"
+        return f"the guest stub is unavailable on kernel {self.release}: {why}"
+
 
 def images_dir() -> Path:
     d = paths.cache_dir() / "images"
@@ -342,11 +350,15 @@ def _build_image(package: str, say: Progress, force: bool) -> tuple[Image, bool]
         if not img.headers.exists() or force:
             say("extracting kernel headers for guest modules")
             extract_headers(debs[1:], img.headers)
-        stub_ko = None
+        stub_ko, stub_error = None, None
         if _stub_dir() is not None:
             say("building the guest stub module")
             from . import kmod
-            stub_ko = kmod.build_module(img, _stub_dir())[0]
+            try:
+                stub_ko = kmod.build_module(img, _stub_dir())[0]
+            except VMError as exc:
+                # The image and its profile stand without the stub.
+                stub_error = str(exc)
         say("building initramfs (busybox, agent, workloads)")
         tmp_initrd = img.initramfs.with_suffix(".tmp")
         tmp_initrd.write_bytes(_build_initramfs(modules, stub_ko, work))
@@ -366,6 +378,8 @@ def _build_image(package: str, say: Progress, force: bool) -> tuple[Image, bool]
         "modules": [m.name for m in modules],
         "stub": stub_ko is not None,
     }
+    if stub_error:
+        manifest["stub_error"] = stub_error
     _write_manifest(img, manifest)
     return img, True
 
