@@ -428,6 +428,22 @@ static void sv_unregister_all(void)
 #define SV_MAX_ALLOC (PAGE_SIZE << (MAX_ORDER - 1))
 #endif
 
+/*
+ * The module's own text. module_layout gave way to module_memory in v6.4
+ * (commit ac3b43283923 "module: replace module_layout with module_memory"),
+ * which also added for_each_mod_mem_type(): the preprocessor tells them apart.
+ * There, text is mem[MOD_TEXT] alone (as shadowvol/integrity.py reads it).
+ */
+#ifdef for_each_mod_mem_type
+#define SV_MODULE_TEXT_BASE ((unsigned long)THIS_MODULE->mem[MOD_TEXT].base)
+#define SV_MODULE_CORE_SIZE (THIS_MODULE->mem[MOD_TEXT].size)
+#define SV_MODULE_TEXT_SIZE (THIS_MODULE->mem[MOD_TEXT].size)
+#else
+#define SV_MODULE_TEXT_BASE ((unsigned long)THIS_MODULE->core_layout.base)
+#define SV_MODULE_CORE_SIZE (THIS_MODULE->core_layout.size)
+#define SV_MODULE_TEXT_SIZE (THIS_MODULE->core_layout.text_size)
+#endif
+
 static int __init sv_init(void)
 {
 	unsigned int nr = nr_cpu_ids, i;
@@ -489,9 +505,9 @@ static int __init sv_init(void)
 	h->ring_bytes = recs * SV_RECORD_SIZE;
 	h->ring_records = recs;
 	h->event_mask = events & SV_MASK_ALL;
-	h->module_core = (unsigned long)THIS_MODULE->core_layout.base;
-	h->module_core_size = THIS_MODULE->core_layout.size;
-	h->module_text_size = THIS_MODULE->core_layout.text_size;
+	h->module_core = SV_MODULE_TEXT_BASE;
+	h->module_core_size = SV_MODULE_CORE_SIZE;
+	h->module_text_size = SV_MODULE_TEXT_SIZE;
 	h->ref_schedule = (unsigned long)&schedule;
 	h->page_offset_base = page_offset_base;
 	for (i = 0; i < 5; i++)
