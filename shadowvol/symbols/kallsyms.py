@@ -25,8 +25,9 @@ How the tables are located:
    ``kallsyms_token_index`` since v6.4 (commit 404bad70fcf7 "scripts/kallsyms:
    change the output order"); the variant whose addresses are sorted wins.
 6. ``kallsyms_seqs_of_names`` (v6.2, and backported to 6.1 stable): 3 bytes
-   per symbol between the markers and the token table; recognised by its
-   size and by holding symbol indexes only.
+   per symbol between the markers and the token table (after
+   ``kallsyms_relative_base`` since v6.4); recognised by its size and by
+   holding symbol indexes only.
 """
 
 from __future__ import annotations
@@ -251,6 +252,8 @@ def _find_kallsyms(data: bytes, base: int) -> tuple[KallsymsTables, list[Symbol]
                     symbols = _decode_names(data, names_off, num, tokens, addrs)
                     after = _align(base + markers_off + width * ((num + 255) // 256), 8) - base
                     seqs = _seqs_of_names(data, after, table_off, num)
+                    if seqs is None and rel_off is not None and layout == "6.4+":
+                        seqs = _seqs_after_relative_base(data, rel_off + 8, num)
                     tables = KallsymsTables(
                         num_syms=num, names=base + names_off, markers=base + markers_off,
                         marker_width=width, token_table=base + table_off,
@@ -272,6 +275,15 @@ def _seqs_of_names(buf: bytes, start: int, token_table: int, num: int) -> int | 
         if int.from_bytes(buf[start + 3 * i:start + 3 * i + 3], "big") >= num:
             return None
     return start
+
+
+def _seqs_after_relative_base(buf: bytes, start: int, num: int) -> int | None:
+    """6.4+ layout: ``kallsyms_seqs_of_names`` follows ``kallsyms_relative_base``
+    (commit 404bad70fcf7); accepted when it is a permutation of 0..num-1."""
+    if start + 3 * num > len(buf):
+        return None
+    seqs = {int.from_bytes(buf[start + 3 * i:start + 3 * i + 3], "big") for i in range(num)}
+    return start if len(seqs) == num and max(seqs) < num else None
 
 
 def _decode_names(buf: bytes, off: int, num: int, tokens: list[bytes], addrs: list[int]) -> list[Symbol]:

@@ -109,6 +109,9 @@ def build_tables(syms: list[tuple[str, int, str]], layout: str = "6.1", relative
     _align(buf)
     if layout == "6.4":
         buf += addr_block
+        if relative:  # kallsyms_seqs_of_names last, indexes in name order
+            order = sorted(range(num), key=lambda i: names[i][1:])
+            buf += b"".join(struct.pack(">I", i)[1:] for i in order)
         _align(buf)
     buf += b"\xbb" * 64
     return bytes(buf)
@@ -163,8 +166,31 @@ def test_kallsyms_table_addresses(layout: str) -> None:
         assert tables.seqs_of_names is not None
         markers_end = tables.markers + 4 * ((len(syms) + 255) // 256)
         assert tables.seqs_of_names == (markers_end + 7) & ~7
+    elif layout == "6.4":  # after kallsyms_relative_base (6.12)
+        assert tables.seqs_of_names == tables.relative_base_address + 8
     else:
         assert tables.seqs_of_names is None
+
+
+def _odd_token_table_symbols() -> list[tuple[str, int, str]]:
+    """Symbols whose token table has an odd length, so the table ends on an
+    odd address and the index starts after padding (6.1 rt, 6.12 images)."""
+    for n in range(300, 340):
+        syms = make_symbols(n)
+        tokens, _ = compress([(t + name).encode() for name, _, t in syms])
+        if sum(len(tok) + 1 for tok in tokens) % 2:
+            return syms
+    raise AssertionError("no odd-length token table in range")
+
+
+@pytest.mark.parametrize("layout", ["6.1", "6.2", "6.4"])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_kallsyms_token_table_of_odd_length(layout: str, shift: int) -> None:
+    syms = _odd_token_table_symbols()
+    buf = b"\0" * shift + build_tables(syms, layout)
+    tables, found = find_kallsyms(buf, BASE - shift)
+    assert tables.token_index % 8 == 0
+    assert [(s.name, s.address, s.type) for s in found] == syms
 
 
 def test_unique_by_name_is_order_independent() -> None:
