@@ -113,17 +113,24 @@ class GdbPhysicalMemory(_CheckedMemory):
                 "paused": True}
 
     def close(self) -> None:
-        """Detach (QEMU resumes the VM); re-pause it if it was paused before we attached."""
+        """Leave the VM as we found it.
+
+        A ``D`` (detach) makes QEMU resume the VM, so a VM that was paused
+        before we attached would run for a moment (and stay running if we
+        died before re-pausing it). It is left by closing the connection
+        instead: QEMU keeps it paused and accepts the next debugger.
+        """
         if self.stub is None:
             return
         stub, self.stub = self.stub, None
-        stub.close()
-        if not self._was_running and self._qmp_path is not None:
-            try:
-                with QMPClient(self._qmp_path) as qmp:
-                    qmp.execute("stop")
-            except ShadowvolError:
-                pass
+        if self._was_running:
+            stub.close()  # detach: QEMU resumes the VM
+            return
+        try:
+            stub.set_physical_mode(False)
+        except ShadowvolError:
+            pass
+        stub.close(detach=False)
 
 
 class QmpPhysicalMemory(_CheckedMemory):
