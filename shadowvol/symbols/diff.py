@@ -332,6 +332,9 @@ def diff_profiles(a: Mapping[str, Any], b: Mapping[str, Any],
                 what.append(f"untyped in B (A: {_fmt(ta)})")
             elif ta is None:
                 result.note("symbols_typed_only_in_b", name, _fmt(tb))
+            elif ta[0] == tb[0] == "array" and ta[1] == 0 and ta[2] == tb[2]:
+                # A has only an unbounded declaration ([0]); B knows a length.
+                result.note("symbols_sized_only_in_b", name, f"{_fmt(ta)} vs {_fmt(tb)}")
             else:
                 what.append(f"type {_fmt(ta)} vs {_fmt(tb)}")
         if what:
@@ -488,7 +491,7 @@ def stock_scope(a: Mapping[str, Any], b: Mapping[str, Any], root: Path | None = 
     return types, syms
 
 
-_ORDER = ("differing", "only_in_a", "only_in_b", "typed_only_in_b")
+_ORDER = ("differing", "only_in_a", "only_in_b", "typed_only_in_b", "sized_only_in_b")
 
 
 def render_text(d: ProfileDiff, a_name: str, b_name: str, limit: int = 40) -> str:
@@ -499,8 +502,10 @@ def render_text(d: ProfileDiff, a_name: str, b_name: str, limit: int = 40) -> st
     for key, c in d.counts.items():
         lines.append(f"{key:12}{c.identical:>10}{c.differing:>10}{c.only_a:>10}{c.only_b:>10}")
     typed_b = len(d.details.get("symbols_typed_only_in_b", []))
-    if typed_b:
-        lines.append(f"{typed_b} symbols typed in B only (B knows more; not a difference)")
+    sized_b = len(d.details.get("symbols_sized_only_in_b", []))
+    if typed_b or sized_b:
+        lines.append(f"B knows more (not differences): {typed_b} symbols typed only in B, "
+                     f"{sized_b} arrays sized only in B")
     lines.append("")
     lines.append("equivalent (nothing of A missing or different in B)" if d.failures == 0 else
                  f"NOT equivalent: {d.failures} entries of A missing or different in B")

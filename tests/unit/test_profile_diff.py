@@ -194,3 +194,14 @@ def test_bitfields_compare_by_absolute_bits() -> None:
     b["user_types"]["list_head"]["fields"]["state"]["type"]["bit_position"] = 17
     d = diff.diff_profiles(a, b)
     assert dict(d.details["fields_differing"])["list_head.state"] == "offset 10 vs 10+1 bits"
+
+
+def test_array_sized_only_in_b_is_not_a_failure() -> None:
+    a, b = base_isf(), base_isf()
+    char = {"kind": "base", "name": "char"}
+    a["symbols"]["_text"]["type"] = {"kind": "array", "count": 0, "subtype": char}
+    b["symbols"]["_text"]["type"] = {"kind": "array", "count": 112, "subtype": char}
+    d = diff.diff_profiles(a, b)
+    assert d.failures == 0 and [n for n, _ in d.details["symbols_sized_only_in_b"]] == ["_text"]
+    d = diff.diff_profiles(b, a)  # the other way round, a length is lost
+    assert d.failures == 1
