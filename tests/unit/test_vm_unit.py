@@ -62,3 +62,18 @@ def test_cpio_writer_roundtrip_with_cpio_tool(tmp_path):
     assert (out / "bin/tool").stat().st_mode & 0o777 == 0o755
     assert (out / "bin/link").is_symlink() and (out / "bin/link").readlink().as_posix() == "tool"
     assert (out / "etc/odd").read_bytes() == b"xxxxx"
+
+
+def test_image_without_stub_says_why(tmp_path):
+    """A stub that could not be built is recorded, not fatal (issue 10)."""
+    import json
+
+    from shadowvol.vm.image import Image
+
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"stub": False, "stub_error": "building module in guest_stub failed: x.c:1: error: y"}))
+    msg = Image("6.12.117+deb12-cloud-amd64", tmp_path).stub_unavailable()
+    assert msg == ("the guest stub is unavailable on kernel 6.12.117+deb12-cloud-amd64: "
+                   "building module in guest_stub failed: x.c:1: error: y")
+    (tmp_path / "manifest.json").write_text(json.dumps({"stub": True}))
+    assert Image("r", tmp_path).stub_unavailable() is None
