@@ -28,10 +28,21 @@ from shadowvol.symbols.isf import SymbolEntry, build_isf
 from shadowvol.symbols.kallsyms import Symbol, find_kallsyms, parse_system_map, unique_by_name
 from shadowvol.symbols.typegraph import Kind, TypeGraph
 
-__all__ = ["build_profile", "write_profile", "read_profile", "save_fast", "load_fast",
+__all__ = ["build_profile", "builder_version", "PROFILE_BUILDER", "write_profile", "read_profile", "save_fast", "load_fast",
            "ProfileReport", "LazySection", "linux_banner", "FAST_MAGIC"]
 
 FAST_MAGIC = b"SVISF1\n"
+
+#: Bumped whenever the builder's output changes (types, symbols, metadata), so
+#: images rebuild profiles an older shadowvol stored (``vm build``).
+PROFILE_BUILDER = 2
+
+
+def builder_version() -> str:
+    """``metadata.producer.generator_version`` of the profiles this code builds."""
+    from shadowvol import __version__
+
+    return f"{__version__}+profile.{PROFILE_BUILDER}"
 
 
 @dataclass
@@ -246,7 +257,8 @@ def assemble_profile(graph: TypeGraph, symbols: list[Symbol], banner: bytes, *,
     if banner_sym is not None:
         entries["linux_banner"] = SymbolEntry(banner_sym.address, graph.array_of(char_id, len(banner)), banner)
     rep.typed_symbols = sum(1 for e in entries.values() if e.type_id is not None)
-    return build_isf(graph, entries, producer_version=__version__, linux_metadata=linux_metadata or {})
+    return build_isf(graph, entries, producer_version=builder_version(),
+                     linux_metadata=linux_metadata or {})
 
 
 def write_profile(isf: dict[str, Any], path: Path) -> Path:

@@ -277,9 +277,18 @@ def headers_build_dir(image: Image) -> Path:
 
 
 def _has_profile(img: Image) -> bool:
-    from .. import profiles
+    """The store holds this image's profile, built by this version of the builder."""
+    from .. import profiles, symbols
+    from ..errors import ProfileError
 
-    return (profiles.store_dir() / f"linux-{img.release}.json.xz").exists()
+    path = profiles.store_dir() / f"linux-{img.release}.json.xz"
+    if not path.exists():
+        return False
+    try:
+        producer = profiles.load_profile(path).get("metadata", {}).get("producer", {})
+    except ProfileError:
+        return False
+    return producer.get("generator_version") == symbols.builder_version()
 
 
 def build_image(package: str = DEFAULT_KERNEL_PACKAGE, progress: Progress | None = None,
