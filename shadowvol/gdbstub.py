@@ -189,6 +189,7 @@ class GdbStub:
         self._phys = False
         #: End of the current exchange (time.monotonic), or None: wait as the socket timeout says.
         self._deadline: float | None = None
+        self._window: float = timeout  # the wait that _deadline bounds, for messages
         self.last_stop: str | None = None
         self.features: dict[str, str] = {}
         if connect:
@@ -235,13 +236,13 @@ class GdbStub:
         if self._deadline is not None:
             left = self._deadline - time.monotonic()
             if left <= 0:
-                raise GdbError(f"gdbstub {self.target}: no complete reply within {self.timeout:g} s")
+                raise GdbError(f"gdbstub {self.target} timed out: no complete reply within {self._window:g} s")
             self._sock.settimeout(left)
         try:
             chunk = self._sock.recv(65536)
         except socket.timeout:
             if self._deadline is not None:
-                raise GdbError(f"gdbstub {self.target}: no complete reply within {self.timeout:g} s") from None
+                raise GdbError(f"gdbstub {self.target} timed out: no complete reply within {self._window:g} s") from None
             raise GdbError(f"gdbstub {self.target} timed out") from None
         except OSError as exc:
             raise GdbError(f"gdbstub {self.target}: {exc.strerror or exc}") from None
@@ -518,6 +519,7 @@ class GdbStub:
         # An overall deadline when a timeout is given; None waits for as long
         # as the guest runs (a breakpoint may take that long to be hit).
         self._deadline = None if timeout is None else time.monotonic() + timeout
+        saved_window, self._window = self._window, (self.timeout if timeout is None else timeout)
         self._sock.settimeout(timeout)
         try:
             while True:
@@ -529,6 +531,7 @@ class GdbStub:
                     continue
         finally:
             self._deadline = saved
+            self._window = saved_window
             if self._sock is not None:
                 self._sock.settimeout(old)
 

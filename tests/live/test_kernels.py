@@ -12,6 +12,10 @@ checks per kernel), so it runs only when asked:
 
     SHADOWVOL_KERNEL_MATRIX=1 pytest tests/live/test_kernels.py          # all six
     SHADOWVOL_KERNEL_MATRIX=linux-image-rt-amd64,linux-image-6.12-amd64 pytest ...
+
+``PACKAGE+la57`` boots the same image with ``-cpu max`` (5-level paging: the
+guest must show la57 and CR4.LA57), and every check runs on both backends
+(shadow and libvmi), ``trace`` included.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ PACKAGES = [
     "linux-image-6.12-amd64",        # 6.12 generic
     "linux-image-6.12-cloud-amd64",  # 6.12 cloud
     "linux-image-6.12-rt-amd64",     # 6.12 PREEMPT_RT
+    "linux-image-cloud-amd64+la57",  # 6.1 cloud on -cpu max: 5-level paging
 ]
+LA57 = "+la57"
 
 
 def _selected() -> list[str]:
@@ -50,7 +56,16 @@ pytestmark = [
 
 
 def _vm_name(package: str) -> str:
-    return "km-" + package.removeprefix("linux-image-").replace(".", "")[:29]
+    return "km-" + package.removeprefix("linux-image-").replace(".", "").replace("+", "-")[:29]
+
+
+def _la57(entry) -> bool:
+    return entry.extra.get("cpu") == "max"
+
+
+def _backends(entry) -> tuple[str, ...]:
+    """Both backends on the LA57 guest; the shadow one elsewhere."""
+    return ("shadow", "libvmi") if _la57(entry) else ("shadow",)
 
 
 @pytest.fixture(scope="module", params=_selected() or PACKAGES)
@@ -59,15 +74,15 @@ def kernel_vm(request, private_run_dir):
     from shadowvol.vm import qemu
     from shadowvol.vm.image import build_image
 
-    package = request.param
+    package, la57 = request.param.removesuffix(LA57), request.param.endswith(LA57)
     t0 = time.monotonic()
     img, built = build_image(package)
     t_build = time.monotonic() - t0
     stub = bool(img.manifest.get("stub"))
     t0 = time.monotonic()
-    entry = qemu.start_vm(_vm_name(package), img, stub=stub)
+    entry = qemu.start_vm(_vm_name(request.param), img, stub=stub, cpu="max" if la57 else None)
     t_boot = time.monotonic() - t0
-    print(f"\n[kernel matrix] {package} -> {img.manifest['image_package']} ({img.release}): "
+    print(f"\n[kernel matrix] {request.param} -> {img.manifest['image_package']} ({img.release}): "
           f"build {t_build:.1f} s ({'built' if built else 'cached'}), boot {t_boot:.1f} s, "
           f"stub {'yes' if stub else 'no: ' + str(img.manifest.get('stub_error'))}")
     yield entry, img
@@ -88,16 +103,33 @@ def run(kernel_vm):
     return sh
 
 
-def rows(vm: str, plugin: str) -> list[dict]:
-    r = run_cli("-vm", vm, "-r", "json", plugin)
-    assert r.returncode == 0, r.stderr
+def rows(vm: str, plugin: str, backend: str = "shadow") -> list[dict]:
+    r = run_cli("-vm", vm, "--backend", backend, "-r", "json", plugin)
+    assert r.returncode == 0, f"{plugin} ({backend}): {r.stderr}"
     return json.loads(r.stdout)
 
 
-def test_pslist_equals_guest_ps(kernel_vm, run):
+def test_la57_guest_uses_5_level_paging(kernel_vm, run):
+    import re
+
+    from shadowvol.qmp import QMPClient
+
     entry, _ = kernel_vm
+    if not _la57(entry):
+        pytest.skip("4-level guest")
+    assert "la57" in run("grep -o -w la57 /proc/cpuinfo || true")
+    with QMPClient(entry.qmp) as q:
+        cr4 = int(re.search(r"CR4=([0-9a-f]+)", q.hmp("info registers")).group(1), 16)
+    assert cr4 >> 12 & 1, f"CR4 {cr4:#x} without LA57"
+
+
+@pytest.mark.parametrize("backend", ["shadow", "libvmi"])
+def test_pslist_equals_guest_ps(kernel_vm, run, backend):
+    entry, _ = kernel_vm
+    if backend not in _backends(entry):
+        pytest.skip(f"{backend}: LA57 guest only")
     before = guest_ps(run)
-    ours = {r["PID"]: (r["PPID"], r["COMM"]) for r in rows(entry.name, "linux.pslist")}
+    ours = {r["PID"]: (r["PPID"], r["COMM"]) for r in rows(entry.name, "linux.pslist", backend)}
     after = guest_ps(run)
     stable = {p: v for p, v in before.items() if after.get(p) == v}  # the shell reading /proc comes and goes
     assert len(stable) > 30
@@ -108,34 +140,46 @@ def test_pslist_equals_guest_ps(kernel_vm, run):
     assert len(extra) <= 3, f"tasks in pslist the guest never showed: {sorted(extra)}"
 
 
-def test_lsmod_equals_proc_modules(kernel_vm, run):
+@pytest.mark.parametrize("backend", ["shadow", "libvmi"])
+def test_lsmod_equals_proc_modules(kernel_vm, run, backend):
     entry, _ = kernel_vm
+    if backend not in _backends(entry):
+        pytest.skip(f"{backend}: LA57 guest only")
     theirs = {line.split()[0] for line in run("cat /proc/modules").splitlines() if line.strip()}
     assert theirs, "the guest loads modules at boot (qemu_fw_cfg)"
-    assert {r["Module Name"] for r in rows(entry.name, "linux.lsmod")} == theirs
+    assert {r["Module Name"] for r in rows(entry.name, "linux.lsmod", backend)} == theirs
 
 
-def test_no_findings(kernel_vm):
+@pytest.mark.parametrize("backend", ["shadow", "libvmi"])
+def test_no_findings(kernel_vm, backend):
     entry, _ = kernel_vm
-    syscalls = rows(entry.name, "linux.check_syscall")
+    if backend not in _backends(entry):
+        pytest.skip(f"{backend}: LA57 guest only")
+    syscalls = rows(entry.name, "linux.check_syscall", backend)
     assert len(syscalls) > 300 and not [r for r in syscalls if r["Hooked"]]
-    idt = rows(entry.name, "linux.check_idt")
+    idt = rows(entry.name, "linux.check_idt", backend)
     assert len(idt) == 256 and not [r for r in idt if r["Hooked"]]
-    assert rows(entry.name, "linux.hidden_modules") == []
-    tasks = rows(entry.name, "linux.psxview")
+    assert rows(entry.name, "linux.hidden_modules", backend) == []
+    tasks = rows(entry.name, "linux.psxview", backend)
     assert len(tasks) > 30 and not [r for r in tasks if r["Hidden"]]
     assert all(r["task_list"] and r["pid_hash"] and r["task_scan"] for r in tasks)
 
 
-def test_trace_sees_a_guest_syscall(kernel_vm):
+@pytest.mark.parametrize("backend", ["shadow", "libvmi"])
+def test_trace_sees_a_guest_syscall(kernel_vm, backend):
     """The stub, when it builds on this kernel: a getppid loop started in the
-    guest shows up in ``trace``; without it, trace says why in one line."""
+    guest shows up in ``trace``; without it, trace says why in one line. On
+    the LA57 guest also through gdbstub breakpoints (~12 ms an event on TCG,
+    hence the shorter loop)."""
     import threading
 
     from shadowvol.vm.console import vm_exec
 
     entry, img = kernel_vm
-    if not img.manifest.get("stub"):
+    if backend not in _backends(entry):
+        pytest.skip(f"{backend}: LA57 guest only")
+    loops = 2000 if backend == "shadow" else 200
+    if backend == "shadow" and not img.manifest.get("stub"):
         r = run_cli("trace", "-vm", entry.name, "--syscalls", "--duration", "1")
         assert r.returncode != 0 and "stub is unavailable on kernel" in r.stderr, r.stderr
         return
@@ -143,11 +187,12 @@ def test_trace_sees_a_guest_syscall(kernel_vm):
 
     def guest() -> None:
         time.sleep(1.5)
-        out.append(vm_exec(entry, "sv-syscall-loop 2000 >/dev/null; echo done", timeout=60.0))
+        out.append(vm_exec(entry, f"sv-syscall-loop {loops} >/dev/null; echo done", timeout=60.0))
 
     th = threading.Thread(target=guest)
     th.start()
-    r = run_cli("trace", "-vm", entry.name, "--syscalls", "--duration", "5", "-r", "json")
+    r = run_cli("trace", "-vm", entry.name, "--backend", backend, "--syscalls", "--duration",
+                "5" if backend == "shadow" else "8", "-r", "json")
     th.join(60)
     assert r.returncode == 0, r.stderr
     comms = {json.loads(line).get("comm") for line in r.stdout.splitlines() if line.startswith("{")}

@@ -247,3 +247,14 @@ def test_parse_target_xml_regnum_order() -> None:
     regs = parse_target_xml({"target.xml": TARGET_XML, "i386-64bit.xml": CORE_XML})
     assert [r.regnum for r in regs] == list(range(len(regs)))
     assert regs[16].name == "rip" and regs[17].bitsize == 32
+
+
+def test_wait_stop_slice_times_out_as_timed_out() -> None:
+    """The breakpoint monitor waits in 0.25 s slices and resumes on "timed out";
+    a quiet guest (no hit within a slice) must not end the trace."""
+    stub, peer = pair()
+    stub.cont(wait=False)
+    with pytest.raises(GdbError, match=r"timed out: no complete reply within 0\.1 s"):
+        stub.wait_stop(timeout=0.1)
+    assert stub.interrupt() == "T02thread:01;"
+    stub.close()
