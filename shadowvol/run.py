@@ -38,7 +38,8 @@ def _top_parser() -> argparse.ArgumentParser:
                    help="where plugins write the files they extract (as vol -o; default: here)")
     p.add_argument("-v", "--verbose", action="store_true", help="show volatility3 warnings")
     p.add_argument("--partial", action="store_true",
-                   help="accept a dump shorter than its layout (a warning instead of an error)")
+                   help="accept a dump shorter than its layout, or a walk cut short by unreadable "
+                        "memory (a warning instead of exit 1 or 3)")
     p.add_argument("plugin", nargs="?")
     p.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -76,16 +77,160 @@ def file_handler(output_dir: str) -> type:
     return cli.file_handler_class_factory()
 
 
-def run_plugin(target, plugin_name: str, options: dict | None = None, output_dir: str | None = None):
+# Cells stock plugins fill with a failure instead of raising (pslist/proc/elfs
+# --dump: "Error outputting file"; pagecache: "Error dumping cached pages ...").
+ERROR_CELLS = ("Error outputting file",)
+ERROR_CELL_PREFIXES = ("Error dumping cached pages",)
+
+
+class RunHealth:
+    """What failed underneath a stock plugin that the plugin itself may have swallowed.
+
+    - ``faults``: kernel-layer validity checks and reads that found no readable
+      memory. Plugins probe unmapped addresses on purpose (``is_valid``
+      checks, user pages swapped out), so this count alone proves nothing.
+    - ``broken_walks``: a stock list walk (``list_head.to_list``,
+      ``hlist_head.to_list``) that had read its head and then met a non-NULL
+      link to unreadable memory. Kernel lists are never so in a consistent
+      snapshot: the walk was cut short by a truncated dump, smear, or corruption.
+    - ``error_cells``: cells holding a stock plugin's error text.
+    - ``unreadable_cells``: ``UnreadableValue`` / ``UnparsableValue`` cells
+      (legitimate, e.g. psaux when a process's argv page is not resident).
+    """
+
+    def __init__(self) -> None:
+        self.faults = 0
+        self.broken_walks: list[str] = []
+        self.error_cells: list[str] = []
+        self.unreadable_cells = 0
+        self._walk_codes: dict | None = None
+
+    def watch_layer(self, layer) -> None:
+        """Observe ``layer``'s ``is_valid`` and ``read`` (instance attributes; the class is untouched)."""
+        from volatility3.framework import exceptions
+
+        is_valid, read = layer.is_valid, layer.read
+
+        def checked_is_valid(offset: int, length: int = 1) -> bool:
+            ok = is_valid(offset, length)
+            if not ok:
+                self.faults += 1
+                self._check_walk(sys._getframe(1), offset, getattr(layer, "canonicalize", None))
+            return ok
+
+        def checked_read(offset: int, length: int, pad: bool = False) -> bytes:
+            try:
+                return read(offset, length, pad)
+            except exceptions.InvalidAddressException:
+                self.faults += 1
+                raise
+
+        layer.is_valid = checked_is_valid
+        layer.read = checked_read
+
+    def _codes(self) -> dict:
+        if self._walk_codes is None:
+            from volatility3.framework.symbols.linux import extensions
+
+            # The local each walk sets once it has read its head: a failure after it is a broken link.
+            self._walk_codes = {extensions.list_head.to_list.__code__: "direction",
+                                extensions.hlist_head.to_list.__code__: "current"}
+        return self._walk_codes
+
+    def _check_walk(self, frame, offset: int, canonical=None) -> None:
+        codes = self._codes()
+        for _ in range(3):  # the walk itself, or Pointer.is_readable called by it
+            if frame is None:
+                return
+            marker = codes.get(frame.f_code)
+            if marker is not None:
+                local = frame.f_locals
+                if marker in local:
+                    def addr(a: int) -> int:
+                        return canonical(a) if canonical is not None else a
+                    head = local.get("self")
+                    where = f" at {addr(head.vol.offset):#x}" if head is not None else ""
+                    what = f"{str(local.get('symbol_type', '?')).split('!')[-1]}.{local.get('member', '?')}"
+                    note = f"list of {what}{where} stopped at unreadable {addr(offset):#x}"
+                    if note not in self.broken_walks:
+                        self.broken_walks.append(note)
+                return
+            frame = frame.f_back
+
+    def watch_grid(self, grid) -> None:
+        """Check every row a renderer visits (``grid.populate`` wrapped on the instance)."""
+        from volatility3.framework import interfaces
+
+        populate = grid.populate
+        names = [c.name for c in grid.columns]
+
+        def checked_populate(function=None, initial_accumulator=None, fail_on_errors: bool = True):
+            def visit(node, acc):
+                for name, value in zip(names, node.values):
+                    if isinstance(value, str):
+                        if value in ERROR_CELLS or value.startswith(ERROR_CELL_PREFIXES):
+                            self.error_cells.append(f"{name}: {value}")
+                    elif isinstance(value, interfaces.renderers.BaseAbsentValue):
+                        if type(value).__name__ in ("UnreadableValue", "UnparsableValue"):
+                            self.unreadable_cells += 1
+                return function(node, acc) if function is not None else acc
+            return populate(visit, initial_accumulator, fail_on_errors)
+
+        grid.populate = checked_populate
+
+    def problems(self) -> list[str]:
+        """One-line descriptions of what makes the answer incomplete (empty when it is whole)."""
+        out = []
+        if self.broken_walks:
+            more = f" (+{len(self.broken_walks) - 1} more)" if len(self.broken_walks) > 1 else ""
+            out.append(f"a walk ran into unreadable memory, the answer may be incomplete: "
+                       f"{self.broken_walks[0]}{more}")
+        if self.error_cells:
+            more = f" (+{len(self.error_cells) - 1} more)" if len(self.error_cells) > 1 else ""
+            out.append(f"the plugin reported a failure in its output: {self.error_cells[0]}{more}")
+        return out
+
+
+def run_plugin(target, plugin_name: str, options: dict | None = None, output_dir: str | None = None,
+               health: RunHealth | None = None):
     """Run a plugin on a :class:`~shadowvol.target.Target`; returns the TreeGrid (populated)."""
     from . import volbridge
 
     plugin_cls = volbridge.load_plugin(plugin_name)
     ctx = volbridge.build_context(target.memory, target.kernel, target.location, target.isf,
                                   isf_url=target.profile_path.as_uri())
+    if health is not None:
+        health.watch_layer(ctx.layers[volbridge.KERNEL_LAYER])
     handler = file_handler(output_dir) if output_dir is not None else None
     plugin = volbridge.construct_plugin(ctx, plugin_cls, options or {}, file_handler=handler)
-    return plugin.run()
+    grid = plugin.run()
+    if health is not None:
+        health.watch_grid(grid)
+    return grid
+
+
+OTHER_OS = {"windows": "Windows", "mac": "macOS"}
+
+
+def check_plugin_os(plugin_cls: type, vm: str | None) -> None:
+    """A Windows or macOS plugin on a Linux target: one line saying so (not its SymbolError)."""
+    import importlib.util
+
+    from .safeio import short
+
+    parts = plugin_cls.__module__.split(".")
+    if len(parts) < 4 or parts[:2] != ["volatility3", "plugins"] or parts[2] not in OTHER_OS:
+        return
+    name = ".".join(parts[2:])
+    target = f"{short(vm, 40)} is a Linux guest" if vm else "shadowvol reads Linux memory only"
+    hint = "use a linux.* plugin ('shadowvol plugins' lists them)"
+    twin = "linux." + ".".join(parts[3:])
+    try:
+        if importlib.util.find_spec("volatility3.plugins." + twin) is not None:
+            hint = f"use {twin} ('shadowvol plugins' lists the linux.* plugins)"
+    except (ImportError, ValueError):
+        pass
+    raise ShadowvolError(f"{name} is a {OTHER_OS[parts[2]]} plugin and {target}: {hint}")
 
 
 def run_plugin_cli(argv: list[str]) -> int:
@@ -101,19 +246,30 @@ def run_plugin_cli(argv: list[str]) -> int:
     if not args.verbose:
         volbridge.quiet_volatility()
     plugin_cls = volbridge.load_plugin(args.plugin)
+    check_plugin_os(plugin_cls, args.vm)
     popts = {k: v for k, v in vars(_plugin_parser(plugin_cls, args.plugin).parse_args(args.args)).items()
              if v is not None}
     target = open_target(vm=args.vm, dump=args.dump, backend=args.backend, profile=args.profile,
                          partial=args.partial)
     for warning in target.warnings:
         print(f"shadowvol: warning: {warning}", file=sys.stderr)
+    health = RunHealth()
     try:
         from volatility3.cli import text_renderer
 
-        grid = run_plugin(target, args.plugin, popts, output_dir=args.output_dir)
+        grid = run_plugin(target, args.plugin, popts, output_dir=args.output_dir, health=health)
         renderer = getattr(text_renderer, RENDERERS[args.renderer])()
         renderer.render(grid)
         sys.stdout.flush()
     finally:
         target.close()
-    return 0
+    if args.verbose and health.faults:
+        print(f"shadowvol: note: {health.faults} checks or reads found no readable kernel memory "
+              "(plugins probe on purpose: not an error by itself)", file=sys.stderr)
+    if args.verbose and health.unreadable_cells:
+        print(f"shadowvol: note: {health.unreadable_cells} cells unreadable", file=sys.stderr)
+    problems = health.problems()
+    for problem in problems:
+        print(f"shadowvol: warning: {problem}"
+              + ("" if args.partial else " (--partial accepts it)"), file=sys.stderr)
+    return 3 if problems and not args.partial else 0
