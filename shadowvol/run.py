@@ -53,7 +53,16 @@ def _plugin_parser(plugin_cls: type, name: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"shadowvol ... {name}")
     for req in plugin_options(plugin_cls):
         flag = "--" + req.name.replace("_", "-")
-        if isinstance(req, requirements.BooleanRequirement):
+        if not req.optional and req.default is None and not isinstance(req, requirements.BooleanRequirement):
+            # e.g. linux.vmaregexscan --pattern: said here, not as an "unsatisfied requirement"
+            p.add_argument(flag, dest=req.name, required=True, help=req.description,
+                           **({"nargs": "+", "type": req.element_type}
+                              if isinstance(req, requirements.ListRequirement) else
+                              {"type": lambda s: int(s, 0)}
+                              if isinstance(req, requirements.IntRequirement) else
+                              {"choices": req.choices}
+                              if isinstance(req, requirements.ChoiceRequirement) else {}))
+        elif isinstance(req, requirements.BooleanRequirement):
             p.add_argument(flag, dest=req.name, action="store_true", default=None, help=req.description)
         elif isinstance(req, requirements.ListRequirement):
             p.add_argument(flag, dest=req.name, nargs="+", type=req.element_type, help=req.description)
@@ -209,6 +218,17 @@ def run_plugin(target, plugin_name: str, options: dict | None = None, output_dir
     return grid
 
 
+def _check_writable(output_dir: str) -> None:
+    """``-o DIR`` given: a file can be created there (stock plugins turn a failed write into a cell)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as exc:
+        raise ShadowvolError(f"cannot write files into {output_dir} (-o DIR): {exc.strerror}") from None
+
+
 OTHER_OS = {"windows": "Windows", "mac": "macOS"}
 
 
@@ -240,12 +260,18 @@ def run_plugin_cli(argv: list[str]) -> int:
                              "('shadowvol plugins' lists them all)")
     if not os.path.isdir(args.output_dir):
         raise ShadowvolError(f"output directory {args.output_dir} does not exist (-o DIR)")
+    if args.output_dir != ".":  # given: probe it (a pslist run without -o never writes in the cwd)
+        _check_writable(args.output_dir)
     from . import volbridge
     from .target import open_target
 
     if not args.verbose:
         volbridge.quiet_volatility()
-    plugin_cls = volbridge.load_plugin(args.plugin)
+    try:
+        plugin_cls = volbridge.load_plugin(args.plugin)
+    except ModuleNotFoundError as exc:  # a stock plugin's optional dependency (vmayarascan: yara)
+        raise ShadowvolError(f"{args.plugin} needs the Python module {exc.name!r}, which is not "
+                             "installed (as stock vol; for yara: pip install yara-python)") from None
     check_plugin_os(plugin_cls, args.vm)
     popts = {k: v for k, v in vars(_plugin_parser(plugin_cls, args.plugin).parse_args(args.args)).items()
              if v is not None}

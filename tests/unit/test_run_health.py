@@ -132,3 +132,25 @@ def test_other_os_plugin_is_one_clear_line(plugin: str, words: list[str]) -> Non
     assert "\n" not in text and "SymbolError" not in text
     for w in words:
         assert w in text
+
+
+def test_output_dir_not_writable_is_one_line() -> None:
+    with pytest.raises(ShadowvolError, match="cannot write files into /proc"):
+        run_plugin_cli(["-vm", "no-such-vm", "-o", "/proc", "linux.pslist"])
+
+
+@pytest.mark.parametrize("plugin, flag", [("linux.vmaregexscan", "--pattern"),
+                                          ("linux.module_extract", "--base")])
+def test_required_plugin_option_is_named(plugin: str, flag: str) -> None:
+    with pytest.raises(ShadowvolError, match=f"required: {flag}"):
+        run_plugin_cli(["-vm", "no-such-vm", plugin])
+
+
+def test_missing_optional_dependency_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shadowvol import volbridge
+
+    def load(name: str, ours_only: bool = False) -> type:
+        raise ModuleNotFoundError("No module named 'yara'", name="yara")
+    monkeypatch.setattr(volbridge, "load_plugin", load)
+    with pytest.raises(ShadowvolError, match="needs the Python module 'yara'"):
+        run_plugin_cli(["-vm", "no-such-vm", "linux.vmayarascan"])
