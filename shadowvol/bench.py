@@ -384,3 +384,120 @@ def bench_scan(vm: str, runs: int = 3) -> list[dict[str, Any]]:
         return rows
     finally:
         t.close()
+
+
+# -- bench scale (issue 12): stock plugins as the task count grows --------
+
+DRGN_TASKS = "import drgn\nfrom drgn.helpers.linux.pid import for_each_task\n" \
+             "print(sum(1 for _ in for_each_task(prog)))\n"
+
+
+def _run_rss(cmd: list[str], cwd: str | None = None) -> tuple[float, float, str]:
+    """(seconds, peak RSS of the child in MB, stdout) of one command; raises on failure."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(p.pid, 0)
+        secs = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:6])}... failed: {err.read().decode(errors='replace')[-300:]}")
+        return secs, usage.ru_maxrss / 1024, out.read().decode(errors="replace")
+
+
+def _median_run(cmd: list[str], runs: int, cwd: str | None = None) -> tuple[float, float, str]:
+    samples, rss, out = [], 0.0, ""
+    for _ in range(runs):
+        secs, peak, out = _run_rss(cmd, cwd)
+        samples.append(secs)
+        rss = max(rss, peak)
+    return statistics.median(samples), rss, out
+
+
+def _set_idle_tasks(entry: Any, n: int) -> None:
+    """Exactly ``n`` extra idle processes in the guest (``sv-idle`` under distinct names)."""
+    from .vm.console import vm_exec
+
+    rc, out = vm_exec(entry, "killall sv-idle 2>/dev/null; pkill -f /tmp/sv-s 2>/dev/null; sleep 0.3; "
+                      f"n={n}; i=0; while [ $i -lt $n ]; do i=$((i+1)); ln -sf /usr/bin/sv-idle /tmp/sv-s$i; "
+                      "/tmp/sv-s$i & done; sleep 1; ls -d /proc/[0-9]* | wc -l", timeout=600)
+    if rc != 0:
+        raise RuntimeError(f"could not start {n} idle tasks in the guest: {out[-200:]!r}")
+
+
+def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | None = None,
+                progress: Any = None) -> list[dict[str, Any]]:
+    """Per task count: stock pslist/psaux and our psxview live, stock vol -f on a raw copy,
+    drgn --qemu (when installed and given a debug vmlinux); side by side, VM paused."""
+    from . import fidelity
+    from .target import open_target
+    from .vm.registry import get_vm
+
+    say = progress or (lambda msg: None)
+    entry = get_vm(vm)
+    me = [sys.executable, "-m", "shadowvol", "-vm", vm, "-r", "json"]
+    vol = shutil.which("vol", path=os.path.dirname(sys.executable)) or shutil.which("vol")
+    drgn = shutil.which("drgn", path=os.path.dirname(sys.executable)) or shutil.which("drgn")
+    rows: list[dict[str, Any]] = []
+    with fidelity.paused(entry.qmp) as was_running:
+        pass  # learn the state; each size resumes the VM to start tasks, then pauses it
+    from .qmp import QMPClient
+
+    def set_running(on: bool) -> None:
+        with QMPClient(entry.qmp) as q:
+            q.execute("cont" if on else "stop")
+
+    try:
+        for n in tasks:
+            set_running(True)
+            say(f"{n} idle tasks: starting them in the guest")
+            _set_idle_tasks(entry, n)
+            set_running(False)
+            with tempfile.TemporaryDirectory(prefix="shadowvol-scale-", dir="/var/tmp") as tmp:
+                _median_run(me + ["linux.pslist"], 1)  # warm: profile cache, kernel location
+                count = 0
+                for tool, plugin in (("shadowvol live", "linux.pslist"), ("shadowvol live", "linux.psaux"),
+                                     ("shadowvol live", "linux.psxview")):
+                    say(f"{n} idle tasks: {plugin} live")
+                    secs, rss, out = _median_run(me + [plugin], runs, cwd=tmp)
+                    if plugin == "linux.pslist":
+                        count = len(fidelity.flatten_rows(json.loads(out)))
+                    rows.append({"tasks": count, "tool": tool, "plugin": plugin,
+                                 "median_s": round(secs, 3), "rss_mb": round(rss)})
+                if vol:
+                    t = open_target(vm=vm)
+                    try:
+                        raw = Path(tmp) / "guest.raw"
+                        fidelity.raw_copy(t.memory, raw)
+                        symdir = Path(tmp) / "symbols" / "linux"
+                        symdir.mkdir(parents=True)
+                        shutil.copy(t.profile_path, symdir / t.profile_path.name)
+                    finally:
+                        t.close()
+                    cmd = [vol, "-q", "-f", str(raw), "-s", str(symdir.parent), "-r", "json", "linux.pslist"]
+                    _median_run(cmd, 1, cwd=tmp)  # warm vol's own caches
+                    say(f"{n} idle tasks: stock vol -f on the copy")
+                    secs, rss, _ = _median_run(cmd, max(1, runs // 2), cwd=tmp)
+                    rows.append({"tasks": count, "tool": "stock vol -f (raw copy)", "plugin": "linux.pslist",
+                                 "median_s": round(secs, 3), "rss_mb": round(rss)})
+                if drgn and drgn_vmlinux:
+                    script = Path(tmp) / "tasks.py"
+                    script.write_text(DRGN_TASKS)
+                    say(f"{n} idle tasks: drgn --qemu")
+                    secs, rss, _ = _median_run([drgn, "--qemu", entry.qmp, "-s", drgn_vmlinux,
+                                                "--no-default-symbols", str(script)], runs, cwd=tmp)
+                    rows.append({"tasks": count, "tool": "drgn --qemu (debug vmlinux)",
+                                 "plugin": "for_each_task", "median_s": round(secs, 3), "rss_mb": round(rss)})
+                else:
+                    rows.append({"tasks": count, "tool": "drgn --qemu", "plugin": "-",
+                                 "median_s": "n/a", "rss_mb": "n/a",
+                                 "note": "drgn not installed" if not drgn else "no debug vmlinux (--vmlinux)"})
+    finally:
+        set_running(True)
+        try:
+            _set_idle_tasks(entry, 0)
+        finally:
+            set_running(was_running)
+    return rows

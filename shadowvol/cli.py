@@ -304,6 +304,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_sweep(args)
     elif args.what == "scan":
         bench.render(bench.bench_scan(args.vm, runs=args.runs), args.renderer)
+    elif args.what == "scale":
+        update, stop = _progress()
+        try:
+            rows = bench.bench_scale(args.vm, [int(x) for x in args.tasks.split(",")], runs=args.runs,
+                                     drgn_vmlinux=args.vmlinux, progress=update)
+        finally:
+            stop()
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        bench.render([{c: r.get(c, "") for c in cols} for r in rows], args.renderer)
     else:
         bench.render(bench.bench_pslist(args.vm, runs=args.runs), args.renderer)
     return 0
@@ -538,7 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
     pl.set_defaults(func=cmd_plugins)
     be = sub.add_parser("bench", help="benchmarks: read latency, end-to-end pslist, plugin sweep")
-    be.add_argument("what", choices=["reads", "pslist", "overhead", "sweep", "scan"])
+    be.add_argument("what", choices=["reads", "pslist", "overhead", "sweep", "scan", "scale"])
+    be.add_argument("--tasks", default="0,500,1000,2000", help="scale: idle tasks to add, per step")
+    be.add_argument("--vmlinux", help="scale: debug vmlinux for drgn --qemu (from linux-image-*-dbg)")
     be.add_argument("-vm", dest="vm", required=True)
     be.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"], help="sweep: backend")
     be.add_argument("--plugins", help="sweep: comma-separated plugins (default: every stock Linux plugin)")

@@ -295,7 +295,9 @@ def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str
             placeholders = sweep_arguments(target)
         finally:
             target.close()
-        me = [sys.executable, "-m", "shadowvol", "-vm", vm, "--backend", backend, "-r", "json"]
+        # --partial: a warning about a cut walk or an error cell must not stop the
+        # rows from being compared (stock vol prints them and exits 0).
+        me = [sys.executable, "-m", "shadowvol", "-vm", vm, "--backend", backend, "-r", "json", "--partial"]
         stock = [vol, "-q", "-f", str(raw), "-s", str(symdir), "-r", "json"]
         for name in names:
             args = [placeholders.get(a, a) for a in PLUGIN_ARGS.get(name, [])]
