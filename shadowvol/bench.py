@@ -393,18 +393,26 @@ DRGN_TASKS = "import drgn\nfrom drgn.helpers.linux.pid import for_each_task\n" \
 
 
 def _run_rss(cmd: list[str], cwd: str | None = None) -> tuple[float, float, str]:
-    """(seconds, peak RSS of the child in MB, stdout) of one command; raises on failure."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    """(seconds, peak RSS of the command in MB, stdout) of one command; raises on failure.
+
+    The peak comes from GNU time (``%M``): a child forked from this process
+    inherits its high-water mark (ours maps guest RAM), so wait4's ru_maxrss
+    would report the parent's. 0 when /usr/bin/time is missing.
+    """
+    gnu_time = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r") as rss_file:
+        full = ([gnu_time, "-f", "%M", "-o", rss_file.name] if gnu_time else []) + cmd
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(p.pid, 0)
+        rc = subprocess.run(full, stdout=out, stderr=err, cwd=cwd, stdin=subprocess.DEVNULL).returncode
         secs = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        if p.returncode != 0:
+        if rc != 0:
             raise RuntimeError(f"{' '.join(cmd[:6])}... failed: {err.read().decode(errors='replace')[-300:]}")
-        return secs, usage.ru_maxrss / 1024, out.read().decode(errors="replace")
+        text = rss_file.read().strip().splitlines()
+        rss = int(text[-1]) / 1024 if text and text[-1].isdigit() else 0.0
+        return secs, rss, out.read().decode(errors="replace")
 
 
 def _median_run(cmd: list[str], runs: int, cwd: str | None = None) -> tuple[float, float, str]:

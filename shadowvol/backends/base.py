@@ -184,6 +184,9 @@ class BufferMemory(PhysicalMemory):
         self._buf = buffer
         self._segments = segs
         self._starts = [s.start for s in segs]
+        # RAM ranges are fixed for the buffer's life: merged once (is_valid runs per page).
+        self._ranges = tuple(merge_ranges((s.start, s.end) for s in segs if s.end > s.start))
+        self._range_starts = [a for a, _ in self._ranges]
         self._meta = dict(meta or {})
         self._closed = False
         fast = next((s for s in segs if s.start == 0), max(segs, key=lambda s: s.length, default=None))
@@ -252,7 +255,11 @@ class BufferMemory(PhysicalMemory):
         return list(self._segments)
 
     def ranges(self) -> list[tuple[int, int]]:
-        return merge_ranges((s.start, s.end) for s in self._segments if s.end > s.start)
+        return list(self._ranges)
+
+    def is_valid(self, paddr: int, length: int = 1) -> bool:
+        i = bisect.bisect_right(self._range_starts, paddr) - 1
+        return i >= 0 and paddr + length <= self._ranges[i][1]
 
     def metadata(self) -> dict[str, Any]:
         meta = {"backend": type(self).__name__, "size": self.size(), "source": None, "live": False}
@@ -265,6 +272,8 @@ class BufferMemory(PhysicalMemory):
         self._fast_end = -1
         self._segments = []
         self._starts = []
+        self._ranges = ()
+        self._range_starts = []
         if isinstance(buf, mmap.mmap):
             buf.close()
 

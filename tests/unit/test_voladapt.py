@@ -1,0 +1,125 @@
+"""volbridge.adapt_volatility3: each replacement behaves as the stock method it replaces.
+
+The adaptations speed up volatility3's object model for stock plugins (issue
+12); they must not change any result. Each is compared here with the stock
+implementation (kept by the adaptation as ``__wrapped__`` or rebuilt from
+volatility3's source), on synthetic objects and maps; the live fidelity test
+compares every stock plugin's rows with stock ``vol`` in a separate process.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from hypothesis import given, settings, strategies as st
+from volatility3.framework import contexts, objects
+from volatility3.framework.interfaces import objects as iobjects
+from volatility3.framework.objects import templates
+
+from shadowvol import volbridge
+
+keys = st.sampled_from(["a", "b", "c", "size", "offset", "type_name", "layer_name", "x"])
+maps = st.lists(st.dictionaries(keys, st.integers()), min_size=1, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(maps, keys, st.integers())
+def test_volchainmap_is_chainmap(ms, key, default):
+    stock, ours = collections.ChainMap(*ms), volbridge.VolChainMap(*ms)
+    assert (key in ours) == (key in stock)
+    assert ours.get(key, default) == stock.get(key, default)
+    assert list(ours) == list(stock) and dict(ours) == dict(stock)
+    if key in stock:
+        assert ours[key] == stock[key]
+    child = ours.new_child({"a": 1})
+    assert isinstance(child, volbridge.VolChainMap) and child["a"] == 1
+
+
+def test_object_information_contains_matches_dataclass_fields():
+    volbridge.adapt_volatility3()
+    info = iobjects.ObjectInformation(layer_name="l", offset=0, native_layer_name="n")
+    fields = {f.name for f in dataclasses.fields(info)}
+    for key in list(fields) + ["nope", "", "__dict__", "vol"]:
+        assert (key in info) == (key in fields)
+
+    @dataclasses.dataclass
+    class Extended(iobjects.ObjectInformation):
+        extra: int = 0
+
+    assert "extra" in Extended(layer_name="l", offset=0, native_layer_name="n")
+
+
+def test_read_only_mapping_getattr():
+    volbridge.adapt_volatility3()
+    m = iobjects.ReadOnlyMapping(volbridge.VolChainMap({}, {"a": 1}, {"a": 2, "b": None}))
+    assert m.a == 1 and m.b is None
+    try:
+        m.c
+    except AttributeError as exc:
+        assert "ReadOnlyMapping.c" in str(exc)
+    else:
+        raise AssertionError("missing key must raise AttributeError")
+
+
+def _stock_template_call(template, context, object_info):
+    """volatility3 2.28's ObjectTemplate.__call__, as written there."""
+    arguments = {}
+    for arg in template.vol:
+        if arg != "object_class":
+            arguments[arg] = template.vol[arg]
+    return template.vol.object_class(context=context, object_info=object_info, **arguments)
+
+
+VOL_KEYS = ("type_name", "offset", "layer_name", "native_layer_name", "member_name", "size")
+
+
+def _vol(obj) -> dict:
+    """An object's vol as a dict (a vol holding an ObjectInformation cannot be iterated)."""
+    return {k: getattr(obj.vol, k, None) for k in VOL_KEYS}
+
+
+def _context_with_bytes(data: bytes):
+    from volatility3.framework.layers.physical import BufferDataLayer
+
+    ctx = contexts.Context()
+    ctx.layers.add_layer(BufferDataLayer(ctx, "cfg", "mem", data))
+    return ctx
+
+
+def test_template_call_and_size_match_stock():
+    volbridge.adapt_volatility3()
+    ctx = _context_with_bytes(bytes(range(64)))
+    info = iobjects.ObjectInformation(layer_name="mem", offset=8, native_layer_name="mem")
+    int_t = templates.ObjectTemplate(objects.Integer, "u32", data_format=objects.DataFormatInfo(4, "little", False))
+    arr_t = templates.ObjectTemplate(objects.Array, "arr", count=3, subtype=int_t)
+    for t in (int_t, arr_t):
+        ours, stock = t(ctx, info), _stock_template_call(t, ctx, info)
+        assert type(ours) is type(stock) and _vol(ours) == _vol(stock)
+        assert t.size == t.vol.object_class.VolTemplateProxy.size(t)
+    assert int(int_t(ctx, info)) == int.from_bytes(bytes(range(8, 12)), "little")
+    assert [int(x) for x in arr_t(ctx, info)] == [int.from_bytes(bytes(range(i, i + 4)), "little")
+                                                  for i in (8, 12, 16)]
+
+
+def test_struct_member_access_matches_stock():
+    """AggregateType.__getattr__ adapted vs the stock method it wraps, member by member."""
+    volbridge.adapt_volatility3()
+    ctx = _context_with_bytes(bytes(range(64)))
+    u16 = templates.ObjectTemplate(objects.Integer, "u16", data_format=objects.DataFormatInfo(2, "little", False))
+    struct_t = templates.ObjectTemplate(objects.StructType, "s", size=8,
+                                        members={"lo": (0, u16), "hi": (6, u16)})
+    info = iobjects.ObjectInformation(layer_name="mem", offset=16, native_layer_name="mem")
+    ours, plain = struct_t(ctx, info), struct_t(ctx, info)
+    stock = objects.AggregateType.__getattr__.__wrapped__
+    for name in ("lo", "hi"):
+        a, b = getattr(ours, name), stock(plain, name)
+        assert int(a) == int(b) and _vol(a) == _vol(b) and a.vol.parent is ours
+    for bad in ("nope", "_x__y"):
+        for obj, get in ((ours, getattr), (plain, stock)):
+            try:
+                get(obj, bad)
+            except AttributeError as exc:
+                assert "has no attribute" in str(exc)
+            else:
+                raise AssertionError(bad)
