@@ -385,7 +385,7 @@ def _add_trace_check_parsers(sub: argparse._SubParsersAction, bench_parser: argp
     bench_parser.add_argument("--workload", action="append",
                               help="bench overhead: only these (getppid, forkexec, filecopy, gzip, httpd)")
     tc = sub.add_parser("trace-check", help="verify the guest stub's code, hooks and rings from outside")
-    tc.add_argument("-vm", dest="vm", default="web01")
+    tc.add_argument("-vm", dest="vm", required=True, metavar="NAME", help="VM name")
     tc.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
     tc.set_defaults(func=cmd_trace_check)
 
@@ -495,8 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain QEMU RAM (no shared file), like a VM someone else started")
     s.add_argument("--cpu", help="QEMU CPU model (TCG default: max,la57=off; 'max' gives 5-level paging)")
     s.add_argument("--stub", dest="stub", action="store_true", default=None,
-                   help="load the guest stub (default: when the image has it)")
-    s.add_argument("--no-stub", dest="stub", action="store_false")
+                   help="load the guest stub (default: whenever the image has it)")
+    s.add_argument("--no-stub", dest="stub", action="store_false", help="boot without the guest stub")
     s.add_argument("--timeout", type=float, default=120.0)
     s.set_defaults(func=cmd_vm_start)
     vm.add_parser("list", help="list running guests").set_defaults(func=cmd_vm_list)

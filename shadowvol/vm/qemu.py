@@ -26,9 +26,6 @@ from . import registry
 from .image import Image
 
 QEMU = "qemu-system-x86_64"
-# The VM that gets the guest stub (issue 4) unless asked otherwise.
-DEFAULT_STUB_VM = "web01"
-
 
 def parse_memory(text: str | int) -> int:
     """'512M', '1G', '768' (MiB) -> MiB."""
@@ -121,6 +118,19 @@ def build_command(entry: registry.VMEntry, image: Image, accel: str, pidfile: Pa
     return qemu_command(from_vm_entry(entry, image, accel, pidfile, qemu_log))
 
 
+def want_stub(image: Image, stub: bool | None) -> bool:
+    """Whether to load the guest stub: asked for, or by default whenever ``image`` has one.
+
+    Never depends on the VM's name. Asking for it on an image without it is a VMError.
+    """
+    has = bool(image.manifest.get("stub"))
+    if stub is None:
+        return has
+    if stub and not has:
+        raise VMError(f"image {image.release} has no guest stub; rebuild it with 'shadowvol vm build'")
+    return bool(stub)
+
+
 def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
              kaslr: bool = True, accel: str = "auto", stub: bool | None = None,
              timeout: float = 120.0, cpu: str | None = None,
@@ -130,8 +140,8 @@ def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
 
     ``anonymous_ram``: plain QEMU RAM instead of a shared file, as a VM
     started by someone else would have (the shadow backend then reads it
-    through QMP and /proc/PID/mem). ``stub``: load the guest stub (default: for web01, when the image has
-    it). ``stub_params`` are its module parameters (``points``,
+    through QMP and /proc/PID/mem). ``stub``: load the guest stub (default: whenever the image has
+    it, whatever the VM's name; False opts out). ``stub_params`` are its module parameters (``points``,
     ``ring_records``, ``size_kb``, ``events``), passed on the kernel command
     line as ``shadow_stub.NAME=VALUE``.
     """
@@ -143,10 +153,7 @@ def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
         raise VMError(f"invalid CPU count {cpus}")
     if accel not in ("auto", "kvm", "tcg"):
         raise VMError(f"invalid accelerator {accel!r}: auto, kvm or tcg")
-    if stub is None:
-        stub = name == DEFAULT_STUB_VM and bool(image.manifest.get("stub"))
-    elif stub and not image.manifest.get("stub"):
-        raise VMError(f"image {image.release} has no guest stub; rebuild it with 'shadowvol vm build'")
+    stub = want_stub(image, stub)
     for key, value in (stub_params or {}).items():
         if not re.fullmatch(r"[a-z_]+", key) or not re.fullmatch(r"[\w.,+:-]+", str(value)):
             raise VMError(f"invalid stub parameter {key}={value!r}")

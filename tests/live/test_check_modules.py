@@ -44,7 +44,7 @@ def rk_vm(image):
     """A throw-away guest: rk_hidemod cannot be unloaded."""
     from shadowvol.vm import qemu
 
-    entry = qemu.start_vm("h4rkm", image, memory="256M")
+    entry = qemu.start_vm("h4rkm", image, memory="256M", stub=False)
     yield entry
     qemu.stop_vm("h4rkm")
 

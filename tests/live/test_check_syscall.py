@@ -70,7 +70,7 @@ def rk1(image):
     """A guest of this module's own, for the rootkit kits."""
     from shadowvol.vm import qemu
 
-    entry = qemu.start_vm("rk1", image, memory="512M")
+    entry = qemu.start_vm("rk1", image, memory="512M", stub=False)
     yield entry
     qemu.stop_vm("rk1")
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.live
 @pytest.fixture(scope="module")
 def generic():
     img, _ = build_image("linux-image-amd64")
-    e = qemu.start_vm("clean-generic", img, memory="512M")
+    e = qemu.start_vm("clean-generic", img, memory="512M", stub=False)
     yield e
     qemu.stop_vm("clean-generic")
 

@@ -28,7 +28,7 @@ def hand(image):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(machine, "qemu_command", without_vmcoreinfo)
-        e = qemu.start_vm("hand1", image, memory="384M", anonymous_ram=True)
+        e = qemu.start_vm("hand1", image, memory="384M", anonymous_ram=True, stub=False)
     yield e
     qemu.stop_vm("hand1")
 

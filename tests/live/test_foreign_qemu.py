@@ -14,7 +14,7 @@ pytestmark = pytest.mark.live
 
 @pytest.fixture(scope="module")
 def anon(image):
-    e = qemu.start_vm("anon1", image, memory="384M", anonymous_ram=True)
+    e = qemu.start_vm("anon1", image, memory="384M", anonymous_ram=True, stub=False)
     yield e
     qemu.stop_vm("anon1")
 

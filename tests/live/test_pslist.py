@@ -132,7 +132,7 @@ def test_truncated_and_corrupt_dumps(web01, tmp_path):
 def test_stopped_vm_gives_clear_error(image):
     from shadowvol.vm import qemu
 
-    e = qemu.start_vm("gone1", image, memory="256M")
+    e = qemu.start_vm("gone1", image, memory="256M", stub=False)
     qemu.stop_vm("gone1")
     r = run_cli("-vm", "gone1", "linux.pslist")
     assert r.returncode != 0 and "no VM named 'gone1'" in r.stderr

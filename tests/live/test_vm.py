@@ -69,7 +69,7 @@ def test_registry_files_are_private(web01):
 
 
 def test_two_vms_at_once_then_stop(web01, image, guest):
-    e2 = qemu.start_vm("web02", image, memory="256M")
+    e2 = qemu.start_vm("web02", image, memory="256M", stub=False)
     try:
         names = {e.name for e in registry.list_vms()}
         assert {"web01", "web02"} <= names
@@ -84,7 +84,7 @@ def test_two_vms_at_once_then_stop(web01, image, guest):
 
 
 def test_stale_entry_is_cleaned_up(image):
-    e = qemu.start_vm("stale1", image, memory="256M")
+    e = qemu.start_vm("stale1", image, memory="256M", stub=False)
     os.kill(e.pid, signal.SIGKILL)
     for _ in range(100):
         if not e.alive():
@@ -99,7 +99,7 @@ def test_stale_entry_is_cleaned_up(image):
 
 
 def test_list_cleans_dead_qemu(image):
-    e = qemu.start_vm("stale2", image, memory="256M")
+    e = qemu.start_vm("stale2", image, memory="256M", stub=False)
     os.kill(e.pid, signal.SIGKILL)
     while e.alive():
         time.sleep(0.05)
@@ -136,7 +136,7 @@ def test_corrupt_initramfs_reports_boot_failure_with_console_tail(image, tmp_pat
         shutil.copy2(image.root / f, bad / f)
     (bad / "initramfs.cpio.gz").write_bytes(os.urandom(200_000))
     with pytest.raises(VMError) as exc:
-        qemu.start_vm("corrupt1", Image(image.release, bad), memory="256M", timeout=90)
+        qemu.start_vm("corrupt1", Image(image.release, bad), memory="256M", timeout=90, stub=False)
     msg = str(exc.value)
     assert "failed to boot" in msg and "Initramfs unpacking failed" in msg
     assert "Console tail:" in msg and "Kernel panic" in msg.split("Console tail:")[1]
@@ -147,7 +147,7 @@ def test_other_debian_kernel_package_builds_and_boots():
     """Not only the cloud flavour: the generic linux-image-amd64 works the same way."""
     img, _ = build_image("linux-image-amd64")
     assert img.release.endswith("-amd64") and "cloud" not in img.release
-    e = qemu.start_vm("generic1", img, memory="512M")
+    e = qemu.start_vm("generic1", img, memory="512M", stub=False)
     try:
         from shadowvol.vm.console import vm_exec
 
