@@ -1,12 +1,15 @@
 """The ``shadowvol`` command line.
 
+The main job (``shadowvol.run``), then the commands::
+
+    shadowvol -vm NAME [--backend shadow|libvmi] [-r pretty|json|csv] PLUGIN [ARGS]
+    shadowvol -f DUMP [-r ...] PLUGIN [ARGS]
+    shadowvol plugins
     shadowvol vm build|start|list|stop|exec|cp|banner ...
     shadowvol demo
     shadowvol profile build --vmlinuz FILE ...
     shadowvol bench reads|pslist -vm NAME
     shadowvol trace -vm NAME [--syscalls] [--sched] [--proc] [--at SYMBOL] [--duration S] [-r json]
-    shadowvol -vm NAME [--backend shadow|libvmi] [-r pretty|json|csv] PLUGIN [ARGS]
-    shadowvol -f DUMP [-r ...] PLUGIN [ARGS]
 
 Modules are imported only when their command runs: start-up time counts.
 Errors meant for the user print as one line (``shadowvol: error: ...``) with a
@@ -473,9 +476,48 @@ class _OneLineParser(argparse.ArgumentParser):
         raise ShadowvolError(f"{self.prog}: {message}")
 
 
+MAIN_JOB = """\
+usage: shadowvol (-vm SPEC | -f DUMP) [options] PLUGIN [plugin options]
+       shadowvol plugins
+       shadowvol COMMAND ...
+
+Look into live Linux VMs from the outside, in the style of Volatility 3.
+
+The main job: run a Volatility 3 plugin (stock, or ours) on a live VM or a dump.
+
+  shadowvol -vm NAME PLUGIN       a VM: NAME (shadowvol vm list), qmp:/path/qmp.sock or pid:NNN
+  shadowvol -f DUMP PLUGIN        a raw, LiME or QEMU dump-guest-memory ELF file
+  shadowvol plugins               every plugin, stock and ours, one line each
+
+  e.g. shadowvol -vm web01 linux.pslist
+       shadowvol -vm web01 -r json linux.check_syscall
+       shadowvol -vm web01 linux.psaux --pid 1      (plugin options after PLUGIN)
+
+"""
+
+
+class _MainParser(_OneLineParser):
+    """The top-level parser: its help shows the main job (a plugin run) first, then the commands."""
+
+    def format_usage(self) -> str:
+        return MAIN_JOB.split("\n\n", 1)[0] + "\n"
+
+    def format_help(self) -> str:
+        from .run import _top_parser
+
+        run = _top_parser()
+        fmt = run._get_formatter()
+        fmt.start_section("options of a plugin run (before PLUGIN)")
+        fmt.add_arguments([a for a in run._actions if a.option_strings and a.dest != "help"])
+        fmt.end_section()
+        commands = super().format_help().split("\n\n", 1)[1]  # without argparse's own usage line
+        return MAIN_JOB + fmt.format_help() + "\n" + commands
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="shadowvol", description="Introspect live Linux VMs.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = _MainParser(prog="shadowvol", usage=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND",
+                           prog="shadowvol", parser_class=_OneLineParser)
     vm = sub.add_parser("vm", help="build, boot and drive test guests").add_subparsers(
         dest="vmcmd", required=True)
     b = vm.add_parser("build", help="build a guest image from Debian packages")
@@ -568,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if not argv:
+            sys.stderr.write(build_parser().format_usage() + "'shadowvol --help' says more.\n")
+            return 1
         if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
             from .safeio import short
 

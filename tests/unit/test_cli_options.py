@@ -57,3 +57,28 @@ def test_no_vm_name_rule_in_the_package() -> None:
     assert not hasattr(q, "DEFAULT_STUB_VM")
     src = Path(q.__file__).read_text()
     assert "web01" not in src
+
+
+def test_help_shows_the_main_job_first(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("usage: shadowvol (-vm SPEC | -f DUMP)") and "PLUGIN" in lines[0]
+    assert "shadowvol -vm NAME PLUGIN" in out and "shadowvol -f DUMP PLUGIN" in out
+    assert "shadowvol plugins" in out and "e.g. shadowvol -vm" in out
+    assert out.index("--partial") < out.index("commands:") < out.index("trace-check")
+
+
+def test_subcommand_help_is_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["vm", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: shadowvol vm ") and "The main job" not in out
+
+
+def test_no_arguments_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("usage: shadowvol (-vm SPEC | -f DUMP)") and "--help" in err
