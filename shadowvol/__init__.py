@@ -2,7 +2,7 @@
 
 Layers of the stack, top to bottom, and the module that owns each:
 
-- ``plugins/`` (repository top level): Volatility-3 plugins of our own.
+- :mod:`shadowvol.plugins`: Volatility-3 plugins of our own (``linux/``), shipped with the package.
 - :mod:`shadowvol.volbridge`: runs stock volatility3 plugins on live layers.
 - :mod:`shadowvol.symbols`: ISF profiles built from BTF, kallsyms, DWARF.
 - :mod:`shadowvol.paging` / :mod:`shadowvol.kaslr`: x86-64 translation, KASLR.

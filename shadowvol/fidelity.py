@@ -73,7 +73,7 @@ def _plugin_classes(directory: Path, prefix: str) -> Iterator[tuple[str, Any, st
             yield info.name, None, f"needs the Python module {exc.name or exc}"
             continue
         if not str(getattr(mod, "__file__", "")).startswith(str(directory)):
-            continue  # a module of ours takes this name (plugins/ comes first on the path)
+            continue  # a module of ours takes this name (our plugin dir comes first on the path)
         for obj in vars(mod).values():
             if (isinstance(obj, type) and issubclass(obj, interfaces.plugins.PluginInterface)
                     and obj.__module__ == mod.__name__):
@@ -98,7 +98,7 @@ def stock_plugins(os_prefix: str = "linux") -> list[PluginInfo]:
 
 
 def our_plugins() -> list[PluginInfo]:
-    """shadowvol's own volatility3 plugins (``plugins/linux``)."""
+    """shadowvol's own volatility3 plugins (``shadowvol/plugins/linux``, shipped with the package)."""
     from . import volbridge
 
     out = []

@@ -602,10 +602,15 @@ def build_context(memory: PhysicalMemory, paged: PagedMemory, location: KernelLo
 
 
 def our_plugin_dir() -> "Path":
-    """Directory of shadowvol's own volatility3 plugins (``plugins/`` beside the package)."""
+    """Directory of shadowvol's own volatility3 plugins: the ``shadowvol.plugins`` package
+    (what stock ``vol -p`` takes), found through the import system, installed or not."""
+    from importlib.util import find_spec
     from pathlib import Path
 
-    return Path(__file__).resolve().parents[1] / "plugins"
+    spec = find_spec("shadowvol.plugins")
+    if spec is None or not spec.submodule_search_locations:
+        raise ShadowvolError("shadowvol's plugin package (shadowvol.plugins) is not installed")
+    return Path(list(spec.submodule_search_locations)[0]).resolve()
 
 
 def our_plugin_files() -> list:
@@ -620,10 +625,11 @@ def our_plugin_files() -> list:
 def load_plugin(name: str, ours_only: bool = False) -> type:
     """Import only the named plugin: ``linux.pslist`` or ``linux.pslist.PsList``.
 
-    Our plugins/ directory goes first on ``volatility3.plugins.__path__``, as
-    ``vol -p plugins`` puts it, so our ``linux.check_syscall`` shadows the
-    stock module of that name and the stock ones still load (plugins/linux
-    extends its own ``__path__`` with the stock directory).
+    Our plugin directory (:func:`our_plugin_dir`) goes first on
+    ``volatility3.plugins.__path__`` here, when a plugin is loaded (never at
+    import), as ``vol -p DIR`` puts it, so our ``linux.check_syscall`` shadows
+    the stock module of that name and the stock ones still load (our
+    ``linux`` package extends its own ``__path__`` with the stock directory).
     """
     import os
     from pathlib import Path

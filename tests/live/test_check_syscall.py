@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_cli
+from shadowvol.volbridge import our_plugin_dir
 
 pytestmark = pytest.mark.live
 
@@ -165,7 +166,7 @@ def raw_dump(entry, out: Path) -> None:
 
 
 def vol(dump: Path, symbols: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VOL), "-q", "-p", str(ROOT / "plugins"), "-s", str(symbols), "-f", str(dump),
+    return subprocess.run([str(VOL), "-q", "-p", str(our_plugin_dir()), "-s", str(symbols), "-f", str(dump),
                            "-r", "json", *args], capture_output=True, text=True, timeout=600)
 
 
@@ -218,7 +219,7 @@ class _FakeImage:
     def __init__(self) -> None:
         from shadowvol.volbridge import load_plugin
 
-        load_plugin("linux.check_syscall")  # puts plugins/ on volatility3.plugins.__path__
+        load_plugin("linux.check_syscall")  # puts our plugin dir on volatility3.plugins.__path__
         from volatility3.plugins.linux import kernel_hooks
 
         self.cs = kernel_hooks.disassembler()
