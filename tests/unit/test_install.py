@@ -10,7 +10,6 @@ outside the checkout, so only the installed copy can be imported.
 from __future__ import annotations
 
 import shutil
-import site
 import subprocess
 import sys
 import sysconfig
@@ -38,15 +37,13 @@ print("OK", f)
 """
 
 
-@pytest.mark.skipif(not shutil.which("git"), reason="needs git to list the checkout's files")
 def test_plain_pip_install_runs_our_plugins(tmp_path: Path) -> None:
     src = tmp_path / "src"
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--", "pyproject.toml", "README.md",
-                            "shadowvol", "kvm_module"], capture_output=True, check=True).stdout
-    for rel in filter(None, files.decode().split("\0")):
-        if (ROOT / rel).is_file():
-            (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, src / rel)
+    for name in ("pyproject.toml", "README.md"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("shadowvol", "kvm_module"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
