@@ -421,11 +421,17 @@ class LazySymbolSpace(symbols.SymbolSpace):
 
 
 class LiveContext(contexts.Context):
-    """A volatility3 context whose symbol space resolves pointer targets lazily."""
+    """A volatility3 context whose symbol space resolves pointer targets lazily.
+
+    One context is one epoch (one snapshot of the guest): ``epoch_cache``
+    holds values that cannot change within it (see :func:`adapt_volatility3`);
+    a new epoch is a new context.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self._symbol_space = LazySymbolSpace()
+        self.epoch_cache: dict[Any, Any] = {}
 
 
 def _object_information_contains(cls: type) -> Any:
@@ -518,6 +524,31 @@ def _template_size(self: Any) -> int:
     return self._vol["object_class"].VolTemplateProxy.size(self)
 
 
+def _epoch_cached_boottime(stock: Any) -> Any:
+    """``task_struct._get_boottime_raw`` read once per epoch (one run's context).
+
+    Stock re-reads ``tk_core`` for every task (``get_create_time``: 0.4 ms per
+    task). The boot time is a property of the kernel, not of the task; within
+    one epoch (one snapshot) it is one value. Contexts that are not ours (stock
+    ``vol``) keep the stock behaviour. A copy is returned, so a caller can
+    never alter the cached value.
+    """
+    from volatility3.framework.symbols.linux.extensions import Timespec64Concrete
+
+    def _get_boottime_raw(self: Any) -> Any:
+        cache = getattr(self._context, "epoch_cache", None)
+        if cache is None:
+            return stock(self)
+        key = ("task_struct._get_boottime_raw", self.vol.layer_name, self.get_symbol_table_name())
+        if key not in cache:
+            cache[key] = stock(self)
+        value = cache[key]
+        return value if value is None else Timespec64Concrete(value.tv_sec, value.tv_nsec)
+
+    _get_boottime_raw.__wrapped__ = stock  # type: ignore[attr-defined]
+    return _get_boottime_raw
+
+
 class VolChainMap(collections.ChainMap):
     """The ChainMap behind every object's and template's ``vol``, looked up without
     exceptions: stock ``ChainMap.__getitem__`` raises and catches a KeyError for each
@@ -565,6 +596,10 @@ def adapt_volatility3() -> None:
     AggregateType.__getattr__ = _aggregate_getattr(AggregateType.__getattr__)  # type: ignore[method-assign]
     templates.ObjectTemplate.__call__ = _template_call  # type: ignore[method-assign]
     templates.ObjectTemplate.size = property(_template_size)  # type: ignore[method-assign,assignment]
+    from volatility3.framework.symbols.linux.extensions import task_struct
+
+    task_struct._get_boottime_raw = _epoch_cached_boottime(  # type: ignore[method-assign]
+        task_struct._get_boottime_raw)
     if not isinstance(getattr(iobjects, "collections", None), _CollectionsWithVolChainMap):
         iobjects.collections = _CollectionsWithVolChainMap()  # type: ignore[assignment]
 

@@ -123,3 +123,31 @@ def test_struct_member_access_matches_stock():
                 assert "has no attribute" in str(exc)
             else:
                 raise AssertionError(bad)
+
+
+def test_boottime_read_once_per_epoch_and_copied():
+    from types import SimpleNamespace
+
+    from volatility3.framework.symbols.linux.extensions import Timespec64Concrete
+
+    calls = []
+
+    def stock(self):
+        calls.append(1)
+        return Timespec64Concrete(100, 5)
+
+    wrapped = volbridge._epoch_cached_boottime(stock)
+
+    def task(ctx):
+        return SimpleNamespace(_context=ctx, vol=SimpleNamespace(layer_name="kernel_layer"),
+                               get_symbol_table_name=lambda: "symbol_table_name1")
+
+    live = SimpleNamespace(epoch_cache={})
+    first, second = wrapped(task(live)), wrapped(task(live))
+    assert len(calls) == 1 and (first.tv_sec, first.tv_nsec) == (second.tv_sec, second.tv_nsec) == (100, 5)
+    assert first is not second  # callers get copies
+    wrapped(task(SimpleNamespace(epoch_cache={})))  # a new epoch reads again
+    assert len(calls) == 2
+    stock_ctx = SimpleNamespace()  # not a LiveContext (stock vol): stock behaviour, every time
+    wrapped(task(stock_ctx)), wrapped(task(stock_ctx))
+    assert len(calls) == 4
