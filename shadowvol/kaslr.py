@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .backends.base import PhysicalMemory
-from .backends.dump import parse_vmcoreinfo
 from .errors import InvalidAddressError, ProfileError
 from .paging import CR3_ADDRESS_MASK, CR4_LA57, FIVE_LEVEL, FOUR_LEVEL, PagedMemory, PagingFormat, \
     TranslationCache
 
-__all__ = ["KernelLocation", "parse_vmcoreinfo", "locate_from_vmcoreinfo", "locate_from_registers",
+__all__ = ["KernelLocation", "locate_from_vmcoreinfo", "locate_from_registers",
            "locate_by_scan", "verify_location", "START_KERNEL_MAP"]
 
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000

@@ -30,8 +30,8 @@ from typing import Any
 from ..errors import BackendError, InvalidAddressError, ShadowvolError
 from ..gdbstub import GdbStub
 from ..qmp import QMPClient
+from ..qemu.ramlayout import qemu_ram_layout
 from .base import PhysicalMemory, Segment, merge_ranges
-from .shadow import qemu_ram_layout
 
 __all__ = ["GdbPhysicalMemory", "QmpPhysicalMemory", "LibvmiBindingMemory", "open_libvmi", "parse_xp"]
 

@@ -17,9 +17,8 @@ import pytest
 
 from shadowvol.backends.base import BufferMemory, PhysicalMemory, Segment, merge_ranges
 from shadowvol.backends.libvmi import open_libvmi, parse_xp
-from shadowvol.backends.shadow import (GiB, ShadowFile, ShadowProcess, _qmp_path_from_argv,
-                                       _ram_size_from_argv, parse_flat_ram, parse_ram_aliases,
-                                       parse_ramblocks, q35_layout)
+from shadowvol.backends.shadow import ShadowFile, ShadowProcess, _qmp_path_from_argv, _ram_size_from_argv
+from shadowvol.qemu.ramlayout import GiB, parse_flat_ram, parse_ram_aliases, parse_ramblocks, q35_layout
 from shadowvol.errors import BackendError, InvalidAddressError
 
 RAMBLOCK = """\
