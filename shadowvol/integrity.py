@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ShadowvolError
+from .trace.points import TextSymbols
 
 __all__ = ["Finding", "IntegrityReport", "StubModule", "find_module", "ko_text_layout",
            "check_integrity", "render_report"]
@@ -304,20 +305,17 @@ def _where(ko: KoText | None, off: int) -> str:
     return f"{ko.symbols[best]}+{off - best:#x}" if best is not None else f"+{off:#x}"
 
 
-def _symbolize(target: Any, addr: int, mods: list[StubModule]) -> str:
-    from .trace.points import text_symbols
-    import bisect
-
+def _symbolize(target: Any, addr: int, mods: list[StubModule], text: TextSymbols) -> str:
     for m in mods:
         if m.core_base <= addr < m.core_base + m.core_size:
             return f"{m.name}+{addr - m.core_base:#x}"
-    addrs, names = text_symbols(target)
-    i = bisect.bisect_right(addrs, addr - target.location.virt_shift) - 1
-    if i >= 0:
+    link = addr - target.location.virt_shift
+    found = text.enclosing(link)
+    if found is not None:
         sym = target.isf["symbols"]
         lo, hi = sym["_stext"]["address"], sym["_etext"]["address"]
-        if lo <= addr - target.location.virt_shift < hi:
-            return f"{names[i]}+{addr - target.location.virt_shift - addrs[i]:#x}"
+        if lo <= link < hi:
+            return f"{found[1]}+{link - found[0]:#x}"
     return f"{addr:#x} (outside kernel text and modules)"
 
 
@@ -328,6 +326,7 @@ def _check_hooks(target: Any, rep: IntegrityReport, mod: StubModule, header: Any
     sym = target.isf["symbols"]
     ut = target.isf["user_types"]
     shift = target.location.virt_shift
+    text = TextSymbols(target.isf)  # names hook targets; built on the first lookup
     in_stub = lambda a: mod.core_base <= a < mod.core_base + mod.text_size  # noqa: E731
     tpf = ut["tracepoint"]["fields"]
     key_off = tpf["key"]["offset"] + ut["static_key"]["fields"]["enabled"]["offset"]
@@ -342,12 +341,12 @@ def _check_hooks(target: Any, rep: IntegrityReport, mod: StubModule, header: Any
             continue  # the stub did not register this hook (events= at load)
         if not in_stub(fn):
             rep.add(f"hook.{hook}", "TAMPERED", f"the header's {hook} handler {fn:#x} "
-                    f"({_symbolize(target, fn, mods)}) is not in the stub's code")
+                    f"({_symbolize(target, fn, mods, text)}) is not in the stub's code")
             continue
         if ko is not None and ko.symbols and (fn - mod.core_base) not in ko.symbols:
             rep.add(f"hook.{hook}", "warn", f"handler {fn:#x} is not the start of a function of the .ko")
         if hook == "kprobe":
-            _check_kprobes(target, rep, mod, header, mods, fn)
+            _check_kprobes(target, rep, mod, header, mods, fn, text)
             continue
         tp = header.tracepoint[i]
         want = sym.get(f"__tracepoint_{hook}", {}).get("address")
@@ -363,7 +362,7 @@ def _check_hooks(target: Any, rep: IntegrityReport, mod: StubModule, header: Any
                 if not f:
                     break
                 probes.append(f)
-        names = [_symbolize(target, p, mods) for p in probes]
+        names = [_symbolize(target, p, mods, text) for p in probes]
         if fn not in probes:
             rep.add(f"hook.{hook}", "TAMPERED", f"the stub's probe {_where(ko, fn - mod.core_base)} is not "
                     f"registered on tracepoint {hook}; probes there: {', '.join(names) or 'none'}")
@@ -383,7 +382,7 @@ def _check_hooks(target: Any, rep: IntegrityReport, mod: StubModule, header: Any
 
 
 def _check_kprobes(target: Any, rep: IntegrityReport, mod: StubModule, header: Any,
-                   mods: list[StubModule], handler: int) -> None:
+                   mods: list[StubModule], handler: int, text: TextSymbols) -> None:
     kf = {k: v["offset"] for k, v in target.isf["user_types"]["kprobe"]["fields"].items()}
     for p in header.points:
         if p.status != 0 or not p.kprobe:
@@ -399,7 +398,7 @@ def _check_kprobes(target: Any, rep: IntegrityReport, mod: StubModule, header: A
         if addr != p.addr:
             problems.append(f"probes {addr:#x}, not {p.addr:#x}")
         if not mod.core_base <= pre < mod.core_base + mod.text_size:
-            problems.append(f"pre_handler is {_symbolize(target, pre, mods)}")
+            problems.append(f"pre_handler is {_symbolize(target, pre, mods, text)}")
         if first not in (0xCC, 0xE9):  # int3, or the jmp of an optimized kprobe
             problems.append(f"no int3/jmp at {p.addr:#x} (byte {first:02x}): disarmed")
         if problems:

@@ -39,6 +39,7 @@ from typing import Any, Callable
 from ..errors import ShadowvolError
 from ..gdbstub import GdbError, GdbStub, stop_signal
 from .events import Event, syscall_names
+from .points import TextSymbols, check_monitor_point
 
 __all__ = ["BreakpointMonitor", "trace_breakpoints", "HOOKS", "Event"]
 
@@ -136,6 +137,7 @@ class BreakpointMonitor:
         self.warnings: list[str] = []
         self.stub: GdbStub | None = None
         self._inserted: set[int] = set()
+        self._text = TextSymbols(self.target.isf)  # for checking monitor points; built on first use
 
     # -- set-up --------------------------------------------------------------
 
@@ -148,9 +150,7 @@ class BreakpointMonitor:
         raise ShadowvolError(f"no hook for {kind} events: none of {', '.join(HOOKS[kind])} in the profile")
 
     def add_probe(self, point: str) -> None:
-        from .points import check_monitor_point
-
-        addr, warnings = check_monitor_point(self.target, point)
+        addr, warnings = check_monitor_point(self.target, point, self._text)
         self.warnings += warnings
         self._add("probe", addr, point)
 

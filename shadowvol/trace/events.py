@@ -50,12 +50,9 @@ class Event:
 def syscall_names(target: Any) -> dict[int, str]:
     """Syscall number -> name, from the guest's ``sys_call_table`` and the ``__x64_sys_*`` symbols.
 
-    Cached on the target (``target._sv_syscall_names``): the table of a
-    running kernel does not change unless someone tampers with it.
+    Read from the guest on each call: a tracer calls it once and keeps the
+    result for its run (nothing is cached on the target).
     """
-    cached = getattr(target, "_sv_syscall_names", None)
-    if cached is not None:
-        return cached
     sym = target.isf["symbols"]
     shift = target.location.virt_shift
     # Select by name first: profiles decode symbols lazily, and only ~350 of
@@ -75,10 +72,6 @@ def syscall_names(target: Any) -> dict[int, str]:
             name = by_addr.get(int.from_bytes(raw[8 * i:8 * i + 8], "little") - shift)
             if name and name != "ni_syscall":
                 names[i] = name
-    try:
-        target._sv_syscall_names = names
-    except AttributeError:
-        pass
     return names
 
 

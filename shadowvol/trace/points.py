@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ShadowvolError
 
-__all__ = ["MonitorPointError", "resolve_point", "check_monitor_point", "text_symbols"]
+__all__ = ["MonitorPointError", "TextSymbols", "resolve_point", "check_monitor_point"]
 
 #: Longest function we sweep to reach a point; bigger offsets are refused.
 MAX_SWEEP = 1 << 16
@@ -29,21 +29,34 @@ class MonitorPointError(ShadowvolError):
     """A monitor point is not a usable kernel instruction address."""
 
 
-def text_symbols(target: Any) -> tuple[list[int], list[str]]:
-    """Sorted link-time addresses and names of symbols in kernel text (cached on the target)."""
-    cached = getattr(target, "_sv_text_symbols", None)
-    if cached is not None:
-        return cached
-    sym = target.isf["symbols"]
-    lo, hi = sym["_stext"]["address"], sym["_etext"]["address"]
-    pairs = sorted((v["address"], k) for k, v in sym.items()
-                   if v.get("address") is not None and lo <= v["address"] < hi)
-    result = ([a for a, _ in pairs], [n for _, n in pairs])
-    try:
-        target._sv_text_symbols = result
-    except AttributeError:
-        pass
-    return result
+class TextSymbols:
+    """Kernel-text symbols of one profile, sorted by link-time address.
+
+    Built from the profile alone (no guest memory is read), on the first
+    lookup. Whoever needs several lookups makes one and keeps it for as long
+    as it uses that profile (one trace, one integrity check); nothing is
+    cached on the target.
+    """
+
+    def __init__(self, isf: Any) -> None:
+        self._isf = isf
+        self._addrs: list[int] | None = None
+        self._names: list[str] = []
+
+    def _build(self) -> list[int]:
+        if self._addrs is None:
+            sym = self._isf["symbols"]
+            lo, hi = sym["_stext"]["address"], sym["_etext"]["address"]
+            pairs = sorted((v["address"], k) for k, v in sym.items()
+                           if v.get("address") is not None and lo <= v["address"] < hi)
+            self._addrs, self._names = [a for a, _ in pairs], [n for _, n in pairs]
+        return self._addrs
+
+    def enclosing(self, link_addr: int) -> tuple[int, str] | None:
+        """(link-time start, name) of the text symbol at or before ``link_addr``, or None."""
+        addrs = self._build()
+        i = bisect.bisect_right(addrs, link_addr) - 1
+        return (addrs[i], self._names[i]) if i >= 0 else None
 
 
 def resolve_point(target: Any, point: str | int) -> int:
@@ -62,11 +75,13 @@ def resolve_point(target: Any, point: str | int) -> int:
     return sym["address"] + target.location.virt_shift + (int(m.group(2), 0) if m.group(2) else 0)
 
 
-def check_monitor_point(target: Any, point: str | int) -> tuple[int, list[str]]:
+def check_monitor_point(target: Any, point: str | int,
+                        text: TextSymbols | None = None) -> tuple[int, list[str]]:
     """Check that ``point`` starts an instruction in kernel text; return (runtime address, warnings).
 
-    Raises :class:`MonitorPointError` when the address is outside kernel
-    text, unreadable, or inside an instruction.
+    ``text``: the profile's :class:`TextSymbols`, when the caller checks
+    several points. Raises :class:`MonitorPointError` when the address is
+    outside kernel text, unreadable, or inside an instruction.
     """
     import capstone
 
@@ -77,10 +92,9 @@ def check_monitor_point(target: Any, point: str | int) -> tuple[int, list[str]]:
     if not lo <= addr < hi:
         raise MonitorPointError(f"monitor point {point!r} ({addr:#x}) is outside kernel text "
                                 f"[{lo:#x}, {hi:#x})")
-    addrs, names = text_symbols(target)
-    i = bisect.bisect_right(addrs, addr - shift) - 1
-    start = addrs[i] + shift if i >= 0 else lo
-    func = names[i] if i >= 0 else "_stext"
+    found = (text or TextSymbols(target.isf)).enclosing(addr - shift)
+    start = found[0] + shift if found else lo
+    func = found[1] if found else "_stext"
     if addr - start > MAX_SWEEP:
         raise MonitorPointError(f"monitor point {point!r} is {addr - start:#x} bytes into {func}: too far "
                                 "to find instruction boundaries")

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from ..errors import ShadowvolError
 from .compartment import Compartment, CompartmentError, decode_record
 from .events import Event, syscall_names
+from .points import TextSymbols, check_monitor_point
 
 __all__ = ["ShadowTracer", "trace_shadow", "wanted_kinds"]
 
@@ -62,16 +63,15 @@ class ShadowTracer:
                                    f"(loaded with events={h.event_mask:#x})")
         self.names = syscall_names(target)
         self.points: dict[int, str] = {}
+        text = TextSymbols(target.isf)
         for spec in at or ():
-            self.points[self._arm_check(spec)] = spec
+            self.points[self._arm_check(spec, text)] = spec
         self._types = {_KIND_TYPE[k] for k in kinds}
         self._drops0 = self.compartment.drops()
 
-    def _arm_check(self, spec: str) -> int:
+    def _arm_check(self, spec: str, text: TextSymbols) -> int:
         """Check ``spec`` with capstone and that the stub armed a kprobe there; its address."""
-        from .points import check_monitor_point
-
-        addr, warns = check_monitor_point(self.target, spec)
+        addr, warns = check_monitor_point(self.target, spec, text)
         self.warnings.extend(warns)
         h = self.compartment.header
         armed = [p for p in h.points if p.addr == addr and p.status == 0]
