@@ -456,12 +456,13 @@ def stock_references(root: Path | None = None) -> tuple[set[str], set[str], set[
 
     :raises ProfileError: volatility3 is not installed.
     """
-    if root is None:
-        try:
-            import volatility3
-        except ImportError:
-            raise ProfileError("volatility3 is not installed: cannot list what stock plugins use") from None
-        root = Path(volatility3.__file__).parent
+    if root is None:  # volatility3's sources are read as text, never imported here
+        from importlib.util import find_spec
+
+        spec = find_spec("volatility3")
+        if spec is None or not spec.submodule_search_locations:
+            raise ProfileError("volatility3 is not installed: cannot list what stock plugins use")
+        root = Path(list(spec.submodule_search_locations)[0])
     visitor = _RefVisitor()
     for sub in ("framework/plugins/linux", "framework/symbols/linux"):
         for path in sorted((root / sub).rglob("*.py")):

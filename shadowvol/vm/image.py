@@ -267,15 +267,6 @@ def extract_headers(debs: list[Path], dest: Path) -> None:
     tmp.rename(dest)
 
 
-def headers_build_dir(image: Image) -> Path:
-    """The directory to pass as ``make -C`` when building modules for ``image``."""
-    from ..symbols.kbuild import prepare_headers
-
-    if not image.headers.is_dir():
-        raise VMError(f"image {image.release} has no kernel headers; rebuild it with 'shadowvol vm build'")
-    return prepare_headers(image.headers, image.release)
-
-
 def _has_profile(img: Image) -> bool:
     """The store holds this image's profile, built by this version of the builder."""
     from .. import profiles, symbols

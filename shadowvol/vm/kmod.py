@@ -10,9 +10,21 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import VMError
-from .image import Image, headers_build_dir
+
+if TYPE_CHECKING:  # image.py builds the stub with build_module: no import back at run time
+    from .image import Image
+
+
+def headers_build_dir(image: Image) -> Path:
+    """The directory to pass as ``make -C`` when building modules for ``image``."""
+    from ..symbols.kbuild import prepare_headers
+
+    if not image.headers.is_dir():
+        raise VMError(f"image {image.release} has no kernel headers; rebuild it with 'shadowvol vm build'")
+    return prepare_headers(image.headers, image.release)
 
 
 def build_module(image: Image, src_dir: Path, out_dir: Path | None = None,

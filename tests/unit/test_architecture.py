@@ -1,0 +1,217 @@
+"""The rules of ARCHITECTURE.md, checked on the source with ``ast``.
+
+Every import counts, including those inside functions (modules import lazily
+for start-up time; a lazy import is still a dependency), except those under
+``if TYPE_CHECKING:``, which only annotations see.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PKG = ROOT / "shadowvol"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+@lru_cache(maxsize=None)
+def _modules() -> dict[str, tuple[Path, ast.Module]]:
+    out = {}
+    for path in sorted([*PKG.rglob("*.py"), *(ROOT / "kvm_module").rglob("*.py")]):
+        out[_module_name(path)] = (path, ast.parse(path.read_text(encoding="utf-8"), str(path)))
+    return out
+
+
+def _walk_runtime(tree: ast.AST):
+    """``ast.walk`` without the bodies of ``if TYPE_CHECKING:``."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
+@lru_cache(maxsize=None)
+def imports_of(mod: str) -> frozenset[str]:
+    """Every module ``mod`` imports (absolute names; ``from X import y`` gives X.y when that is a module)."""
+    path, tree = _modules()[mod]
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    found: set[str] = set()
+    for node in _walk_runtime(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            found.add(name)
+            for a in node.names:
+                if f"{name}.{a.name}" in _modules():
+                    found.add(f"{name}.{a.name}")
+    return frozenset(found)
+
+
+def _ours(mod: str) -> set[str]:
+    return {m for m in imports_of(mod) if m in _modules()}
+
+
+def _in(mod: str, *prefixes: str) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in prefixes)
+
+
+def _select(*prefixes: str) -> list[str]:
+    return [m for m in _modules() if _in(m, *prefixes)]
+
+
+def test_the_graph_is_read() -> None:
+    assert "shadowvol.backends.base" in _ours("shadowvol.paging")
+    assert "shadowvol.plugins.linux.check_syscall" in _modules()
+    assert len(_modules()) > 50
+
+
+# 1. Backends only map and read: no volatility3, no CLI, no resolver, no other backend.
+@pytest.mark.parametrize("mod", _select("shadowvol.backends"))
+def test_backends_import_no_layer_above_nor_each_other(mod: str) -> None:
+    allowed = ("shadowvol.backends.base", "shadowvol.errors", "shadowvol.qmp", "shadowvol.gdbstub",
+               "shadowvol.qemu")
+    if mod == "shadowvol.backends":  # the package re-exports its backends' openers
+        allowed += ("shadowvol.backends",)
+    bad = {m for m in _ours(mod) if not _in(m, *allowed) and m != "shadowvol"}
+    assert not bad, f"{mod} imports {sorted(bad)}"
+    assert not {m for m in imports_of(mod) if _in(m, "volatility3")}, f"{mod} imports volatility3"
+
+
+# 2. volatility3 is imported by the bridge, the plugin runners and the plugins only.
+VOL_IMPORTERS = ("shadowvol.volbridge", "shadowvol.run", "shadowvol.fidelity", "shadowvol.bench",
+                 "shadowvol.plugins")
+
+
+@pytest.mark.parametrize("mod", [m for m in _modules() if not _in(m, *VOL_IMPORTERS)])
+def test_only_the_bridge_and_plugin_runners_import_volatility3(mod: str) -> None:
+    assert not {m for m in imports_of(mod) if _in(m, "volatility3")}, f"{mod} imports volatility3"
+
+
+# 3. Our plugins are plain volatility3 plugins: they import nothing of shadowvol (stock vol -p runs them).
+@pytest.mark.parametrize("mod", _select("shadowvol.plugins"))
+def test_plugins_stand_alone(mod: str) -> None:
+    assert not {m for m in imports_of(mod) if _in(m, "shadowvol")}, f"{mod} imports shadowvol"
+
+
+# 4. Translation and kernel location sit right above the backends' interface.
+@pytest.mark.parametrize("mod,allowed", [
+    ("shadowvol.paging", ("shadowvol.backends.base", "shadowvol.errors")),
+    ("shadowvol.kaslr", ("shadowvol.backends.base", "shadowvol.errors", "shadowvol.paging")),
+])
+def test_paging_and_kaslr_import_nothing_above_backends_base(mod: str, allowed: tuple[str, ...]) -> None:
+    bad = {m for m in _ours(mod) if not _in(m, *allowed) and m != "shadowvol"}
+    assert not bad, f"{mod} imports {sorted(bad)}"
+
+
+# 5. Profiles are built and stored without guests: symbols/ reads files, never memory or VMs.
+@pytest.mark.parametrize("mod", _select("shadowvol.symbols"))
+def test_symbols_never_touch_memory_or_vms(mod: str) -> None:
+    allowed = ("shadowvol.symbols", "shadowvol.errors", "shadowvol.safeio", "shadowvol.paths")
+    bad = {m for m in _ours(mod) if not _in(m, *allowed) and m != "shadowvol"}
+    assert not bad, f"{mod} imports {sorted(bad)}"
+
+
+# 6. Nothing below the command line imports it; the layers never import upward.
+UPPER = ("shadowvol.cli", "shadowvol.run", "shadowvol.bench", "shadowvol.fidelity", "shadowvol.integrity",
+         "shadowvol.trace", "shadowvol.target", "shadowvol.volbridge")
+LOWER = ("shadowvol.backends", "shadowvol.qemu", "shadowvol.paging", "shadowvol.kaslr", "shadowvol.symbols",
+         "shadowvol.profiles", "shadowvol.qmp", "shadowvol.gdbstub", "shadowvol.vm", "shadowvol.errors",
+         "shadowvol.safeio", "shadowvol.paths", "kvm_module")
+
+
+@pytest.mark.parametrize("mod", _select(*LOWER))
+def test_lower_layers_never_import_upward(mod: str) -> None:
+    bad = {m for m in _ours(mod) if _in(m, *UPPER)}
+    assert not bad, f"{mod} imports {sorted(bad)}"
+
+
+def test_only_main_imports_the_cli() -> None:
+    users = {m for m in _modules() if "shadowvol.cli" in _ours(m)}
+    assert users <= {"shadowvol.__main__"}, sorted(users)
+
+
+# 7. No import cycles between modules (a package importing its own submodules is not one).
+def test_no_import_cycles() -> None:
+    graph = {m: {d for d in _ours(m) if not _in(m, d)} for m in _modules()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for m in graph:
+        if m not in index:
+            visit(m)
+    assert not cycles, cycles
+
+
+# 8. Nothing hangs state on a Target from outside target.py (caches belong to their owners).
+def _target_variables(tree: ast.Module) -> set[str]:
+    """``target``, and any name bound to ``open_target(...)`` in the module."""
+    names = {"target"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            func = node.value.func
+            if getattr(func, "id", getattr(func, "attr", None)) == "open_target":
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+@pytest.mark.parametrize("mod", [m for m in _modules() if m != "shadowvol.target"])
+def test_no_attributes_set_on_a_target(mod: str) -> None:
+    path, tree = _modules()[mod]
+    names = _target_variables(tree)
+
+    def is_target(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Name) and node.id in names) or (
+            isinstance(node, ast.Attribute) and node.attr == "target")
+
+    bad = []
+    for node in ast.walk(tree):
+        targets = (node.targets if isinstance(node, ast.Assign) else
+                   [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+        for t in targets:
+            if isinstance(t, ast.Attribute) and is_target(t.value):
+                bad.append(f"{path.name}:{t.lineno}")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
+                and node.args and is_target(node.args[0])):
+            bad.append(f"{path.name}:{node.lineno}")
+    assert not bad, f"attributes set on a Target at {bad}"
+    assert "_sv_" not in path.read_text(encoding="utf-8")
