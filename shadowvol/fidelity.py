@@ -85,6 +85,9 @@ def stock_plugins(os_prefix: str = "linux") -> list[PluginInfo]:
     import volatility3
     from volatility3.framework import deprecation
 
+    from . import volbridge
+
+    volbridge.use_our_plugins()  # the plugin namespace as every run sees it: ours first
     directory = Path(volatility3.__file__).parent / "framework" / "plugins" / os_prefix
     base = "volatility3.plugins."
     out = []

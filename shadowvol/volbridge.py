@@ -653,8 +653,29 @@ def our_plugin_files() -> list:
     d = our_plugin_dir() / "linux"
     if not d.is_dir():
         return []
-    return [p for p in sorted(d.glob("*.py"))
-            if not p.name.startswith("_") and "PluginInterface" in p.read_text()]
+    out = []
+    for p in sorted(d.glob("*.py")):
+        if p.name.startswith("_"):
+            continue
+        try:
+            load_plugin(f"linux.{p.stem}", ours_only=True)
+        except ShadowvolError:
+            continue  # a helper module (kernel_hooks): no plugin class of its own
+        out.append(p)
+    return out
+
+
+def use_our_plugins() -> str:
+    """Put our plugin directory first on ``volatility3.plugins.__path__`` (as
+    ``vol -p DIR`` does) before any plugin is imported; returns the directory."""
+    import os
+
+    import volatility3.plugins
+
+    ours = str(our_plugin_dir())
+    if os.path.isdir(ours) and ours not in volatility3.plugins.__path__:
+        volatility3.plugins.__path__.insert(0, ours)
+    return ours
 
 
 def load_plugin(name: str, ours_only: bool = False) -> type:
@@ -666,15 +687,9 @@ def load_plugin(name: str, ours_only: bool = False) -> type:
     the stock module of that name and the stock ones still load (our
     ``linux`` package extends its own ``__path__`` with the stock directory).
     """
-    import os
-    from pathlib import Path
-
-    import volatility3.plugins
     from volatility3.framework.interfaces.plugins import PluginInterface
 
-    ours = str(our_plugin_dir())
-    if os.path.isdir(ours) and ours not in volatility3.plugins.__path__:
-        volatility3.plugins.__path__.insert(0, ours)
+    ours = use_our_plugins()
     parts = name.split(".")
     candidates = []
     if len(parts) >= 2:
