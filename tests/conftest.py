@@ -98,3 +98,24 @@ def same_comm(task_comm: str, proc_comm: str) -> bool:
     """
     return (proc_comm == task_comm or proc_comm.startswith(task_comm + "-")
             or (len(task_comm) == 15 and proc_comm.startswith(task_comm)))
+
+
+def assert_pslist_is_guest_ps(guest, backend: str, comm_prefix: str, expected: int,
+                              vm: str = "web01") -> dict[int, tuple[int, str]]:
+    """pslist (live, ``backend``) against the guest's own /proc, read before and after.
+
+    Every task stable across both reads must be listed with its ppid and comm;
+    nothing may be invented; exactly ``expected`` stable tasks have a comm
+    starting with ``comm_prefix``. Returns pslist's rows.
+    """
+    before = guest_ps(guest)
+    ours = pslist("-vm", vm, backend=backend)
+    after = guest_ps(guest)
+    stable = {pid: v for pid, v in before.items() if after.get(pid) == v}
+    assert sum(1 for _, c in stable.values() if c.startswith(comm_prefix)) == expected
+    missing = {pid: v for pid, v in stable.items() if pid not in ours}
+    assert not missing, f"pslist misses {len(missing)} tasks, e.g. {list(missing.items())[:3]}"
+    for pid, (ppid, comm) in stable.items():
+        assert ours[pid][0] == ppid and same_comm(ours[pid][1], comm), (pid, ours[pid], (ppid, comm))
+    assert set(ours) <= set(before) | set(after)
+    return ours

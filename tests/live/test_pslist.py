@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import guest_ps, pslist, run_cli, same_comm
+from conftest import assert_pslist_is_guest_ps, guest_ps, pslist, run_cli, same_comm
 from shadowvol.qmp import QMPClient
 
 pytestmark = pytest.mark.live
@@ -30,18 +30,8 @@ def busy_guest(web01, guest):
 
 @pytest.mark.parametrize("backend", ["shadow", "libvmi"])
 def test_pslist_equals_guest_ps(busy_guest, guest, backend):
-    before = guest_ps(guest)
-    ours = pslist("-vm", "web01", backend=backend)
-    after = guest_ps(guest)
-    stable = {pid: v for pid, v in before.items() if after.get(pid) == v}
-    assert len(stable) >= EXTRA + 20
-    assert sum(1 for _, c in stable.values() if c.startswith("sv-x")) == EXTRA
-    missing = {pid: v for pid, v in stable.items() if pid not in ours}
-    assert not missing, f"pslist misses {missing}"
-    for pid, (ppid, comm) in stable.items():
-        assert ours[pid][0] == ppid and same_comm(ours[pid][1], comm), (pid, ours[pid], (ppid, comm))
-    # Nothing invented: every task pslist reports existed in one of the guest's views.
-    assert set(ours) <= set(before) | set(after)
+    ours = assert_pslist_is_guest_ps(guest, backend, "sv-x", EXTRA)
+    assert len(ours) >= EXTRA + 20
 
 
 def test_pslist_on_a_dump_equals_pslist_live(busy_guest, tmp_path):

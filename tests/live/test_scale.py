@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import guest_ps, pslist, same_comm
+from conftest import assert_pslist_is_guest_ps
 from shadowvol import bench
 
 pytestmark = pytest.mark.live
@@ -26,14 +26,5 @@ def crowded(web01, guest):
 
 @pytest.mark.parametrize("backend", ["shadow", "libvmi"])
 def test_pslist_at_1000_tasks_equals_guest_ps(crowded, guest, backend):
-    before = guest_ps(guest)
-    ours = pslist("-vm", "web01", backend=backend)
-    after = guest_ps(guest)
-    stable = {pid: v for pid, v in before.items() if after.get(pid) == v}
-    assert sum(1 for _, c in stable.values() if c.startswith("sv-s")) == TASKS
-    missing = {pid: v for pid, v in stable.items() if pid not in ours}
-    assert not missing, f"pslist misses {len(missing)} tasks, e.g. {list(missing.items())[:3]}"
-    for pid, (ppid, comm) in stable.items():
-        assert ours[pid][0] == ppid and same_comm(ours[pid][1], comm), (pid, ours[pid], (ppid, comm))
-    assert set(ours) <= set(before) | set(after)
+    ours = assert_pslist_is_guest_ps(guest, backend, "sv-s", TASKS)
     assert len(ours) >= TASKS + 40
