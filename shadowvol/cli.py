@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .errors import ShadowvolError
 
-SUBCOMMANDS = ("vm", "demo", "profile", "bench", "trace", "trace-check", "read", "plugins")
+SUBCOMMANDS = ("vm", "demo", "profile", "bench", "trace", "trace-check", "read", "plugins", "snapshot", "watch")
 
 
 def _say(msg: str) -> None:
@@ -295,6 +295,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.what != "profiles" and not args.vm:
+        raise ShadowvolError(f"bench {args.what} needs -vm NAME")
+
     if args.what == "overhead":
         return cmd_bench_overhead(args)
     if args.what == "reads":
@@ -303,7 +306,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.renderer != "json":
             print()
             bench.render(bench.summarize_reads(rows), args.renderer)
-    elif args.what == "sweep":
+    elif args.what in ("sweep", "profiles"):
         return cmd_bench_sweep(args)
     elif args.what == "scan":
         bench.render(bench.bench_scan(args.vm, runs=args.runs), args.renderer)
@@ -322,32 +325,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_sweep(args: argparse.Namespace) -> int:
-    """Every stock Linux plugin live against stock vol -f on a raw copy; exit 1 on any mismatch."""
-    import json as _json
+    """Every stock Linux plugin live against stock vol -f on a raw copy (or, with -f and
+    --reference/--candidate, stock vol with two profiles); exit 1 on any mismatch."""
     import tempfile
 
-    from . import bench, fidelity
+    from . import fidelity
 
     plugins = [p for p in (args.plugins or "").split(",") if p] or None
     update, stop = _progress()
     try:
         with tempfile.TemporaryDirectory(prefix="shadowvol-sweep-", dir=args.workdir) as tmp:
-            rows = fidelity.sweep(args.vm, Path(tmp), plugins=plugins, backend=args.backend,
-                                  progress=update)
+            if args.what == "profiles":
+                if not (args.dump and args.reference and args.candidate):
+                    raise ShadowvolError("bench profiles needs -f RAW --reference ISF --candidate ISF")
+                rows = fidelity.sweep_profiles(Path(args.dump), Path(args.reference), Path(args.candidate),
+                                               Path(tmp), plugins=plugins, progress=update)
+                labels = ("candidate_s", "reference_s", "profiles give the same rows")
+            else:
+                rows = fidelity.sweep(args.vm, Path(tmp), plugins=plugins, backend=args.backend,
+                                      progress=update)
+                labels = ("live_s", "dump_s", "live = stock vol on the copy")
     finally:
         stop()
-    if args.renderer == "json":
+    return _render_sweep(rows, args.renderer, labels)
+
+
+def _render_sweep(rows: list, renderer: str, labels: tuple[str, str, str]) -> int:
+    import json as _json
+
+    from . import bench
+
+    if renderer == "json":
         print(_json.dumps([r.as_dict() for r in rows], indent=1))
     else:
-        bench.render([{"plugin": r.plugin, "live_s": r.live_s, "dump_s": r.dump_s,
+        bench.render([{"plugin": r.plugin, labels[0]: r.live_s, labels[1]: r.dump_s,
                        "rows": r.live_rows if r.live_rows == r.dump_rows else f"{r.live_rows}/{r.dump_rows}",
                        "verdict": r.verdict,
                        "note": (r.live_error or r.dump_error or (r.only_live[:1] or [""])[0])[:90]}
                       for r in rows], "pretty")
         ok = sum(r.ok for r in rows)
-        print(f"\n{ok}/{len(rows)} plugins live = stock vol on the copy "
+        print(f"\n{ok}/{len(rows)} plugins: {labels[2]} "
               f"({sum(r.verdict == 'identical' for r in rows)} identical, "
-              f"{sum(r.verdict == 'fails-as-stock' for r in rows)} fail as stock does)")
+              f"{sum(r.verdict == 'fails-as-stock' for r in rows)} fail alike)")
     return 0 if all(r.ok for r in rows) else 1
 
 
@@ -589,10 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
     pl.set_defaults(func=cmd_plugins)
     be = sub.add_parser("bench", help="benchmarks: read latency, end-to-end pslist, plugin sweep")
-    be.add_argument("what", choices=["reads", "pslist", "overhead", "sweep", "scan", "scale"])
+    be.add_argument("what", choices=["reads", "pslist", "overhead", "sweep", "scan", "scale", "profiles"])
+    be.add_argument("-f", dest="dump", help="profiles: a raw copy of guest RAM for stock vol")
+    be.add_argument("--reference", help="profiles: the reference ISF (e.g. from DWARF)")
+    be.add_argument("--candidate", help="profiles: the ISF checked against it (e.g. zero-config)")
     be.add_argument("--tasks", default="0,500,1000,2000", help="scale: idle tasks to add, per step")
     be.add_argument("--vmlinux", help="scale: debug vmlinux for drgn --qemu (from linux-image-*-dbg)")
-    be.add_argument("-vm", dest="vm", required=True)
+    be.add_argument("-vm", dest="vm", help="the VM to measure (every benchmark but 'profiles')")
     be.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"], help="sweep: backend")
     be.add_argument("--plugins", help="sweep: comma-separated plugins (default: every stock Linux plugin)")
     be.add_argument("--workdir", default="/var/tmp", help="sweep: where the raw copy is written")
@@ -601,6 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=cmd_bench)
     _add_trace_check_parsers(sub, be)
     _add_trace_parser(sub)
+    from . import snapshot, watch
+
+    snapshot.add_parser(sub)
+    watch.add_parser(sub)
     d = sub.add_parser("demo", help="build and boot web01, then list its processes from outside")
     d.add_argument("name", nargs="?", default="web01")
     d.set_defaults(func=cmd_demo)

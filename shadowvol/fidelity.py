@@ -34,7 +34,7 @@ from typing import Any, Iterator
 from .errors import ShadowvolError, VMError
 
 __all__ = ["PluginInfo", "SweepRow", "stock_plugins", "our_plugins", "paused", "raw_copy",
-           "flatten_rows", "compare_rows", "sweep", "PLUGIN_ARGS"]
+           "flatten_rows", "compare_rows", "sweep", "sweep_profiles", "PLUGIN_ARGS"]
 
 #: Arguments for stock plugins that need some (the same on both sides).
 #: ``{module_base}`` becomes the ``struct module`` address of a loaded module,
@@ -384,3 +384,47 @@ def _same_files(a: Path, b: Path) -> bool:
         return {p.name: _file_digest(p) for p in sorted(d.iterdir()) if p.is_file()}
 
     return digests(a) == digests(b)
+
+
+def sweep_profiles(raw: Path, reference: Path, candidate: Path, workdir: Path,
+                   plugins: list[str] | None = None, timeout: float = 600.0,
+                   progress: Any = None) -> list[SweepRow]:
+    """Stock ``vol -f RAW`` with two profiles of the same kernel (say DWARF and
+    zero-config), plugin by plugin; the rows must be the same. In the rows
+    returned, ``live_*`` is the candidate and ``dump_*`` the reference."""
+    say = progress or (lambda msg: None)
+    vol = vol_command()
+    names = plugins or [p.name for p in stock_plugins() if not p.error]
+    dirs = {}
+    for label, profile in (("reference", reference), ("candidate", candidate)):
+        d = Path(workdir) / f"symbols-{label}" / "linux"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(profile, d / Path(profile).name)
+        dirs[label] = d.parent
+    rows = []
+    for name in names:
+        args = [a for a in PLUGIN_ARGS.get(name, []) if not a.startswith("{")]
+        if len(args) != len(PLUGIN_ARGS.get(name, [])):
+            continue  # needs a value read from a live guest
+        row = SweepRow(name)
+        results = {}
+        for label in ("candidate", "reference"):
+            say(f"{name}: {label} profile")
+            out_dir = Path(workdir) / f"out-{label}" / name
+            out_dir.mkdir(parents=True, exist_ok=True)
+            rc, secs, out, err = _run([vol, "-q", "-f", str(raw), "-s", str(dirs[label]), "-r", "json",
+                                       name, *args], out_dir, timeout)
+            results[label] = (_parse(rc, out, err), round(secs, 2))
+        (cand, row.live_error), row.live_s = results["candidate"]
+        (ref, row.dump_error), row.dump_s = results["reference"]
+        row.live_rows = -1 if cand is None else len(cand)
+        row.dump_rows = -1 if ref is None else len(ref)
+        if cand is not None and ref is not None:
+            same, row.only_live, row.only_dump = compare_rows(cand, ref)
+            row.verdict = "identical" if same else "DIFFERENT"
+        elif cand is None and ref is None:
+            row.verdict = "fails-as-stock" if row.live_error == row.dump_error else "BOTH-FAIL-DIFFERENTLY"
+        else:
+            row.verdict = "CANDIDATE-FAILS" if cand is None else "REFERENCE-FAILS"
+        rows.append(row)
+    return rows
