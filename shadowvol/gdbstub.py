@@ -339,11 +339,6 @@ class GdbStub:
 
     # -- queries ----------------------------------------------------------
 
-    def halt_reason(self) -> str:
-        """The ``?`` stop reply, e.g. ``T05thread:01;``."""
-        self.last_stop = self._request(b"?", stop_reply=True).decode(errors="replace")
-        return self.last_stop
-
     def xfer(self, obj: str, annex: str) -> str:
         """Read a whole ``qXfer:<obj>:read:<annex>`` object."""
         out = bytearray()
@@ -411,29 +406,6 @@ class GdbStub:
             pos += n
         return out
 
-    def read_register(self, name: str) -> int:
-        """One register by name via ``p`` (falls back to ``g``)."""
-        reg = next((r for r in self.registers() if r.name == name), None)
-        if reg is None:
-            raise GdbError(f"the gdbstub has no register {name!r}")
-        reply = self._request(b"p%x" % reg.regnum)
-        if reply[:1] == b"E" or not reply:
-            regs = self.read_registers()
-            if name not in regs:
-                raise GdbError(f"the gdbstub's g packet has no register {name!r}")
-            return regs[name]
-        return int.from_bytes(_unhex(reply, f"p {name}"), "little")
-
-    def write_register(self, name: str, value: int) -> None:
-        """Set one register with ``P`` (fetches target.xml first, as QEMU 7.2 requires)."""
-        reg = next((r for r in self.registers() if r.name == name), None)
-        if reg is None:
-            raise GdbError(f"the gdbstub has no register {name!r}")
-        data = value.to_bytes(reg.bitsize // 8, "little").hex()
-        reply = self._request(f"P{reg.regnum:x}={data}".encode())
-        if reply != b"OK":
-            raise GdbError(f"gdbstub refused to set {name}: {reply.decode(errors='replace')}")
-
     # -- memory -----------------------------------------------------------
 
     def set_physical_mode(self, on: bool) -> None:
@@ -442,11 +414,6 @@ class GdbStub:
         if reply != b"OK":
             raise GdbError(f"gdbstub does not support Qqemu.PhyMemMode: {reply.decode(errors='replace')}")
         self._phys = on
-
-    def physical_mode(self) -> bool:
-        """Ask QEMU whether ``m`` reads physical memory (``qqemu.PhyMemMode``)."""
-        reply = self._request(b"qqemu.PhyMemMode")
-        return reply == b"1"
 
     def read_memory(self, addr: int, length: int, layer: str = "gdbstub") -> bytes:
         """Read with ``m`` packets of at most 2 KiB; an ``E`` reply raises InvalidAddressError."""

@@ -54,11 +54,6 @@ class KernelLocation:
     def paging_format(self) -> PagingFormat:
         return FIVE_LEVEL if self.la57 else FOUR_LEVEL
 
-    @property
-    def physical_shift(self) -> int:
-        """Volatility's ``kaslr_shift``: physical address minus (link VA - __START_KERNEL_map)."""
-        return self.virt_shift + self.phys_base
-
     def to_json(self) -> dict:
         return {"dtb": self.dtb, "virt_shift": self.virt_shift, "phys_base": self.phys_base,
                 "la57": self.la57, "source": self.source}

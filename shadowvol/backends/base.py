@@ -72,11 +72,6 @@ class PhysicalMemory(ABC):
     def metadata(self) -> dict[str, Any]:
         """Facts about the source: at least backend, size, source, live."""
 
-    def read_batch(self, requests: Sequence[tuple[int, int]]) -> list[bytes]:
-        """Read several ``(paddr, length)`` runs; raises on the first bad one."""
-        read = self.read
-        return [read(paddr, length) for paddr, length in requests]
-
     def read_partial(self, paddr: int, length: int, pad: bytes = b"\0") -> PartialRead:
         """Read what is readable; report unreadable pages instead of raising."""
         try:

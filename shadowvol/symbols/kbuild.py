@@ -5,7 +5,8 @@ Debian splits the headers into ``linux-headers-<release>`` (the flavour:
 (the sources), and the flavour ``Makefile`` is a single line including the
 common one by absolute path under /usr/src. :func:`prepare_headers` builds,
 once, a sibling tree of symlinks whose Makefile includes the extracted common
-tree instead; :func:`build_module` then runs ``make -C <tree> M=<src>``.
+tree instead; :func:`run_kbuild` then runs ``make -C <tree> M=<src>``
+(:func:`shadowvol.vm.kmod.build_module` builds a guest image's modules with it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from shadowvol.errors import ProfileError
 
-__all__ = ["find_flavour_dir", "prepare_headers", "build_module", "run_kbuild"]
+__all__ = ["find_flavour_dir", "prepare_headers", "run_kbuild"]
 
 _INCLUDE = re.compile(r"^\s*include\s+(\S+/Makefile)\s*$", re.M)
 _PREPARED = ".shadowvol-kbuild"
@@ -92,22 +93,3 @@ def run_kbuild(tree: Path, src_dir: Path, targets: list[str], *, keep_going: boo
         argv.append("-k")
     argv += (extra or []) + targets
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def build_module(headers_root: Path, src_dir: Path, release: str | None = None) -> list[Path]:
-    """Builds the modules of ``src_dir`` (a directory with a Kbuild or
-    Makefile and its sources) against the headers; returns the .ko paths.
-
-    :raises ProfileError: with the compiler's messages when make fails.
-    """
-    if shutil.which("make") is None:
-        raise ProfileError("make is not installed (needs make, gcc, libelf-dev, bc, flex, bison)")
-    tree = prepare_headers(headers_root, release)
-    proc = run_kbuild(tree, src_dir, ["modules"])
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise ProfileError(f"module build in {src_dir} failed:\n{tail}")
-    kos = sorted(Path(src_dir).resolve().rglob("*.ko"))
-    if not kos:
-        raise ProfileError(f"module build in {src_dir} produced no .ko")
-    return kos

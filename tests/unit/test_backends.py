@@ -84,7 +84,7 @@ def test_buffer_memory_fast_and_slow_paths() -> None:
         mem.read(-8, 8)
     part = mem.read_partial(0x2FF0, 0x20, pad=b"\xEE")
     assert part.failed == [(0x3000, 0x10)] and part.data == mm[0x4FF0:0x5000] + b"\xEE" * 0x10
-    assert mem.read_batch([(0, 2), (0x10000, 2)]) == [mm[0:2], mm[0x2000:0x2002]]
+    assert [mem.read(0, 2), mem.read(0x10000, 2)] == [mm[0:2], mm[0x2000:0x2002]]
     mem.close()
     with pytest.raises(BackendError):
         mem.read(0, 8)

@@ -99,7 +99,7 @@ def test_elf_core(tmp_path: Path) -> None:
         assert mem.ranges() == [(0, len(LOW)), (HIGH_AT, HIGH_AT + len(HIGH))]
         assert mem.read(0x2FF0, 16) == LOW[-16:]
         assert mem.read(HIGH_AT, 16) == HIGH[:16]
-        assert mem.read_batch([(0, 4), (HIGH_AT + 4, 4)]) == [LOW[:4], HIGH[4:8]]
+        assert [mem.read(0, 4), mem.read(HIGH_AT + 4, 4)] == [LOW[:4], HIGH[4:8]]
         info = mem.vmcoreinfo()
         assert info is not None and info["OSRELEASE"] == "6.1.0-56-cloud-amd64"
         assert info["SYMBOL(init_uts_ns)"] == "ffffffff82a12340"
