@@ -96,6 +96,17 @@ def _qmp_registers(qmp_path: str) -> tuple[int, int] | None:
     return int(cr3.group(1), 16), int(cr4.group(1), 16)
 
 
+def qmp_endpoint(spec: str) -> str | None:
+    """The QMP socket of ``-vm SPEC`` (a registry name or ``qmp:PATH``); None for ``pid:``."""
+    if spec.startswith("qmp:"):
+        return spec[4:]
+    if spec.startswith("pid:"):
+        return None
+    from .vm import registry
+
+    return registry.get_vm(spec).qmp
+
+
 def _open_vm(spec: str, backend: str) -> _Source:
     from .backends import libvmi, shadow
     from .vm import registry
@@ -191,7 +202,16 @@ def open_target(vm: str | None = None, dump: str | None = None, backend: str = "
         from .safeio import check_input
 
         check_input(profile, "--profile")
+    bundle = None
+    if dump is not None:
+        from .bundle import is_bundle, open_bundle
+
+        if is_bundle(dump):  # a snapshot folder: its memory image, profile, vmcoreinfo and registers
+            bundle = open_bundle(dump)
+            dump, profile = str(bundle.memory), profile or str(bundle.profile)
     src = _open_vm(vm, backend) if vm is not None else _open_dump(dump, partial)
+    if bundle is not None:
+        src.vmcoreinfo, src.registers = bundle.vmcoreinfo, bundle.registers
     try:
         target = _resolve(src, profile, say)
         if dump is not None:
