@@ -1,0 +1,128 @@
+"""Issue 13: snapshots of a live VM (stock vol opens them, hashes verify, the
+VM's run state is kept) and ``watch`` printing what changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shadowvol import fidelity
+from shadowvol.bundle import verify_bundle
+from shadowvol.qmp import QMPClient
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.live
+
+
+def _running(entry) -> bool:
+    with QMPClient(entry.qmp) as q:
+        return bool(q.execute("query-status").get("running"))
+
+
+def _pids(rows: list[dict]) -> dict[int, str]:
+    return {r["PID"]: r["COMM"] for r in rows}
+
+
+def test_snapshot_opens_with_stock_vol_and_its_hashes_verify(web01, guest, tmp_path: Path) -> None:
+    pid = int(guest("sleep 4321 >/dev/null 2>&1 & echo $!").split()[-1])
+    out = tmp_path / "snap"
+    r = run_cli("snapshot", "-vm", "web01", "-o", str(out), "-r", "json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["was_running"] and 0 < summary["pause_ms"] < 5000
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    for f in out.rglob("*"):
+        assert stat.S_IMODE(f.stat().st_mode) == (0o700 if f.is_dir() else 0o600), f
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["memory"] == "memory.lime" and (out / m["symbols"] / "linux").is_dir()
+    assert m["kernel"]["release"] == web01.release and m["kernel"]["banner"].startswith("Linux version ")
+    assert len(m["vcpus"]) == web01.cpus and m["vcpus"][0]["cr3"]
+    assert m["vmcoreinfo"]["OSRELEASE"] == web01.release
+    assert m["taken_at"].endswith("+00:00")
+    assert set(m["sha256"]) == {m["memory"], m["profile"]}
+    assert verify_bundle(out) == []
+    assert run_cli("snapshot", "--verify", str(out)).returncode == 0
+
+    stock = subprocess.run([fidelity.vol_command(), "-q", "-r", "json", "-f", str(out / m["memory"]),
+                            "-s", str(out / m["symbols"]), "linux.pslist"],
+                           capture_output=True, text=True, timeout=600)
+    assert stock.returncode == 0, stock.stderr[-2000:]
+    ours = run_cli("-f", str(out), "-r", "json", "linux.pslist")
+    assert ours.returncode == 0, ours.stderr
+    stock_pids, our_pids = _pids(json.loads(stock.stdout)), _pids(json.loads(ours.stdout))
+    assert stock_pids == our_pids
+    assert stock_pids[1] and stock_pids[pid] == "sleep"
+
+    with open(out / m["memory"], "r+b") as f:  # one flipped byte is seen
+        f.seek(4096)
+        b = f.read(1)
+        f.seek(4096)
+        f.write(bytes([b[0] ^ 1]))
+    assert verify_bundle(out) == [m["memory"]]
+    assert run_cli("snapshot", "--verify", str(out)).returncode == 1
+
+
+def test_run_state_is_kept_and_nothing_is_overwritten(web01, tmp_path: Path) -> None:
+    assert _running(web01)
+    r = run_cli("snapshot", "-vm", "web01", "-o", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    assert _running(web01)
+    with QMPClient(web01.qmp) as q:
+        q.execute("stop")
+    try:
+        r = run_cli("snapshot", "-vm", "web01", "-o", str(tmp_path / "b"), "-r", "json")
+        assert r.returncode == 0, r.stderr
+        assert not _running(web01)
+        assert json.loads(r.stdout)["was_running"] is False
+    finally:
+        with QMPClient(web01.qmp) as q:
+            q.execute("cont")
+    before = sorted(p.name for p in (tmp_path / "a").iterdir())
+    r = run_cli("snapshot", "-vm", "web01", "-o", str(tmp_path / "a"))
+    assert r.returncode == 1 and "exists" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before
+
+
+def test_a_failed_snapshot_leaves_nothing_and_the_vm_running(web01, tmp_path: Path, monkeypatch) -> None:
+    from shadowvol import snapshot
+
+    def broken(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(snapshot.RamCopy, "copy", broken)
+    with pytest.raises(OSError):
+        snapshot.take_snapshot("web01", tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    assert _running(web01)
+
+
+def test_watch_sees_a_started_process(web01, guest) -> None:
+    cmd = [sys.executable, "-m", "shadowvol", "watch", "-vm", "web01", "--interval", "5", "--count", "3",
+           "-r", "jsonl", "--stats", "linux.pslist"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "tick 0:" not in line:  # the baseline is taken: what starts now is a change
+            line = proc.stderr.readline()
+            assert line and time.monotonic() < deadline, "watch gave no first tick"
+        pid = int(guest("sleep 5678 >/dev/null 2>&1 & echo $!").split()[-1])
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    changes = [json.loads(x) for x in out.splitlines()]
+    plus = [c for c in changes if c["change"] == "+" and c["PID"] == pid]
+    assert plus and plus[0]["COMM"] == "sleep" and plus[0]["tick"] in (1, 2), changes
+    assert all(set(c) >= {"PID", "COMM", "change", "tick"} for c in changes)
+    assert not [c for c in changes if c["change"] == "-" and c["PID"] == pid]
