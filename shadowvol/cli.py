@@ -25,7 +25,8 @@ from pathlib import Path
 
 from .errors import ShadowvolError
 
-SUBCOMMANDS = ("vm", "demo", "profile", "bench", "trace", "trace-check", "read", "plugins", "snapshot", "watch")
+SUBCOMMANDS = ("vm", "demo", "profile", "bench", "trace", "trace-check", "read", "plugins",
+               "snapshot", "watch", "diff")
 
 
 def _say(msg: str) -> None:
@@ -623,10 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=cmd_bench)
     _add_trace_check_parsers(sub, be)
     _add_trace_parser(sub)
-    from . import snapshot, watch
+    from . import diff, snapshot, watch
 
     snapshot.add_parser(sub)
     watch.add_parser(sub)
+    diff.add_parser(sub)
     d = sub.add_parser("demo", help="build and boot web01, then list its processes from outside")
     d.add_argument("name", nargs="?", default="web01")
     d.set_defaults(func=cmd_demo)

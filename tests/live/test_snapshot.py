@@ -126,3 +126,29 @@ def test_watch_sees_a_started_process(web01, guest) -> None:
     assert plus and plus[0]["COMM"] == "sleep" and plus[0]["tick"] in (1, 2), changes
     assert all(set(c) >= {"PID", "COMM", "change", "tick"} for c in changes)
     assert not [c for c in changes if c["change"] == "-" and c["PID"] == pid]
+
+
+def test_diff_sees_a_started_process_and_an_insmod_module(web01, guest, image, tmp_path: Path) -> None:
+    from conftest import ROOT
+    from shadowvol.vm.console import vm_cp
+    from shadowvol.vm.kmod import build_module
+
+    vm_cp(web01, build_module(image, ROOT / "tests/kits/hello")[0], "/tmp/sv_hello.ko")
+    guest("if lsmod | grep -q sv_hello; then rmmod sv_hello; fi")
+    assert run_cli("snapshot", "-vm", "web01", "-o", str(tmp_path / "a")).returncode == 0
+    guest("insmod /tmp/sv_hello.ko")
+    pid = int(guest("sleep 8765 >/dev/null 2>&1 & echo $!").split()[-1])
+    assert run_cli("snapshot", "-vm", "web01", "-o", str(tmp_path / "b")).returncode == 0
+    t0 = time.monotonic()
+    r = run_cli("diff", str(tmp_path / "a"), str(tmp_path / "b"), "-r", "json")
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert {"kind": "process", "change": "added", "pid": pid, "comm": "sleep"}.items() <= \
+        next(x for x in rows if x.get("pid") == pid).items()
+    assert any(x["kind"] == "module" and x["change"] == "added" and x["name"] == "sv_hello" for x in rows)
+    assert not any(x["change"] == "removed" and x.get("pid") == 1 for x in rows)
+    assert took < 60
+    live = run_cli("diff", str(tmp_path / "b"), "-vm", "web01")  # a snapshot against the VM now
+    assert live.returncode == 0, live.stderr
+    assert f"pid={pid} " not in live.stdout  # still there: no change for it

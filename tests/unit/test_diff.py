@@ -1,0 +1,43 @@
+"""shadowvol.diff on plugin rows built here: processes and modules."""
+
+from __future__ import annotations
+
+from shadowvol.diff import module_changes, process_changes, render_text
+
+
+def proc(pid: int, comm: str, ppid: int = 1, uid: int = 0, euid: int = 0, start: str = "t0") -> dict:
+    return {"PID": pid, "TID": pid, "PPID": ppid, "COMM": comm, "UID": uid, "GID": 0, "EUID": euid, "EGID": 0,
+            "CREATION TIME": start, "OFFSET (V)": 0x1000 + pid}
+
+
+def test_processes_added_exited_changed() -> None:
+    a = [proc(1, "init", 0), proc(50, "sshd"), proc(60, "bash", 50, 1000, 1000), proc(70, "old")]
+    b = [proc(1, "init", 0), proc(60, "bash", 50, 1000, 0), proc(70, "new", start="t9"), proc(80, "sleep", 60)]
+    rows = process_changes(a, b)
+    got = [(r["change"], r["pid"], r["comm"]) for r in rows]
+    # pid 70 reused by a new process (another creation time): the old one exited, the new one is added
+    assert got == [("removed", 50, "sshd"), ("changed", 60, "bash"), ("removed", 70, "old"),
+                   ("added", 70, "new"), ("added", 80, "sleep")]
+    changed = rows[1]
+    assert changed["before"] == {"euid": 1000} and changed["after"] == {"euid": 0}
+    assert rows[-1]["after"]["ppid"] == 60 and rows[-1]["before"] is None
+    assert process_changes(a, a) == []
+
+
+def test_a_comm_or_parent_change_is_a_change() -> None:
+    rows = process_changes([proc(9, "sh", 1)], [proc(9, "evil", 2)])
+    assert rows == [{"kind": "process", "change": "changed", "pid": 9, "comm": "evil",
+                     "before": {"comm": "sh", "ppid": 1}, "after": {"comm": "evil", "ppid": 2}}]
+
+
+def mod(name: str, offset: int, size: int = 0x4000) -> dict:
+    return {"Module Name": name, "Offset": offset, "Code Size": size, "Taints": "", "Load Arguments": ""}
+
+
+def test_modules_loaded_unloaded_moved() -> None:
+    rows = module_changes([mod("a", 0x1000), mod("b", 0x2000)], [mod("b", 0x9000), mod("rk", 0x5000)])
+    assert [(r["change"], r["name"]) for r in rows] == [("removed", "a"), ("changed", "b"), ("added", "rk")]
+    assert rows[1]["before"] == {"offset": 0x2000} and rows[1]["after"] == {"offset": 0x9000}
+    text = render_text(rows)
+    assert "module   added    name=rk" in text and "offset=0x2000 -> offset=0x9000" in text
+    assert render_text([]) == ""
