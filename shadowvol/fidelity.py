@@ -273,7 +273,8 @@ def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str
     """Pause ``vm``, copy its RAM, run every plugin live and with stock vol on the copy.
 
     The VM stays paused for the whole sweep (live and dump then see the same
-    bytes) and is resumed afterwards if it was running.
+    bytes) and is resumed afterwards if it was running. Stock vol gets a cache
+    of its own in ``workdir`` (its shared cache is not safe for concurrent runs).
     """
     from .target import open_target
     from .vm.registry import get_vm
@@ -301,7 +302,8 @@ def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str
         # --partial: a warning about a cut walk or an error cell must not stop the
         # rows from being compared (stock vol prints them and exits 0).
         me = [sys.executable, "-m", "shadowvol", "-vm", vm, "--backend", backend, "-r", "json", "--partial"]
-        stock = [vol, "-q", "-f", str(raw), "-s", str(symdir), "-r", "json"]
+        stock = [vol, "-q", "--offline", "--cache-path", str(workdir / "vol-cache"),
+                 "-f", str(raw), "-s", str(symdir), "-r", "json"]
         for name in names:
             args = [placeholders.get(a, a) for a in PLUGIN_ARGS.get(name, [])]
             row = SweepRow(name)
@@ -412,7 +414,8 @@ def sweep_profiles(raw: Path, reference: Path, candidate: Path, workdir: Path,
             say(f"{name}: {label} profile")
             out_dir = Path(workdir) / f"out-{label}" / name
             out_dir.mkdir(parents=True, exist_ok=True)
-            rc, secs, out, err = _run([vol, "-q", "-f", str(raw), "-s", str(dirs[label]), "-r", "json",
+            rc, secs, out, err = _run([vol, "-q", "--offline", "--cache-path", str(Path(workdir) / "vol-cache"),
+                                       "-f", str(raw), "-s", str(dirs[label]), "-r", "json",
                                        name, *args], out_dir, timeout)
             results[label] = (_parse(rc, out, err), round(secs, 2))
         (cand, row.live_error), row.live_s = results["candidate"]
