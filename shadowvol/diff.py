@@ -1,85 +1,112 @@
 """``shadowvol diff A B``: what changed between two moments, as kernel objects.
 
 A and B are snapshot folders (``shadowvol snapshot``) or ``-vm NAME`` (the
-live VM now). Compared so far: processes (added, exited, changed uid/euid,
-comm, parent) from ``linux.pslist``, and modules (loaded, unloaded, moved)
-from ``linux.lsmod``.
+live VM now). Each kind of object is listed by one plugin on each side
+(:data:`KINDS`): processes (added, exited, changed comm/parent/uids) from
+``linux.pslist``, modules (loaded, unloaded, moved) from ``linux.lsmod`` and
+hidden ones from ``linux.hidden_modules``, ``sys_call_table``/``x64_sys_call``
+targets and handler-entry hooks from ``linux.check_syscall``, IDT gates from
+``linux.check_idt``, netfilter hooks, eBPF programs and ftrace hooks from the
+stock plugins.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .errors import ShadowvolError
 
-__all__ = ["process_changes", "module_changes", "diff_sides", "render_text"]
+__all__ = ["Kind", "KINDS", "kind_changes", "process_changes", "module_changes", "diff_sides", "render_text"]
 
-#: pslist columns compared for a process that exists on both sides.
-PROCESS_FIELDS = {"COMM": "comm", "PPID": "ppid", "UID": "uid", "EUID": "euid", "GID": "gid", "EGID": "egid"}
-MODULE_FIELDS = {"Offset": "offset", "Code Size": "size", "Taints": "taints"}
+@dataclass(frozen=True)
+class Kind:
+    """One kind of kernel object: the plugin listing it, the columns naming one
+    object (``key``), those shown as its identity, and those compared."""
+
+    name: str
+    plugin: str
+    key: tuple[str, ...]
+    ident: dict[str, str]
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def key_of(self, row: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(row.get(c) for c in self.key) if self.key else \
+            tuple(sorted((k, str(v)) for k, v in row.items()))
 
 
-def _process_key(row: dict[str, Any]) -> tuple[Any, Any]:
+KINDS: dict[str, Kind] = {k.name: k for k in (
     # A pid reused by a new process is a different process: pid + creation time.
-    return row.get("PID"), row.get("CREATION TIME")
+    Kind("process", "linux.pslist", ("PID", "CREATION TIME"), {"PID": "pid", "COMM": "comm"},
+         {"COMM": "comm", "PPID": "ppid", "UID": "uid", "EUID": "euid", "GID": "gid", "EGID": "egid"}),
+    Kind("module", "linux.lsmod", ("Module Name",), {"Module Name": "name"},
+         {"Offset": "offset", "Code Size": "size", "Taints": "taints"}),
+    Kind("hidden_module", "linux.hidden_modules", ("Name", "Offset(V)"), {"Name": "name", "Offset(V)": "address"},
+         {"Hidden": "hidden", "module_list": "in_list", "sysfs": "in_sysfs", "carve": "carved"}),
+    Kind("syscall", "linux.check_syscall", ("Check", "Index"), {"Check": "check", "Index": "number",
+                                                                "Syscall": "syscall"},
+         {"Target": "target", "Symbol": "symbol", "Owner": "owner", "Hooked": "hooked"}),
+    Kind("idt", "linux.check_idt", ("Index",), {"Index": "vector"},
+         {"Address": "address", "Symbol": "symbol", "Owner": "owner", "Hooked": "hooked", "Present": "present",
+          "Type": "type"}),
+    Kind("netfilter", "linux.malware.netfilter.Netfilter", (),
+         {"Proto": "proto", "Hook": "hook", "Priority": "priority", "Symbol": "symbol", "Module": "module"}),
+    Kind("ebpf", "linux.ebpf", ("Address", "Tag"), {"Name": "name", "Type": "type", "Tag": "tag",
+                                                    "Address": "address"}),
+    Kind("ftrace", "linux.tracing.ftrace.CheckFtrace", (), {"Callback": "callback", "Hooked symbols": "hooked",
+                                                           "Module": "module"}),
+)}
+#: Kinds compared unless --kinds says otherwise.
+DEFAULT_KINDS = ("process", "module", "hidden_module", "syscall", "idt", "netfilter", "ebpf", "ftrace")
 
 
 def _pick(row: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
     return {name: row.get(col) for col, name in fields.items()}
 
 
-def process_changes(before: Iterable[dict[str, Any]], after: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Change rows between two ``linux.pslist`` results (rows as dicts of its columns)."""
-    a = {_process_key(r): r for r in before}
-    b = {_process_key(r): r for r in after}
+def _sort_key(key: tuple[Any, ...]) -> tuple:
+    return tuple((v is None, v if isinstance(v, (int, float)) else 0, str(v)) for v in key)
+
+
+def kind_changes(kind: Kind, before: Iterable[dict[str, Any]], after: Iterable[dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    """Change rows of one kind between two results of its plugin (rows as dicts of its columns)."""
+    a = {kind.key_of(r): r for r in before}
+    b = {kind.key_of(r): r for r in after}
     out = []
-    for key in sorted(set(a) | set(b), key=lambda k: (k[0] is None, k[0] or 0, str(k[1]))):
+    for key in sorted(set(a) | set(b), key=_sort_key):
         ra, rb = a.get(key), b.get(key)
-        ident = {"pid": key[0], "comm": (rb or ra).get("COMM")}
+        ident = {name: (rb or ra).get(col) for col, name in kind.ident.items() if col in (rb or ra)}
         if ra is None:
-            out.append({"kind": "process", "change": "added", **ident, "before": None,
-                        "after": _pick(rb, PROCESS_FIELDS)})
+            out.append({"kind": kind.name, "change": "added", **ident, "before": None,
+                        "after": _pick(rb, kind.fields)})
         elif rb is None:
-            out.append({"kind": "process", "change": "removed", **ident, "before": _pick(ra, PROCESS_FIELDS),
+            out.append({"kind": kind.name, "change": "removed", **ident, "before": _pick(ra, kind.fields),
                         "after": None})
         else:
-            va, vb = _pick(ra, PROCESS_FIELDS), _pick(rb, PROCESS_FIELDS)
+            va, vb = _pick(ra, kind.fields), _pick(rb, kind.fields)
             if va != vb:
                 changed = [k for k in va if va[k] != vb[k]]
-                out.append({"kind": "process", "change": "changed", **ident,
+                out.append({"kind": kind.name, "change": "changed", **ident,
                             "before": {k: va[k] for k in changed}, "after": {k: vb[k] for k in changed}})
     return out
+
+
+def process_changes(before: Iterable[dict[str, Any]], after: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Processes added, exited, or changed (comm, parent, uids/gids), from ``linux.pslist`` rows."""
+    return kind_changes(KINDS["process"], before, after)
 
 
 def module_changes(before: Iterable[dict[str, Any]], after: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Change rows between two ``linux.lsmod`` results."""
-    a = {r.get("Module Name"): r for r in before}
-    b = {r.get("Module Name"): r for r in after}
-    out = []
-    for name in sorted(set(a) | set(b), key=str):
-        ra, rb = a.get(name), b.get(name)
-        if ra is None:
-            out.append({"kind": "module", "change": "added", "name": name, "before": None,
-                        "after": _pick(rb, MODULE_FIELDS)})
-        elif rb is None:
-            out.append({"kind": "module", "change": "removed", "name": name,
-                        "before": _pick(ra, MODULE_FIELDS), "after": None})
-        else:
-            va, vb = _pick(ra, MODULE_FIELDS), _pick(rb, MODULE_FIELDS)
-            if va != vb:
-                changed = [k for k in va if va[k] != vb[k]]
-                out.append({"kind": "module", "change": "changed", "name": name,
-                            "before": {k: va[k] for k in changed}, "after": {k: vb[k] for k in changed}})
-    return out
+    """Modules loaded, unloaded, or moved, from ``linux.lsmod`` rows."""
+    return kind_changes(KINDS["module"], before, after)
 
 
-KINDS = {"process": ("linux.pslist", process_changes), "module": ("linux.lsmod", module_changes)}
-
-
-def _side_rows(vm: str | None, dump: str | None) -> dict[str, list[dict[str, Any]]]:
+def _side_rows(vm: str | None, dump: str | None, kinds: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
     """Each kind's plugin rows on one side (one target, one epoch)."""
     from .run import run_plugin
     from .target import open_target
@@ -87,31 +114,57 @@ def _side_rows(vm: str | None, dump: str | None) -> dict[str, list[dict[str, Any
 
     target = open_target(vm=vm, dump=dump)
     try:
-        return {kind: grid_rows(run_plugin(target, plugin, {})) for kind, (plugin, _) in KINDS.items()}
+        return {k: grid_rows(run_plugin(target, KINDS[k].plugin, {})) for k in kinds}
     finally:
         target.close()
 
 
-def diff_sides(a: tuple[str | None, str | None], b: tuple[str | None, str | None]) -> list[dict[str, Any]]:
+def _side_job(job: tuple[str | None, str | None, list[str]]) -> dict[str, list[dict[str, Any]]]:
+    return _side_rows(*job)
+
+
+def _both_sides(a: tuple[str | None, str | None], b: tuple[str | None, str | None], kinds: list[str]
+                ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
+    """Both sides' rows, the two sides in two processes when there are two CPUs (each side is CPU-bound)."""
+    jobs = [(*a, kinds), (*b, kinds)]
+    if (os.cpu_count() or 1) < 2:
+        return _side_job(jobs[0]), _side_job(jobs[1])
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        ra, rb = pool.map(_side_job, jobs)
+    return ra, rb
+
+
+def diff_sides(a: tuple[str | None, str | None], b: tuple[str | None, str | None],
+               kinds: Iterable[str] = DEFAULT_KINDS) -> list[dict[str, Any]]:
     """Change rows from side ``a`` to side ``b``; each side is ``(vm, dump)``, one of them set."""
-    ra, rb = _side_rows(*a), _side_rows(*b)
+    kinds = list(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ShadowvolError(f"diff: unknown kind {unknown[0][:40]!r}: kinds are {', '.join(KINDS)}")
+    ra, rb = _both_sides(a, b, kinds)
     out: list[dict[str, Any]] = []
-    for kind, (_, compare) in KINDS.items():
-        out += compare(ra[kind], rb[kind])
+    for k in kinds:
+        out += kind_changes(KINDS[k], ra[k], rb[k])
     return out
+
+
+_HEX = {"offset", "address", "target"}
 
 
 def _values(d: dict[str, Any] | None) -> str:
     if not d:
         return "-"
-    return " ".join(f"{k}={hex(v) if k == 'offset' and isinstance(v, int) else v}" for k, v in d.items())
+    return " ".join(f"{k}={hex(v) if k in _HEX and isinstance(v, int) else v}" for k, v in d.items())
 
 
 def render_text(rows: list[dict[str, Any]]) -> str:
     """One line per change: kind, change, identity, before -> after."""
     lines = []
     for r in rows:
-        ident = f"pid={r['pid']} comm={r['comm']}" if r["kind"] == "process" else f"name={r['name']}"
+        ident = " ".join(f"{k}={v}" for k, v in r.items() if k not in ("kind", "change", "before", "after"))
         if r["change"] == "added":
             what = _values(r["after"])
         elif r["change"] == "removed":
@@ -132,7 +185,7 @@ def cmd_diff(args: Any) -> int:
     if len(sides) != 2:
         raise ShadowvolError("diff: give two sides: A B (snapshot folders), or A -vm NAME (the VM now)")
     t0 = time.perf_counter()
-    rows = diff_sides(sides[0], sides[1])
+    rows = diff_sides(sides[0], sides[1], [k for k in args.kinds.split(",") if k])
     if args.renderer == "json":
         print(json.dumps(rows, indent=1, default=str))
     else:
@@ -147,6 +200,8 @@ def add_parser(sub: Any) -> None:
     dp = sub.add_parser("diff", help="what changed between two snapshots (or a snapshot and the VM now)")
     dp.add_argument("sides", nargs="*", metavar="A B", help="snapshot folders")
     dp.add_argument("-vm", dest="vm", help="the live VM now as the second side (A -vm NAME)")
+    dp.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                    help=f"comma-separated, of: {', '.join(KINDS)} (default: all)")
     dp.add_argument("-r", dest="renderer", default="text", choices=["text", "json"])
     dp.add_argument("--stats", action="store_true", help="time taken, on stderr")
     dp.set_defaults(func=cmd_diff)

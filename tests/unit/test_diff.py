@@ -41,3 +41,24 @@ def test_modules_loaded_unloaded_moved() -> None:
     text = render_text(rows)
     assert "module   added    name=rk" in text and "offset=0x2000 -> offset=0x9000" in text
     assert render_text([]) == ""
+
+
+def test_syscall_hook_and_set_like_kinds() -> None:
+    from shadowvol.diff import KINDS, kind_changes
+
+    def sc(i: int, target: int, sym: str, owner: str = "kernel") -> dict:
+        return {"Check": "sys_call_table", "Index": i, "Syscall": f"s{i}", "Address": 0x100 + 8 * i,
+                "Expected": 0x1000 + i, "Target": target, "Symbol": sym, "Owner": owner, "Hooked": owner != "kernel"}
+
+    rows = kind_changes(KINDS["syscall"], [sc(0, 0x1000, "read"), sc(1, 0x1001, "write")],
+                        [sc(0, 0x1000, "read"), sc(1, 0xBAD, "UNKNOWN", "rk")])
+    assert rows == [{"kind": "syscall", "change": "changed", "check": "sys_call_table", "number": 1,
+                     "syscall": "s1", "before": {"target": 0x1001, "symbol": "write", "owner": "kernel",
+                                                 "hooked": False},
+                     "after": {"target": 0xBAD, "symbol": "UNKNOWN", "owner": "rk", "hooked": True}}]
+    hook = {"Callback": "rk_cb", "Callback address": 0x5, "Hooked symbols": "sys_kill", "Module": "rk",
+            "Module address": 0x9, "ftrace_ops address": 0x7}
+    rows = kind_changes(KINDS["ftrace"], [], [hook])
+    assert [(r["change"], r["callback"], r["hooked"], r["module"]) for r in rows] == [
+        ("added", "rk_cb", "sys_kill", "rk")]
+    assert kind_changes(KINDS["ftrace"], [hook], [dict(hook)]) == []
