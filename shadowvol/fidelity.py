@@ -269,7 +269,7 @@ def vol_command() -> str:
 
 
 def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str = "shadow",
-          timeout: float = 300.0, progress: Any = None) -> list[SweepRow]:
+          timeout: float = 300.0, progress: Any = None, vol_cache: Path | None = None) -> list[SweepRow]:
     """Pause ``vm``, copy its RAM, run every plugin live and with stock vol on the copy.
 
     The VM stays paused for the whole sweep (live and dump then see the same
@@ -302,7 +302,9 @@ def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str
         # --partial: a warning about a cut walk or an error cell must not stop the
         # rows from being compared (stock vol prints them and exits 0).
         me = [sys.executable, "-m", "shadowvol", "-vm", vm, "--backend", backend, "-r", "json", "--partial"]
-        stock = [vol, "-q", "--offline", "--cache-path", str(workdir / "vol-cache"),
+        cache = Path(vol_cache) if vol_cache else workdir / "vol-cache"
+        cache.mkdir(parents=True, exist_ok=True)  # vol does not create it
+        stock = [vol, "-q", "--offline", "--cache-path", str(cache),
                  "-f", str(raw), "-s", str(symdir), "-r", "json"]
         for name in names:
             args = [placeholders.get(a, a) for a in PLUGIN_ARGS.get(name, [])]
@@ -403,6 +405,7 @@ def sweep_profiles(raw: Path, reference: Path, candidate: Path, workdir: Path,
         d.mkdir(parents=True, exist_ok=True)
         shutil.copy(profile, d / Path(profile).name)
         dirs[label] = d.parent
+    (Path(workdir) / "vol-cache").mkdir(exist_ok=True)  # vol does not create it
     rows = []
     for name in names:
         args = [a for a in PLUGIN_ARGS.get(name, []) if not a.startswith("{")]

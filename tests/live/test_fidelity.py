@@ -34,12 +34,20 @@ UPSTREAM_FAILURES = {
 }
 
 
+def _vol_cache(factory):
+    """One private cache for stock vol per session (building one costs ~40 s)."""
+    path = factory.getbasetemp() / "vol-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="module")
 def sweep_rows(web01, guest, tmp_path_factory):
     # Something of each kind for the plugins to find: a started process with
     # an environment, an open socket, a file in the page cache.
     guest("(SV_FIDELITY=1 sleep 3600 &) ; echo fidelity > /tmp/sv-fidelity.txt; true")
-    rows = fidelity.sweep("web01", tmp_path_factory.mktemp("sweep"), timeout=600)
+    rows = fidelity.sweep("web01", tmp_path_factory.mktemp("sweep"), timeout=600,
+                          vol_cache=_vol_cache(tmp_path_factory))
     with QMPClient(web01.qmp) as q:
         assert q.execute("query-status")["running"], "the sweep must resume a running VM"
     return {r.plugin: r for r in rows}
@@ -98,9 +106,10 @@ def test_address_to_symbol_lookups_name_handlers(web01):
     assert rows and all(x["Symbol"] for x in rows), [x for x in rows if not x["Symbol"]][:3]
 
 
-def test_libvmi_backend_subset(web01, tmp_path):
+def test_libvmi_backend_subset(web01, tmp_path, tmp_path_factory):
     """The slow path gives the same rows too (a subset: it reads through the gdbstub)."""
     rows = fidelity.sweep("web01", tmp_path, backend="libvmi", timeout=600,
+                          vol_cache=_vol_cache(tmp_path_factory),
                           plugins=["linux.pslist.PsList", "linux.lsmod.Lsmod",
                                    "linux.malware.check_syscall.Check_syscall",
                                    "linux.kthreads.Kthreads", "linux.vmcoreinfo.VMCoreInfo"])
