@@ -7,7 +7,7 @@ live VM now). Each kind of object is listed by one plugin on each side
 hidden ones from ``linux.hidden_modules``, ``sys_call_table``/``x64_sys_call``
 targets and handler-entry hooks from ``linux.check_syscall``, IDT gates from
 ``linux.check_idt``, netfilter hooks, eBPF programs and ftrace hooks from the
-stock plugins.
+stock plugins, and the sha256 of each kernel text page (:func:`kernel_text_rows`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from .errors import ShadowvolError
 
-__all__ = ["Kind", "KINDS", "kind_changes", "process_changes", "module_changes", "diff_sides", "render_text"]
+__all__ = ["Kind", "KINDS", "kind_changes", "kernel_text_rows", "process_changes", "module_changes", "diff_sides", "render_text"]
 
 @dataclass(frozen=True)
 class Kind:
@@ -57,11 +57,13 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          {"Proto": "proto", "Hook": "hook", "Priority": "priority", "Symbol": "symbol", "Module": "module"}),
     Kind("ebpf", "linux.ebpf", ("Address", "Tag"), {"Name": "name", "Type": "type", "Tag": "tag",
                                                     "Address": "address"}),
+    # Read-only kernel text, page by page from _stext to _etext, named by the symbol at each page start.
+    Kind("text", "", ("Offset",), {"Symbol": "symbol", "Offset": "offset"}, {"SHA256": "sha256"}),
     Kind("ftrace", "linux.tracing.ftrace.CheckFtrace", (), {"Callback": "callback", "Hooked symbols": "hooked",
                                                            "Module": "module"}),
 )}
 #: Kinds compared unless --kinds says otherwise.
-DEFAULT_KINDS = ("process", "module", "hidden_module", "syscall", "idt", "netfilter", "ebpf", "ftrace")
+DEFAULT_KINDS = ("process", "module", "hidden_module", "syscall", "idt", "netfilter", "ebpf", "ftrace", "text")
 
 
 def _pick(row: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
@@ -106,6 +108,29 @@ def module_changes(before: Iterable[dict[str, Any]], after: Iterable[dict[str, A
     return kind_changes(KINDS["module"], before, after)
 
 
+def kernel_text_rows(target: Any) -> list[dict[str, Any]]:
+    """sha256 of each 4 KiB page of kernel text (``_stext`` to ``_etext``) read through the
+    kernel's page tables; ``Offset`` from ``_stext`` (the same across KASLR slides) and the
+    text symbol at the page's start."""
+    import hashlib
+
+    from .trace.points import TextSymbols
+
+    sym = target.isf["symbols"]
+    lo, hi = sym["_stext"]["address"], sym["_etext"]["address"]
+    text = TextSymbols(target.isf)
+    shift = target.location.virt_shift
+    rows = []
+    for page in range(lo & ~0xFFF, hi, 0x1000):
+        start = max(page, lo)
+        got = target.kernel.read_partial(start + shift, min(page + 0x1000, hi) - start)
+        enclosing = text.enclosing(start)
+        name = f"{enclosing[1]}+{start - enclosing[0]:#x}" if enclosing else f"{start:#x}"
+        rows.append({"Offset": start - lo, "Symbol": name,
+                     "SHA256": "unmapped" if got.failed else hashlib.sha256(got.data).hexdigest()})
+    return rows
+
+
 def _side_rows(vm: str | None, dump: str | None, kinds: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
     """Each kind's plugin rows on one side (one target, one epoch)."""
     from .run import run_plugin
@@ -114,7 +139,8 @@ def _side_rows(vm: str | None, dump: str | None, kinds: Iterable[str]) -> dict[s
 
     target = open_target(vm=vm, dump=dump)
     try:
-        return {k: grid_rows(run_plugin(target, KINDS[k].plugin, {})) for k in kinds}
+        return {k: kernel_text_rows(target) if k == "text" else grid_rows(run_plugin(target, KINDS[k].plugin, {}))
+                for k in kinds}
     finally:
         target.close()
 

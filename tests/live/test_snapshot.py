@@ -152,3 +152,43 @@ def test_diff_sees_a_started_process_and_an_insmod_module(web01, guest, image, t
     live = run_cli("diff", str(tmp_path / "b"), "-vm", "web01")  # a snapshot against the VM now
     assert live.returncode == 0, live.stderr
     assert f"pid={pid} " not in live.stdout  # still there: no change for it
+
+
+@pytest.fixture(scope="module")
+def rk14(image):
+    """A guest of this module's own for the rootkit kits (never web01)."""
+    from shadowvol.vm import qemu
+
+    entry = qemu.start_vm("rk14", image, memory="512M", stub=False)
+    yield entry
+    qemu.stop_vm("rk14")
+
+
+def test_diff_shows_the_hooks_a_rootkit_installs(rk14, image, tmp_path: Path) -> None:
+    from conftest import ROOT
+    from shadowvol.vm.console import vm_cp, vm_exec
+    from shadowvol.vm.kmod import build_module
+
+    def run(cmd: str) -> str:
+        rc, out = vm_exec(rk14, cmd, timeout=120.0)
+        assert rc == 0, f"{cmd!r} failed ({rc}): {out!r}"
+        return out.decode(errors="replace")
+
+    for kit in ("rk_sctable", "rk_inline"):
+        vm_cp(rk14, build_module(image, ROOT / "tests/kits" / kit)[0], f"/tmp/{kit}.ko")
+    assert run_cli("snapshot", "-vm", "rk14", "-o", str(tmp_path / "clean")).returncode == 0
+    run("insmod /tmp/rk_sctable.ko && insmod /tmp/rk_inline.ko")
+    try:
+        r = run_cli("snapshot", "-vm", "rk14", "-o", str(tmp_path / "owned"))
+        assert r.returncode == 0, r.stderr
+    finally:
+        run("rmmod rk_inline; rmmod rk_sctable")
+    r = run_cli("diff", str(tmp_path / "clean"), str(tmp_path / "owned"), "-r", "json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    added = {x["name"] for x in rows if x["kind"] == "module" and x["change"] == "added"}
+    assert {"rk_sctable", "rk_inline"} <= added
+    hooked = [x for x in rows if x["kind"] == "syscall" and x["change"] == "changed"]
+    assert hooked and all(x["after"].get("hooked") for x in hooked if "hooked" in x["after"]), hooked
+    assert any(x["check"] == "sys_call_table" for x in hooked), hooked
+    assert any(x["kind"] == "text" and x["change"] == "changed" for x in rows)  # the inline jmp

@@ -62,3 +62,42 @@ def test_syscall_hook_and_set_like_kinds() -> None:
     assert [(r["change"], r["callback"], r["hooked"], r["module"]) for r in rows] == [
         ("added", "rk_cb", "sys_kill", "rk")]
     assert kind_changes(KINDS["ftrace"], [hook], [dict(hook)]) == []
+
+
+class _Read:
+    def __init__(self, data: bytes, failed: list) -> None:
+        self.data, self.failed = data, failed
+
+
+class _Kernel:
+    def __init__(self, text: bytearray, base: int) -> None:
+        self.text, self.base = text, base
+
+    def read_partial(self, vaddr: int, length: int) -> _Read:
+        off = vaddr - self.base
+        if off >= 0x2000:
+            return _Read(b"\0" * length, [(vaddr, length)])
+        return _Read(bytes(self.text[off:off + length]), [])
+
+
+class _Target:
+    def __init__(self, text: bytearray, shift: int) -> None:
+        from types import SimpleNamespace
+
+        self.isf = {"symbols": {"_stext": {"address": 0x1000}, "_etext": {"address": 0x3800},
+                                "foo": {"address": 0x1000}, "bar": {"address": 0x2010}}}
+        self.location = SimpleNamespace(virt_shift=shift)
+        self.kernel = _Kernel(text, 0x1000 + shift)
+
+
+def test_kernel_text_pages_are_hashed_and_named() -> None:
+    from shadowvol.diff import KINDS, kernel_text_rows, kind_changes
+
+    text = bytearray(range(256)) * 32
+    before = kernel_text_rows(_Target(text, 0x200000))
+    assert [(r["Offset"], r["Symbol"]) for r in before] == [(0, "foo+0x0"), (0x1000, "foo+0x1000"),
+                                                             (0x2000, "bar+0xff0")]
+    assert before[2]["SHA256"] == "unmapped"
+    text[0x1100] ^= 0xFF  # a patched byte in the second page, another KASLR slide
+    rows = kind_changes(KINDS["text"], before, kernel_text_rows(_Target(text, 0x400000)))
+    assert [(r["change"], r["offset"], r["symbol"]) for r in rows] == [("changed", 0x1000, "foo+0x1000")]
