@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any, Iterable, TextIO
 
@@ -104,6 +105,47 @@ def hex_columns(grid: Any) -> set[str]:
     return {c.name for c in grid.columns if any(k.__name__ == "Hex" for k in getattr(c.type, "__mro__", ()))}
 
 
+class _TickPause:
+    """Pause a running VM for one tick, for at most ``limit_ms``: a timer resumes it
+    if the plugin takes longer (then the tick saw a running guest for the rest)."""
+
+    def __init__(self, qmp: str, limit_ms: float) -> None:
+        self.qmp, self.limit_ms = qmp, limit_ms
+        self.was_running = False
+        self.overran = False
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def _resume(self, timed_out: bool) -> None:
+        from .qmp import QMPClient
+
+        with self._lock:
+            if not self.was_running:
+                return
+            self.was_running = False
+            self.overran = timed_out
+            with QMPClient(self.qmp, timeout=5.0) as q:
+                q.execute("cont")
+
+    def __enter__(self) -> "_TickPause":
+        from .qmp import QMPClient
+
+        with QMPClient(self.qmp, timeout=5.0) as q:
+            self.was_running = bool(q.execute("query-status").get("running"))
+            if self.was_running:
+                q.execute("stop")
+        if self.was_running:
+            self._timer = threading.Timer(self.limit_ms / 1000.0, self._resume, (True,))
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._resume(False)
+
+
 def _emit(out: TextIO, renderer: str, change: str, tick: int, row: dict[str, Any], hexed: set[str]) -> None:
     if renderer == "jsonl":
         out.write(json.dumps({**row, "change": change, "tick": tick}, default=str) + "\n")
@@ -114,12 +156,22 @@ def _emit(out: TextIO, renderer: str, change: str, tick: int, row: dict[str, Any
 
 def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval: float = 2.0,
           count: int | None = None, renderer: str = "text", backend: str = "shadow",
-          out: TextIO = sys.stdout, err: TextIO = sys.stderr, stats: bool = False) -> int:
-    """Run ``plugin`` on ``vm`` every ``interval`` s (``count`` ticks, or until the VM stops)."""
+          out: TextIO = sys.stdout, err: TextIO = sys.stderr, stats: bool = False,
+          pause_ms: float | None = None) -> int:
+    """Run ``plugin`` on ``vm`` every ``interval`` s (``count`` ticks, or until the VM stops).
+
+    With ``pause_ms``, a running VM is paused during each tick for at most that long."""
     from . import kaslr, profiles
     from .run import run_plugin
     from .target import open_target
 
+    qmp = None
+    if pause_ms is not None:
+        from .target import qmp_endpoint
+
+        qmp = qmp_endpoint(vm)
+        if qmp is None:
+            raise ShadowvolError(f"watch: --pause-ms needs the VM's QMP socket ({vm} has none)")
     target = open_target(vm=vm, backend=backend)
     try:
         symbols = profiles.profile_addresses(target.isf)
@@ -147,8 +199,16 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
             rows, partial = None, None
             for attempt in range(2):  # a read smeared by the running guest: retried once
                 try:
-                    grid = run_plugin(target, plugin, options or {})
-                    rows, hexed = grid_rows(grid), hex_columns(grid)
+                    if pause_ms is None:
+                        grid = run_plugin(target, plugin, options or {})
+                        rows, hexed = grid_rows(grid), hex_columns(grid)
+                    else:
+                        with _TickPause(qmp, pause_ms) as pause:
+                            grid = run_plugin(target, plugin, options or {})
+                            rows, hexed = grid_rows(grid), hex_columns(grid)
+                        if pause.overran:
+                            err.write(f"shadowvol: tick {tick}: longer than --pause-ms {pause_ms:g}, "
+                                      "the VM ran again before the tick ended\n")
                     break
                 except Exception as exc:  # noqa: BLE001 (a plugin failure on changing memory)
                     if not _vm_alive(vm):
@@ -188,10 +248,11 @@ def cmd_watch(args: Any) -> int:
     plugin_cls = volbridge.load_plugin(args.plugin)
     options = {k: v for k, v in vars(_plugin_parser(plugin_cls, args.plugin).parse_args(args.args)).items()
                if v is not None}
-    if args.interval <= 0 or (args.count is not None and args.count < 1):
-        raise ShadowvolError("watch: --interval must be > 0 and --count >= 1")
+    if args.interval <= 0 or (args.count is not None and args.count < 1) or \
+            (args.pause_ms is not None and args.pause_ms <= 0):
+        raise ShadowvolError("watch: --interval and --pause-ms must be > 0, --count >= 1")
     return watch(args.vm, args.plugin, options, interval=args.interval, count=args.count,
-                 renderer=args.renderer, backend=args.backend, stats=args.stats)
+                 renderer=args.renderer, backend=args.backend, stats=args.stats, pause_ms=args.pause_ms)
 
 
 def add_parser(sub: Any) -> None:
@@ -204,6 +265,8 @@ def add_parser(sub: Any) -> None:
     wp.add_argument("--count", type=int, help="stop after N ticks (the first is the baseline)")
     wp.add_argument("-r", dest="renderer", default="text", choices=["text", "jsonl"])
     wp.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"])
+    wp.add_argument("--pause-ms", type=float, metavar="N",
+                    help="pause a running VM during each tick, for at most N ms (a consistent view)")
     wp.add_argument("--stats", action="store_true", help="rows and cost of each tick, on stderr")
     wp.add_argument("plugin")
     wp.add_argument("args", nargs=argparse.REMAINDER, help="plugin options")

@@ -192,3 +192,10 @@ def test_diff_shows_the_hooks_a_rootkit_installs(rk14, image, tmp_path: Path) ->
     assert hooked and all(x["after"].get("hooked") for x in hooked if "hooked" in x["after"]), hooked
     assert any(x["check"] == "sys_call_table" for x in hooked), hooked
     assert any(x["kind"] == "text" and x["change"] == "changed" for x in rows)  # the inline jmp
+
+
+def test_watch_pause_ms_leaves_the_vm_running(web01) -> None:
+    for limit in ("5", "60000"):  # resumed by the timer mid-tick, or at the end of the tick
+        r = run_cli("watch", "-vm", "web01", "--count", "1", "--pause-ms", limit, "linux.pslist")
+        assert r.returncode == 0, r.stderr
+        assert _running(web01)
