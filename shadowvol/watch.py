@@ -172,7 +172,7 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
         qmp = qmp_endpoint(vm)
         if qmp is None:
             raise ShadowvolError(f"watch: --pause-ms needs the VM's QMP socket ({vm} has none)")
-    target = open_target(vm=vm, backend=backend)
+    target: Any = open_target(vm=vm, backend=backend)
     try:
         symbols = profiles.profile_addresses(target.isf)
         banner = profiles.profile_banner(target.isf)
@@ -189,13 +189,22 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
                 err.write(f"shadowvol: VM {vm} has stopped: watch ends after {tick} ticks\n")
                 return 0
             t0 = time.perf_counter()
-            target.new_epoch()
-            if not kaslr.verify_location(target.memory, target.location, symbols, banner):
-                target.close()
-                err.write(f"shadowvol: the kernel of {vm} moved (reboot?): locating it again\n")
-                target = open_target(vm=vm, backend=backend)
+            if target is not None:
+                target.new_epoch()
+                if not kaslr.verify_location(target.memory, target.location, symbols, banner):
+                    target.close()
+                    target = None
+                    err.write(f"shadowvol: the kernel of {vm} moved (reboot?): locating it again\n")
+            if target is None:
+                try:
+                    target = open_target(vm=vm, backend=backend)
+                except ShadowvolError as exc:  # still booting: try again next tick
+                    err.write(f"shadowvol: tick {tick}: no kernel found yet ({exc})\n")
+                    tick += 1
+                    continue
                 symbols = profiles.profile_addresses(target.isf)
                 banner = profiles.profile_banner(target.isf)
+                err.write(f"shadowvol: tick {tick}: kernel located again\n")
             rows, partial = None, None
             for attempt in range(2):  # a read smeared by the running guest: retried once
                 try:
@@ -237,7 +246,8 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
             tick += 1
         return 0
     finally:
-        target.close()
+        if target is not None:
+            target.close()
 
 
 def cmd_watch(args: Any) -> int:

@@ -199,3 +199,30 @@ def test_watch_pause_ms_leaves_the_vm_running(web01) -> None:
         r = run_cli("watch", "-vm", "web01", "--count", "1", "--pause-ms", limit, "linux.pslist")
         assert r.returncode == 0, r.stderr
         assert _running(web01)
+
+
+def test_watch_ends_cleanly_when_the_vm_stops(image) -> None:
+    from shadowvol.errors import VMError
+    from shadowvol.vm import qemu
+
+    entry = qemu.start_vm("gone14", image, memory="512M", stub=False)
+    proc = None
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "shadowvol", "watch", "-vm", "gone14", "--interval", "1",
+                                 "--count", "60", "--stats", "linux.lsmod"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+        line = ""
+        while "tick 0:" not in line:
+            line = proc.stderr.readline()
+            assert line, "watch gave no first tick"
+        qemu.stop_vm(entry.name)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "gone14 has stopped" in err
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        try:
+            qemu.stop_vm(entry.name)
+        except VMError:
+            pass  # stopped by the test
