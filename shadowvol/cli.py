@@ -486,6 +486,17 @@ def _describe(exc: Exception) -> str:
             return f"invalid address {getattr(exc, 'invalid_address', 0):#x} in layer {exc.layer_name}"
         return f"volatility3 {name}: {str(exc).splitlines()[0] if str(exc) else ''}"
     text = str(exc).splitlines()[0] if str(exc) else ""
+    tb, innermost, plugin = exc.__traceback__, None, None
+    marker = f"{os.sep}volatility3{os.sep}"
+    while tb is not None:  # whose code failed? the innermost frame, and the stock plugin's
+        path = tb.tb_frame.f_code.co_filename
+        innermost = path if marker in path else None
+        if marker in path and f"{os.sep}plugins{os.sep}" in path:
+            plugin = f"{path.split(marker, 1)[1]}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    if innermost:
+        # A stock plugin's own failure (e.g. linux.sockscan on kernels it does not support).
+        return f"error inside volatility3 ({plugin or innermost.split(marker, 1)[1]}): {type(exc).__name__}: {text}"
     return f"internal error: {type(exc).__name__}: {text}"
 
 

@@ -255,6 +255,8 @@ def error_key(stderr: str) -> str:
                    "SymbolSpaceError: "):
         if text.startswith(prefix):
             text = text[len(prefix):]
+    if text.startswith("error inside volatility3 (") and "): " in text:
+        text = text.split("): ", 1)[1]
     if "!" in text.split(":", 1)[0]:  # "table!name: Unknown symbol: name"
         text = text.split(": ", 1)[-1]
     return text.strip()

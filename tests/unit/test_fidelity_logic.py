@@ -32,6 +32,9 @@ def test_error_key_matches_ours_and_stocks():
     ours = ("shadowvol: error: internal error: TypeError: Symbol sock_def_destruct has no associated type "
             "and no object_type specified (SHADOWVOL_DEBUG=1 shows the traceback)\n")
     assert fidelity.error_key(stock_tb) == fidelity.error_key(ours)
+    inside = ("shadowvol: error: error inside volatility3 (framework/plugins/linux/sockscan.py:91): TypeError: "
+              "Symbol sock_def_destruct has no associated type and no object_type specified (SHADOWVOL_DEBUG=1 ...)")
+    assert fidelity.error_key(inside) == fidelity.error_key(stock_tb)
     stock_sym = ("Volatility 3 Framework 2.28.2\n\n\nVolatility experienced a symbol-related issue:\n"
                  "symbol_table_name1!Elf64_Ehdr: Unknown symbol: Elf64_Ehdr\n\n\t* An invalid symbol table\n"
                  "\nNo further results will be produced\n")
