@@ -55,6 +55,18 @@ def _populate(mm: mmap.mmap, advice: int) -> None:
         pass  # an older kernel: the copy faults pages in itself
 
 
+def _mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 class RamCopy:
     """Guest RAM copied into a private buffer of ours, so the VM is paused only for a memcpy.
 
@@ -68,6 +80,10 @@ class RamCopy:
         self.memory = memory
         ranges = [(a, b) for a, b in memory.ranges() if b > a]
         total = sum(b - a for a, b in ranges)
+        free = _mem_available()
+        if free is not None and total > free * 0.9:
+            raise ShadowvolError(f"a snapshot copies guest RAM into memory first: it needs {total >> 20} MiB "
+                                 f"free, the host has {free >> 20} MiB available")
         self._buffer = mmap.mmap(-1, max(total, 1))
         _populate(self._buffer, _MADV_POPULATE_WRITE)
         view = memoryview(self._buffer)

@@ -195,3 +195,11 @@ class _Grid:
 def test_grid_rows() -> None:
     assert grid_rows(_Grid()) == [{"PID": 1, "COMM": "init", "DATA": "0102", "X": None},
                                   {"PID": 2, "COMM": "kthreadd", "DATA": None, "X": 1.5}]
+
+
+def test_ram_copy_refuses_more_than_the_host_has(monkeypatch) -> None:
+    from shadowvol import snapshot
+
+    monkeypatch.setattr(snapshot, "_mem_available", lambda: 0x1000)
+    with pytest.raises(ShadowvolError, match="needs 0 MiB free"):
+        RamCopy(BufferMemory(LOW, [Segment(0, len(LOW), 0)]))
