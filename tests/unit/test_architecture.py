@@ -215,3 +215,14 @@ def test_no_attributes_set_on_a_target(mod: str) -> None:
             bad.append(f"{path.name}:{node.lineno}")
     assert not bad, f"attributes set on a Target at {bad}"
     assert "_sv_" not in path.read_text(encoding="utf-8")
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports tests/unit and tests/live by basename (no packages): two files
+    with one name stop the whole run at collection."""
+    from collections import Counter
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parents[1]
+    names = Counter(p.name for p in tests.rglob("test_*.py"))
+    assert not [n for n, c in names.items() if c > 1], [n for n, c in names.items() if c > 1]
