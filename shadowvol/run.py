@@ -254,6 +254,37 @@ def check_plugin_os(plugin_cls: type, vm: str | None) -> None:
     raise ShadowvolError(f"{name} is a {OTHER_OS[parts[2]]} plugin and {target}: {hint}")
 
 
+def _render_with_retry(target, args, popts: dict, live: bool) -> "RunHealth":
+    """Run and render the plugin; on a live guest, once more in a new epoch if a walk broke.
+
+    A running guest changes under a walk (a task unlinked while we follow its
+    list: the link reads LIST_POISON). The output is kept until the run is
+    done, so a second look replaces the first; a run that wrote files (-o)
+    is not repeated, and its break is reported as is.
+    """
+    import contextlib
+    import io
+
+    from volatility3.cli import text_renderer
+
+    attempts = 2 if live else 1
+    for attempt in range(attempts):
+        health = RunHealth()
+        before = set(os.listdir(args.output_dir))
+        out = io.StringIO()
+        grid = run_plugin(target, args.plugin, popts, output_dir=args.output_dir, health=health)
+        renderer = getattr(text_renderer, RENDERERS[args.renderer])()
+        with contextlib.redirect_stdout(out):
+            renderer.render(grid)
+        wrote_files = set(os.listdir(args.output_dir)) != before
+        if not health.broken_walks or attempt == attempts - 1 or wrote_files:
+            break
+        target.new_epoch()  # forget the translations of the smeared look
+    sys.stdout.write(out.getvalue())
+    sys.stdout.flush()
+    return health
+
+
 def run_plugin_cli(argv: list[str]) -> int:
     args = _top_parser().parse_args(argv)
     if not args.plugin:
@@ -280,14 +311,8 @@ def run_plugin_cli(argv: list[str]) -> int:
                          partial=args.partial)
     for warning in target.warnings:
         print(f"shadowvol: warning: {warning}", file=sys.stderr)
-    health = RunHealth()
     try:
-        from volatility3.cli import text_renderer
-
-        grid = run_plugin(target, args.plugin, popts, output_dir=args.output_dir, health=health)
-        renderer = getattr(text_renderer, RENDERERS[args.renderer])()
-        renderer.render(grid)
-        sys.stdout.flush()
+        health = _render_with_retry(target, args, popts, live=args.vm is not None)
     finally:
         target.close()
     if args.verbose and health.faults:

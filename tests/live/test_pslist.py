@@ -175,7 +175,7 @@ def test_profile_built_from_guest_memory_when_none_is_stored(busy_guest, tmp_pat
             else:
                 os.environ["SHADOWVOL_PROFILE_DIR"] = env_before
             state.unlink(missing_ok=True)
-    assert [p.name for p in tmp_path.glob("*-from-guest.json.xz")]
+    assert [p.name for p in tmp_path.glob("guest-*.json.xz")]
     assert from_guest == reference and len(reference) > EXTRA
 
 
