@@ -36,6 +36,8 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tests"))
+from btfgen import BTFBuilder  # noqa: E402
 from shadowvol.errors import ShadowvolError  # noqa: E402
 
 #: An input running longer than this counts as a hang.
@@ -45,32 +47,6 @@ BANNER = b"Linux version 6.1.0-56-cloud-amd64 (debian-kernel@lists.debian.org) (
 
 
 # -- seeds ---------------------------------------------------------------------
-
-class BTFBuilder:
-    """A BTF blob assembled type by type (include/uapi/linux/btf.h); ids from 1."""
-
-    def __init__(self) -> None:
-        self.strings = b"\0"
-        self.types = b""
-        self.count = 0
-
-    def s(self, name: str) -> int:
-        if not name:
-            return 0
-        off = len(self.strings)
-        self.strings += name.encode() + b"\0"
-        return off
-
-    def add(self, name: str, kind: int, vlen: int, size_type: int, extra: bytes = b"", kflag: bool = False) -> int:
-        info = (int(kflag) << 31) | (kind << 24) | vlen
-        self.types += struct.pack("<III", self.s(name), info, size_type) + extra
-        self.count += 1
-        return self.count
-
-    def blob(self, big_endian: bool = False) -> bytes:
-        hdr = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(self.types), len(self.types), len(self.strings))
-        return hdr + self.types + self.strings
-
 
 def btf_seed() -> bytes:
     """Every BTF kind once or more: ints, typedef chains, a self-referencing
