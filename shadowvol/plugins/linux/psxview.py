@@ -597,7 +597,15 @@ class PsXView(interfaces.plugins.PluginInterface):
                 # Still alive and registered under its pid? Otherwise it exited while we looked.
                 now = lay.read(r, task)
                 check = validate_task(r, lay, now, classes) if now is not None else TaskCheck(False)
-                if check.registered and now.exit_state != 0x10 and recheck:
+                node = task + lay.tasks
+                in_list = (check.linked and now.tasks_next != node
+                           and r.u64(now.tasks_prev) == node)
+                if in_list:
+                    # Both neighbours point at it, so a forward walk reaches it: the
+                    # walks raced the running guest (a task being linked), nothing hides it.
+                    views["task_list"].tasks.add(task)
+                    notes.append("linked while we looked")
+                elif check.registered and now.exit_state != 0x10 and recheck:
                     notes.append(f"not in task list (unconfirmed: {recheck})")
                 elif check.registered and now.exit_state != 0x10:
                     hidden = True
