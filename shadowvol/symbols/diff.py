@@ -205,6 +205,16 @@ def _bits(offset: int) -> str:
     return str(offset // 8) if offset % 8 == 0 else f"{offset // 8}+{offset % 8} bits"
 
 
+def _record_one_sided(result: Any, kind: str, counts: Any, only_a: list[str], only_b: list[str]) -> None:
+    """Count and note the ``kind`` entries only one profile has."""
+    counts.only_a, counts.only_b = len(only_a), len(only_b)
+    for name in only_a:
+        result.note(f"{kind}_only_in_a", name)
+    for name in only_b:
+        result.note(f"{kind}_only_in_b", name)
+    result.counts[kind] = counts
+
+
 def _compare_keys(a: Iterable[str], b: Iterable[str], only: set[str] | None
                   ) -> tuple[list[str], list[str], list[str]]:
     sa, sb = set(a), set(b)
@@ -290,12 +300,7 @@ def diff_profiles(a: Mapping[str, Any], b: Mapping[str, Any],
             what.append("constants " + ", ".join(f"{k}={ca.get(k)} vs {cb.get(k)}" for k in bad[:4])
                         + (" ..." if len(bad) > 4 else ""))
         result.note("enums_differing", name, "; ".join(what))
-    ec.only_a, ec.only_b = len(only_a), len(only_b)
-    for name in only_a:
-        result.note("enums_only_in_a", name)
-    for name in only_b:
-        result.note("enums_only_in_b", name)
-    result.counts["enums"] = ec
+    _record_one_sided(result, "enums", ec, only_a, only_b)
 
     # Base types: compared whole (a handful); pointer and void always.
     bc = Counts()
@@ -311,12 +316,7 @@ def diff_profiles(a: Mapping[str, Any], b: Mapping[str, Any],
                         ", ".join(f"{k} {ba.get(k)} vs {bb.get(k)}" for k in keys if ba.get(k) != bb.get(k)))
     # A base type only A names is no failure by itself: whatever of A uses
     # it shows up as a differing field or symbol.
-    bc.only_a, bc.only_b = len(only_a), len(only_b)
-    for name in only_a:
-        result.note("base_types_only_in_a", name)
-    for name in only_b:
-        result.note("base_types_only_in_b", name)
-    result.counts["base_types"] = bc
+    _record_one_sided(result, "base_types", bc, only_a, only_b)
 
     # Symbols.
     sc = Counts()
