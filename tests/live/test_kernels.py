@@ -109,64 +109,58 @@ def rows(vm: str, plugin: str, backend: str = "shadow") -> list[dict]:
     return json.loads(r.stdout)
 
 
-def test_la57_guest_uses_5_level_paging(kernel_vm, run):
+def test_paging_mode_is_the_cpus(kernel_vm, run):
     import re
 
     from shadowvol.qmp import QMPClient
 
     entry, _ = kernel_vm
-    if not _la57(entry):
-        pytest.skip("4-level guest")
-    assert "la57" in run("grep -o -w la57 /proc/cpuinfo || true")
     with QMPClient(entry.qmp) as q:
         cr4 = int(re.search(r"CR4=([0-9a-f]+)", q.hmp("info registers")).group(1), 16)
-    assert cr4 >> 12 & 1, f"CR4 {cr4:#x} without LA57"
+    if _la57(entry):
+        assert "la57" in run("grep -o -w la57 /proc/cpuinfo || true")
+        assert cr4 >> 12 & 1, f"CR4 {cr4:#x} without LA57"
+    else:  # the default TCG CPU (max,la57=off): 4-level paging
+        assert not cr4 >> 12 & 1, f"CR4 {cr4:#x} has LA57 on a 4-level guest"
 
 
-@pytest.mark.parametrize("backend", ["shadow", "libvmi"])
-def test_pslist_equals_guest_ps(kernel_vm, run, backend):
+def test_pslist_equals_guest_ps(kernel_vm, run):
     entry, _ = kernel_vm
-    if backend not in _backends(entry):
-        pytest.skip(f"{backend}: LA57 guest only")
-    before = guest_ps(run)
-    ours = {r["PID"]: (r["PPID"], r["COMM"]) for r in rows(entry.name, "linux.pslist", backend)}
-    after = guest_ps(run)
-    stable = {p: v for p, v in before.items() if after.get(p) == v}  # the shell reading /proc comes and goes
-    assert len(stable) > 30
-    for pid, (ppid, comm) in stable.items():
-        assert pid in ours, f"pid {pid} ({comm}) missing from linux.pslist"
-        assert ours[pid][0] == ppid and same_comm(ours[pid][1], comm), (pid, ours[pid], (ppid, comm))
-    extra = set(ours) - set(before) - set(after)
-    assert len(extra) <= 3, f"tasks in pslist the guest never showed: {sorted(extra)}"
+    for backend in _backends(entry):  # both on the LA57 guest, shadow elsewhere
+        before = guest_ps(run)
+        ours = {r["PID"]: (r["PPID"], r["COMM"]) for r in rows(entry.name, "linux.pslist", backend)}
+        after = guest_ps(run)
+        stable = {p: v for p, v in before.items() if after.get(p) == v}  # the shell reading /proc comes and goes
+        assert len(stable) > 30
+        for pid, (ppid, comm) in stable.items():
+            assert pid in ours, f"pid {pid} ({comm}) missing from linux.pslist"
+            assert ours[pid][0] == ppid and same_comm(ours[pid][1], comm), (pid, ours[pid], (ppid, comm))
+        extra = set(ours) - set(before) - set(after)
+        assert len(extra) <= 3, f"tasks in pslist the guest never showed: {sorted(extra)}"
 
 
-@pytest.mark.parametrize("backend", ["shadow", "libvmi"])
-def test_lsmod_equals_proc_modules(kernel_vm, run, backend):
+def test_lsmod_equals_proc_modules(kernel_vm, run):
     entry, _ = kernel_vm
-    if backend not in _backends(entry):
-        pytest.skip(f"{backend}: LA57 guest only")
-    theirs = {line.split()[0] for line in run("cat /proc/modules").splitlines() if line.strip()}
-    assert theirs, "the guest loads modules at boot (qemu_fw_cfg)"
-    assert {r["Module Name"] for r in rows(entry.name, "linux.lsmod", backend)} == theirs
+    for backend in _backends(entry):  # both on the LA57 guest, shadow elsewhere
+        theirs = {line.split()[0] for line in run("cat /proc/modules").splitlines() if line.strip()}
+        assert theirs, "the guest loads modules at boot (qemu_fw_cfg)"
+        assert {r["Module Name"] for r in rows(entry.name, "linux.lsmod", backend)} == theirs
 
 
-@pytest.mark.parametrize("backend", ["shadow", "libvmi"])
-def test_no_findings(kernel_vm, backend):
+def test_no_findings(kernel_vm):
     entry, _ = kernel_vm
-    if backend not in _backends(entry):
-        pytest.skip(f"{backend}: LA57 guest only")
-    syscalls = rows(entry.name, "linux.check_syscall", backend)
-    assert len(syscalls) > 300 and not [r for r in syscalls if r["Hooked"]]
-    idt = rows(entry.name, "linux.check_idt", backend)
-    assert len(idt) == 256 and not [r for r in idt if r["Hooked"]]
-    assert rows(entry.name, "linux.hidden_modules", backend) == []
-    tasks = rows(entry.name, "linux.psxview", backend)
-    assert len(tasks) > 30 and not [r for r in tasks if r["Hidden"]]
-    assert all(r["task_list"] and r["pid_hash"] and r["task_scan"] for r in tasks)
+    for backend in _backends(entry):  # both on the LA57 guest, shadow elsewhere
+        syscalls = rows(entry.name, "linux.check_syscall", backend)
+        assert len(syscalls) > 300 and not [r for r in syscalls if r["Hooked"]]
+        idt = rows(entry.name, "linux.check_idt", backend)
+        assert len(idt) == 256 and not [r for r in idt if r["Hooked"]]
+        assert rows(entry.name, "linux.hidden_modules", backend) == []
+        tasks = rows(entry.name, "linux.psxview", backend)
+        assert len(tasks) > 30 and not [r for r in tasks if r["Hidden"]]
+        assert all(r["task_list"] and r["pid_hash"] and r["task_scan"] for r in tasks)
 
 
-@pytest.mark.parametrize("backend", ["shadow", "libvmi"])
-def test_trace_sees_a_guest_syscall(kernel_vm, backend):
+def test_trace_sees_a_guest_syscall(kernel_vm):
     """The stub, when it builds on this kernel: a getppid loop started in the
     guest shows up in ``trace``; without it, trace says why in one line. On
     the LA57 guest also through gdbstub breakpoints (~12 ms an event on TCG,
@@ -176,24 +170,23 @@ def test_trace_sees_a_guest_syscall(kernel_vm, backend):
     from shadowvol.vm.console import vm_exec
 
     entry, img = kernel_vm
-    if backend not in _backends(entry):
-        pytest.skip(f"{backend}: LA57 guest only")
-    loops = 2000 if backend == "shadow" else 200
-    if backend == "shadow" and not img.manifest.get("stub"):
-        r = run_cli("trace", "-vm", entry.name, "--syscalls", "--duration", "1")
-        assert r.returncode != 0 and "stub is unavailable on kernel" in r.stderr, r.stderr
-        return
-    out: list = []
+    for backend in _backends(entry):  # both on the LA57 guest, shadow elsewhere
+        loops = 2000 if backend == "shadow" else 200
+        if backend == "shadow" and not img.manifest.get("stub"):
+            r = run_cli("trace", "-vm", entry.name, "--syscalls", "--duration", "1")
+            assert r.returncode != 0 and "stub is unavailable on kernel" in r.stderr, r.stderr
+            continue
+        out: list = []
 
-    def guest() -> None:
-        time.sleep(1.5)
-        out.append(vm_exec(entry, f"sv-syscall-loop {loops} >/dev/null; echo done", timeout=60.0))
+        def guest() -> None:
+            time.sleep(1.5)
+            out.append(vm_exec(entry, f"sv-syscall-loop {loops} >/dev/null; echo done", timeout=60.0))
 
-    th = threading.Thread(target=guest)
-    th.start()
-    r = run_cli("trace", "-vm", entry.name, "--backend", backend, "--syscalls", "--duration",
-                "5" if backend == "shadow" else "8", "-r", "json")
-    th.join(60)
-    assert r.returncode == 0, r.stderr
-    comms = {json.loads(line).get("comm") for line in r.stdout.splitlines() if line.startswith("{")}
-    assert "sv-syscall-loop" in comms, sorted(c for c in comms if c)[:20]
+        th = threading.Thread(target=guest)
+        th.start()
+        r = run_cli("trace", "-vm", entry.name, "--backend", backend, "--syscalls", "--duration",
+                    "5" if backend == "shadow" else "8", "-r", "json")
+        th.join(60)
+        assert r.returncode == 0, r.stderr
+        comms = {json.loads(line).get("comm") for line in r.stdout.splitlines() if line.startswith("{")}
+        assert "sv-syscall-loop" in comms, sorted(c for c in comms if c)[:20]

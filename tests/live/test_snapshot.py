@@ -139,16 +139,13 @@ def test_diff_sees_a_started_process_and_an_insmod_module(web01, guest, image, t
     guest("insmod /tmp/sv_hello.ko")
     pid = int(guest("sleep 8765 >/dev/null 2>&1 & echo $!").split()[-1])
     assert run_cli("snapshot", "-vm", "web01", "-o", str(tmp_path / "b")).returncode == 0
-    t0 = time.monotonic()
     r = run_cli("diff", str(tmp_path / "a"), str(tmp_path / "b"), "-r", "json")
-    took = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert {"kind": "process", "change": "added", "pid": pid, "comm": "sleep"}.items() <= \
         next(x for x in rows if x.get("pid") == pid).items()
     assert any(x["kind"] == "module" and x["change"] == "added" and x["name"] == "sv_hello" for x in rows)
     assert not any(x["change"] == "removed" and x.get("pid") == 1 for x in rows)
-    assert took < 60
     live = run_cli("diff", str(tmp_path / "b"), "-vm", "web01")  # a snapshot against the VM now
     assert live.returncode == 0, live.stderr
     assert f"pid={pid} " not in live.stdout  # still there: no change for it
