@@ -449,9 +449,10 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
     vol = shutil.which("vol", path=os.path.dirname(sys.executable)) or shutil.which("vol")
     drgn = shutil.which("drgn", path=os.path.dirname(sys.executable)) or shutil.which("drgn")
     rows: list[dict[str, Any]] = []
-    with fidelity.paused(entry.qmp) as was_running:
-        pass  # learn the state; each size resumes the VM to start tasks, then pauses it
     from .qmp import QMPClient
+
+    with QMPClient(entry.qmp) as q:  # each size resumes the VM to start tasks, then pauses it
+        was_running = bool(q.execute("query-status").get("running"))
 
     def set_running(on: bool) -> None:
         with QMPClient(entry.qmp) as q:

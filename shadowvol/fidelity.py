@@ -321,21 +321,26 @@ def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str
             say(f"{name}: stock vol on the copy")
             rc, row.dump_s, out, err = _run(stock + [name] + args, dump_dir, timeout)
             dump, row.dump_error = _parse(rc, out, err)
-            row.live_rows = -1 if live is None else len(live)
-            row.dump_rows = -1 if dump is None else len(dump)
-            if live is not None and dump is not None:
-                same, row.only_live, row.only_dump = compare_rows(live, dump)
-                files_same = _same_files(live_dir, dump_dir)
-                row.verdict = "identical" if same and files_same else (
-                    "DIFFERENT" if not same else "DIFFERENT-FILES")
-            elif live is None and dump is None:
-                same_err = row.live_error == row.dump_error
-                row.verdict = "fails-as-stock" if same_err else "BOTH-FAIL-DIFFERENTLY"
-            else:
-                row.verdict = "LIVE-FAILS" if live is None else "DUMP-FAILS"
+            _judge(row, live, dump, live_dir, dump_dir, ("LIVE-FAILS", "DUMP-FAILS"))
             row.live_s, row.dump_s = round(row.live_s, 2), round(row.dump_s, 2)
             rows.append(row)
     return rows
+
+
+def _judge(row: SweepRow, live: list[str] | None, dump: list[str] | None, live_dir: Path,
+           dump_dir: Path, fails: tuple[str, str]) -> None:
+    """The verdict of one plugin run both ways: rows (order-insensitive) and the
+    files it wrote must match; two failures must be the same failure."""
+    row.live_rows = -1 if live is None else len(live)
+    row.dump_rows = -1 if dump is None else len(dump)
+    if live is not None and dump is not None:
+        same, row.only_live, row.only_dump = compare_rows(live, dump)
+        files_same = _same_files(live_dir, dump_dir)
+        row.verdict = "identical" if same and files_same else ("DIFFERENT" if not same else "DIFFERENT-FILES")
+    elif live is None and dump is None:
+        row.verdict = "fails-as-stock" if row.live_error == row.dump_error else "BOTH-FAIL-DIFFERENTLY"
+    else:
+        row.verdict = fails[0] if live is None else fails[1]
 
 
 def _first_value(target: Any, plugin: str, column: int, keep: Any = lambda values: True) -> Any:
@@ -425,14 +430,7 @@ def sweep_profiles(raw: Path, reference: Path, candidate: Path, workdir: Path,
             results[label] = (_parse(rc, out, err), round(secs, 2))
         (cand, row.live_error), row.live_s = results["candidate"]
         (ref, row.dump_error), row.dump_s = results["reference"]
-        row.live_rows = -1 if cand is None else len(cand)
-        row.dump_rows = -1 if ref is None else len(ref)
-        if cand is not None and ref is not None:
-            same, row.only_live, row.only_dump = compare_rows(cand, ref)
-            row.verdict = "identical" if same else "DIFFERENT"
-        elif cand is None and ref is None:
-            row.verdict = "fails-as-stock" if row.live_error == row.dump_error else "BOTH-FAIL-DIFFERENTLY"
-        else:
-            row.verdict = "CANDIDATE-FAILS" if cand is None else "REFERENCE-FAILS"
+        _judge(row, cand, ref, Path(workdir) / "out-candidate" / name, Path(workdir) / "out-reference" / name,
+               ("CANDIDATE-FAILS", "REFERENCE-FAILS"))
         rows.append(row)
     return rows
