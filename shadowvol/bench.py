@@ -95,7 +95,7 @@ def bench_pslist(vm: str, runs: int = 3) -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory(prefix="shadowvol-bench-", dir="/var/tmp") as tmp:
             dump = Path(tmp) / "web01.raw"
             # A consistent raw copy of guest RAM: pause, copy the shared file, resume.
-            from .qmp import QMPClient
+            from .qemu.qmp import QMPClient
 
             with QMPClient(entry.qmp) as q:
                 q.execute("stop")
@@ -449,7 +449,7 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
     vol = shutil.which("vol", path=os.path.dirname(sys.executable)) or shutil.which("vol")
     drgn = shutil.which("drgn", path=os.path.dirname(sys.executable)) or shutil.which("drgn")
     rows: list[dict[str, Any]] = []
-    from .qmp import QMPClient
+    from .qemu.qmp import QMPClient
 
     with QMPClient(entry.qmp) as q:  # each size resumes the VM to start tasks, then pauses it
         was_running = bool(q.execute("query-status").get("running"))

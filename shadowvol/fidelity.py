@@ -122,7 +122,7 @@ def paused(qmp_path: str) -> Iterator[bool]:
     A VM that was paused stays paused; one that was running is resumed, also
     when the block fails.
     """
-    from .qmp import QMPClient
+    from .qemu.qmp import QMPClient
 
     with QMPClient(qmp_path, timeout=10.0) as q:
         was_running = bool(q.execute("query-status").get("running"))

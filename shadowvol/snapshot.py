@@ -184,7 +184,7 @@ def _create_file(path: Path) -> int:
 
 def take_snapshot(vm: str, out: str | os.PathLike[str], progress: Progress | None = None) -> dict[str, Any]:
     """Snapshot the VM ``vm`` (a registry name or ``qmp:PATH``) into the new folder ``out``; returns the manifest."""
-    from .qmp import QMPClient
+    from .qemu.qmp import QMPClient
     from .target import _qmp_vmcoreinfo, open_target, qmp_endpoint
 
     say = progress or (lambda msg: None)

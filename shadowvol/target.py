@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,15 +65,16 @@ class _Source:
 
 
 def _qmp_vmcoreinfo(qmp_path: str) -> dict[str, str] | None:
-    """VMCOREINFO via a filtered ``dump-guest-memory`` (ELF notes + one page, ~1 ms)."""
+    """VMCOREINFO from the ELF notes of a one-page ``dump-guest-memory`` (~1 ms)."""
     from .backends.dump import open_dump
-    from .qmp import QMPClient
+    from .qemu.monitor import dump_first_page
+    from .qemu.qmp import QMPClient
 
     with tempfile.TemporaryDirectory(prefix="shadowvol-vmci-") as tmp:
         out = Path(tmp) / "notes.elf"
         try:
             with QMPClient(qmp_path, timeout=5.0) as q:
-                q.execute("dump-guest-memory", paging=False, protocol=f"file:{out}", begin=0, length=4096)
+                dump_first_page(q, out)
             with open_dump(out) as d:
                 return d.vmcoreinfo()
         except (VMError, BackendError):
@@ -82,18 +82,15 @@ def _qmp_vmcoreinfo(qmp_path: str) -> dict[str, str] | None:
 
 
 def _qmp_registers(qmp_path: str) -> tuple[int, int] | None:
-    from .qmp import QMPClient
+    """(CR3, CR4) from ``info registers``; None when the monitor does not answer."""
+    from .qemu.monitor import control_registers
+    from .qemu.qmp import QMPClient
 
     try:
         with QMPClient(qmp_path, timeout=5.0) as q:
-            text = q.hmp("info registers")
+            return control_registers(q)
     except VMError:
         return None
-    cr3 = re.search(r"CR3=([0-9a-fA-F]+)", text)
-    cr4 = re.search(r"CR4=([0-9a-fA-F]+)", text)
-    if not (cr3 and cr4):
-        return None
-    return int(cr3.group(1), 16), int(cr4.group(1), 16)
 
 
 def qmp_endpoint(spec: str) -> str | None:
@@ -125,7 +122,14 @@ def _open_vm(spec: str, backend: str) -> _Source:
             raise VMError(f"invalid pid in {spec!r}") from None
         if backend != "shadow":
             raise VMError("pid: targets have no hypervisor interface for --backend libvmi; use qmp:")
-        return _Source(shadow.ShadowProcess.open_pid(pid), f"pid:{pid}")
+        from .qemu.process import qmp_socket_of
+
+        qmp = qmp_socket_of(pid)  # kept: it finds the kernel without a scan of all memory
+        mem = shadow.ShadowProcess.open_pid(pid, qmp_path=qmp)
+        if qmp is None:
+            return _Source(mem, f"pid:{pid}")
+        return _Source(mem, f"pid:{pid}", qmp=qmp, vmcoreinfo=lambda: _qmp_vmcoreinfo(qmp),
+                       registers=lambda: _qmp_registers(qmp))
     entry = registry.get_vm(spec)
     if backend == "shadow" and entry.ram_file:
         mem: PhysicalMemory = shadow.ShadowFile(entry.ram_file)

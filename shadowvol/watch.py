@@ -80,7 +80,7 @@ def diff_rows(before: Iterable[dict[str, Any]], after: Iterable[dict[str, Any]]
 
 def _vm_alive(vm: str) -> bool:
     """The VM behind ``-vm SPEC`` still exists (its QEMU answers QMP, or its pid lives)."""
-    from .qmp import QMPClient
+    from .qemu.qmp import QMPClient
     from .target import qmp_endpoint
 
     if vm.startswith("pid:"):
@@ -117,7 +117,7 @@ class _TickPause:
         self._timer: threading.Timer | None = None
 
     def _resume(self, timed_out: bool) -> None:
-        from .qmp import QMPClient
+        from .qemu.qmp import QMPClient
 
         with self._lock:
             if not self.was_running:
@@ -128,7 +128,7 @@ class _TickPause:
                 q.execute("cont")
 
     def __enter__(self) -> "_TickPause":
-        from .qmp import QMPClient
+        from .qemu.qmp import QMPClient
 
         with QMPClient(self.qmp, timeout=5.0) as q:
             self.was_running = bool(q.execute("query-status").get("running"))

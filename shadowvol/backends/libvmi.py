@@ -1,52 +1,42 @@
-"""The slow out-of-VM fallback: physical reads the way LibVMI does on stock KVM.
+"""The hypervisor's debug interfaces as a backend: guest-physical reads the way
+LibVMI's KVM driver makes them on a stock QEMU without KVMi.
 
-Three sources, best first:
+This is not the LibVMI library: it speaks the same two QEMU interfaces that
+LibVMI's KVM driver falls back to, directly:
 
-1. the real LibVMI Python bindings (``libvmi`` module), if they import and
-   a domain name is given;
-2. QEMU's gdbstub in physical-memory mode (``Qqemu.PhyMemMode:1``), about
-   30-60 µs per 8-byte read;
-3. QMP ``human-monitor-command xp /Nxb``, about 0.4 ms per read.
+1. QEMU's gdbstub in physical-memory mode (``Qqemu.PhyMemMode:1``), about
+   30-60 µs per 8-byte read, the VM halted while open;
+2. QMP ``human-monitor-command xp /Nxb``, about 0.4 ms per read, the VM
+   running unless ``pause=True``.
 
 Pause policy (gdbstub): attaching halts the VM, and it stays halted while
 the backend is open; :meth:`close` detaches, which resumes it. Every read is
 therefore from one consistent snapshot. If a QMP socket is also given and
 the VM was already paused before we attached, it is paused again after
-detaching. The QMP ``xp`` source does not pause unless ``pause=True``.
+detaching.
 
 QEMU answers physical reads outside RAM with device or unassigned memory
 instead of an error, so reads are checked against the RAM layout QEMU
-reports (``info mtree``), the same layout the shadow backends use.
+reports (``info mtree``), the same layout the shadow backends use. Only the
+protocol's own "cannot read" answer (a gdbstub ``E`` reply) becomes an
+:class:`~shadowvol.errors.InvalidAddressError`; anything else (a broken
+reply, a closed socket, a bug) propagates as itself.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-
-import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import BackendError, InvalidAddressError, ShadowvolError
-from ..gdbstub import GdbStub
-from ..qmp import QMPClient
+from ..qemu.gdbstub import GdbStub
+from ..qemu.monitor import xp
+from ..qemu.qmp import QMPClient
 from ..qemu.ramlayout import qemu_ram_layout
 from .base import PhysicalMemory, Segment, merge_ranges
 
-__all__ = ["GdbPhysicalMemory", "QmpPhysicalMemory", "LibvmiBindingMemory", "open_libvmi", "parse_xp"]
-
-XP_CHUNK = 0x1000
-
-
-def parse_xp(text: str) -> bytes:
-    """Bytes from HMP ``xp /Nxb`` output (``ADDR: 0x00 0x01 ...`` lines)."""
-    out = bytearray()
-    for line in text.splitlines():
-        if ":" not in line:
-            continue
-        for tok in line.split(":", 1)[1].split():
-            out.append(int(tok, 16))
-    return bytes(out)
+__all__ = ["GdbPhysicalMemory", "QmpPhysicalMemory", "open_libvmi"]
 
 
 class _CheckedMemory(PhysicalMemory):
@@ -152,16 +142,7 @@ class QmpPhysicalMemory(_CheckedMemory):
         super().__init__(segs, name)
 
     def _raw_read(self, paddr: int, length: int) -> bytes:
-        out = bytearray()
-        pos, end = paddr, paddr + length
-        while pos < end:
-            n = min(XP_CHUNK, end - pos)
-            data = parse_xp(self.qmp.hmp(f"xp /{n}xb {pos:#x}"))
-            if len(data) != n:
-                raise BackendError(f"QMP xp at {pos:#x} returned {len(data)} of {n} bytes")
-            out += data
-            pos += n
-        return bytes(out)
+        return xp(self.qmp, paddr, length)
 
     def metadata(self) -> dict[str, Any]:
         return {"backend": "libvmi-qmp", "size": self.size(), "source": self.source, "live": True,
@@ -177,56 +158,10 @@ class QmpPhysicalMemory(_CheckedMemory):
         self.qmp.close()
 
 
-class LibvmiBindingMemory(PhysicalMemory):
-    """Reads through the real LibVMI bindings (``libvmi.Libvmi(domain).read_pa``)."""
-
-    def __init__(self, domain: str, name: str = "libvmi") -> None:
-        try:
-            module = importlib.import_module("libvmi")
-        except ImportError:
-            raise BackendError("the libvmi Python bindings are not installed") from None
-        self.name = name
-        self.domain = domain
-        try:
-            self.vmi = module.Libvmi(domain)
-            self._size = int(self.vmi.get_memsize())
-        except Exception as exc:  # the bindings raise their own LibvmiError
-            raise BackendError(f"libvmi cannot open domain {domain!r}: {exc}") from None
-
-    def read(self, paddr: int, length: int) -> bytes:
-        if paddr < 0 or paddr + length > self._size:
-            raise InvalidAddressError(self.name, paddr, "not in guest RAM")
-        try:
-            data, count = self.vmi.read_pa(paddr, length)
-        except Exception as exc:
-            raise InvalidAddressError(self.name, paddr, f"libvmi: {exc}") from None
-        if count != length:
-            raise InvalidAddressError(self.name, paddr + count, "libvmi short read")
-        return bytes(data)
-
-    def ranges(self) -> list[tuple[int, int]]:
-        return [(0, self._size)]
-
-    def metadata(self) -> dict[str, Any]:
-        return {"backend": "libvmi", "size": self._size, "source": self.domain, "live": True}
-
-    def close(self) -> None:
-        destroy: Callable[[], None] | None = getattr(self.vmi, "destroy", None)
-        if destroy is not None:
-            destroy()
-
-
-def open_libvmi(gdb_path: str | None, qmp_path: str | None, *, domain: str | None = None,
-                pause: bool = False) -> PhysicalMemory:
-    """Open the slow fallback: LibVMI bindings (with ``domain``), else gdbstub, else QMP ``xp``."""
-    if domain is not None:
-        try:
-            return LibvmiBindingMemory(domain)
-        except BackendError:
-            if gdb_path is None and qmp_path is None:
-                raise
+def open_libvmi(gdb_path: str | None, qmp_path: str | None, *, pause: bool = False) -> PhysicalMemory:
+    """Open the slow fallback: the gdbstub if given, else QMP ``xp``."""
     if gdb_path is not None:
         return GdbPhysicalMemory(gdb_path, qmp_path)
     if qmp_path is not None:
         return QmpPhysicalMemory(qmp_path, pause=pause)
-    raise BackendError("open_libvmi needs a gdbstub socket, a QMP socket or a LibVMI domain")
+    raise BackendError("open_libvmi needs a gdbstub socket or a QMP socket")

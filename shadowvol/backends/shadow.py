@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
-import shlex
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError, InvalidAddressError, ShadowvolError
-from ..qmp import QMPClient
+from ..qemu.monitor import xp
+from ..qemu.process import qmp_socket_of, ram_by_maps, ram_by_monitor
+from ..qemu.qmp import QMPClient
 from ..qemu.ramlayout import q35_layout, qemu_ram_layout
 from .base import BufferMemory, PhysicalMemory, Segment, map_file_readonly, merge_ranges
 
@@ -34,9 +33,6 @@ __all__ = [
     "NoSharedRamFile",
     "open_shadow",
 ]
-
-_GPA2HVA_RE = re.compile(r"is (0x[0-9a-f]+)")
-
 
 class ShadowFile(BufferMemory):
     """A guest RAM file (``memory-backend-file,share=on``) mmapped read-only.
@@ -171,20 +167,10 @@ class ShadowProcess(PhysicalMemory):
 
     @classmethod
     def open_qmp(cls, qmp_path: str, name: str = "shadow") -> "ShadowProcess":
-        """Locate guest RAM in the QEMU behind ``qmp_path`` (``gpa2hva``), checked against /proc/PID/maps."""
+        """Guest RAM of the QEMU behind ``qmp_path`` where QEMU says it is (``gpa2hva``), checked
+        against /proc/PID/maps and against QEMU's own ``xp``."""
         with QMPClient(qmp_path) as qmp:
-            pid = qmp.peer_pid()
-            if pid is None:
-                raise BackendError(f"cannot learn the QEMU pid behind {qmp_path}")
-            block, _size, segs = qemu_ram_layout(qmp)
-            hva_segs = []
-            for seg in segs:
-                hva = _gpa2hva(qmp, seg.start)
-                last = _gpa2hva(qmp, seg.end - 1)
-                if last - hva != seg.length - 1:
-                    raise BackendError(f"RAM segment {seg.start:#x}-{seg.end:#x} is not contiguous in QEMU")
-                hva_segs.append(Segment(seg.start, seg.end, hva))
-            _check_maps(pid, hva_segs)
+            pid, hva_segs = ram_by_monitor(qmp)
             mem = cls(pid, hva_segs, name=name)
             try:
                 _check_content(mem, qmp)
@@ -194,65 +180,24 @@ class ShadowProcess(PhysicalMemory):
             return mem
 
     @classmethod
-    def open_pid(cls, pid: int, name: str = "shadow") -> "ShadowProcess":
-        """Locate guest RAM in QEMU process ``pid``.
+    def open_pid(cls, pid: int, qmp_path: str | None = None, name: str = "shadow") -> "ShadowProcess":
+        """Guest RAM of QEMU process ``pid``.
 
-        Uses the process's QMP socket if its command line has one; otherwise
-        the unique writable mapping whose size is the ``-m`` RAM size, laid
-        out with :func:`q35_layout`.
+        Through its QMP socket ``qmp_path`` when given and answering (the
+        socket must belong to ``pid``); otherwise the unique writable mapping
+        whose size is the ``-m`` RAM size, laid out by the q35 rule.
         """
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError as exc:
-            raise BackendError(f"no process {pid}: {exc.strerror}") from None
-        args = [a.decode(errors="replace") for a in argv if a]
-        qmp_path = _qmp_path_from_argv(args)
-        if qmp_path is not None and os.path.exists(qmp_path):
+        if qmp_path is not None:
             try:
-                return cls.open_qmp(qmp_path, name=name)
+                mem = cls.open_qmp(qmp_path, name=name)
             except ShadowvolError:
                 pass  # busy or dead monitor: fall back to /proc/PID/maps
-        ram_size = _ram_size_from_argv(args)
-        candidates = []
-        for start, end, perms, path in _maps(pid):
-            if end - start == ram_size and perms.startswith("rw") and (not path or path.startswith("/dev/shm")
-                                                                       or "memfd:" in path):
-                candidates.append(start)
-        if len(candidates) != 1:
-            raise BackendError(f"found {len(candidates)} mappings of {ram_size:#x} bytes in process {pid}; "
-                               "cannot tell which is guest RAM (give a QMP socket)")
-        segs = [Segment(s.start, s.end, candidates[0] + s.offset) for s in q35_layout(ram_size)]
-        return cls(pid, segs, name=name)
-
-
-def _gpa2hva(qmp: QMPClient, gpa: int) -> int:
-    text = qmp.hmp(f"gpa2hva {gpa:#x}")
-    m = _GPA2HVA_RE.search(text)
-    if not m:
-        raise BackendError(f"QEMU gpa2hva {gpa:#x}: {text.strip()}")
-    return int(m.group(1), 16)
-
-
-def _maps(pid: int) -> list[tuple[int, int, str, str]]:
-    out = []
-    try:
-        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    except OSError as exc:
-        raise BackendError(f"cannot read /proc/{pid}/maps: {exc.strerror}") from None
-    for line in lines:
-        parts = line.split(None, 5)
-        lo, hi = parts[0].split("-")
-        out.append((int(lo, 16), int(hi, 16), parts[1], parts[5] if len(parts) > 5 else ""))
-    return out
-
-
-def _check_maps(pid: int, segs: Sequence[Segment]) -> None:
-    maps = _maps(pid)
-    for seg in segs:
-        hva_end = seg.offset + seg.length
-        if not any(lo <= seg.offset and hva_end <= hi and perms.startswith("r") for lo, hi, perms, _ in maps):
-            raise BackendError(f"guest RAM at host {seg.offset:#x}-{hva_end:#x} is not one readable mapping "
-                               f"of process {pid}")
+            else:
+                if mem.pid == pid:
+                    return mem
+                mem.close()
+                raise BackendError(f"QMP socket {qmp_path} belongs to process {mem.pid}, not {pid}")
+        return cls(pid, ram_by_maps(pid), name=name)
 
 
 def _check_content(mem: ShadowProcess, qmp: QMPClient) -> None:
@@ -260,44 +205,9 @@ def _check_content(mem: ShadowProcess, qmp: QMPClient) -> None:
     seg = mem._segments[0]
     probe = seg.start + min(0x100000, max(0, seg.length - 64))
     for _ in range(2):
-        ours = mem.read(probe, 64)
-        text = qmp.hmp(f"xp /64xb {probe:#x}")
-        theirs = bytes(int(tok, 16) for line in text.splitlines() for tok in line.split(":", 1)[-1].split())
-        if ours == theirs:
+        if mem.read(probe, 64) == xp(qmp, probe, 64):
             return
     raise BackendError(f"guest RAM found in process {mem.pid} does not match QEMU's xp at {probe:#x}")
-
-
-def _qmp_path_from_argv(args: Sequence[str]) -> str | None:
-    chardevs: dict[str, str] = {}
-    monitors: list[str] = []
-    for opt, val in zip(args, args[1:]):
-        opt = opt.lstrip("-")
-        if opt in ("qmp", "qmp-pretty") and val.startswith("unix:"):
-            return val[5:].split(",")[0]
-        if opt == "chardev":
-            kv = dict(p.split("=", 1) for p in val.split(",")[1:] if "=" in p)
-            if val.split(",")[0] == "socket" and "id" in kv and "path" in kv:
-                chardevs[kv["id"]] = kv["path"]
-        if opt == "mon":
-            kv = dict(p.split("=", 1) for p in val.split(",") if "=" in p)
-            if kv.get("mode") == "control" and "chardev" in kv:
-                monitors.append(kv["chardev"])
-    return next((chardevs[m] for m in monitors if m in chardevs), None)
-
-
-def _ram_size_from_argv(args: Sequence[str]) -> int:
-    """The ``-m`` size (QEMU's default unit is MiB; default 128 MiB)."""
-    for opt, val in zip(args, args[1:]):
-        if opt.lstrip("-") == "m":
-            parts = dict(p.split("=", 1) if "=" in p else ("size", p) for p in val.split(","))
-            text = parts.get("size", "128").strip()
-            m = re.fullmatch(r"(\d+)([kKmMgGtT]?)[bB]?", text)
-            if not m:
-                raise BackendError(f"cannot parse -m {shlex.quote(val)}")
-            unit = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-            return int(m.group(1)) * unit
-    return 128 << 20
 
 
 def open_shadow(qmp_path: str | None = None, *, ram_file: str | None = None, pid: int | None = None,
@@ -321,5 +231,5 @@ def open_shadow(qmp_path: str | None = None, *, ram_file: str | None = None, pid
                 pass
         return ShadowProcess.open_qmp(qmp_path, name=name)
     if pid is not None:
-        return ShadowProcess.open_pid(pid, name=name)
+        return ShadowProcess.open_pid(pid, qmp_path=qmp_socket_of(pid), name=name)
     raise BackendError("open_shadow needs a RAM file, a QMP socket or a pid")

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..backends.base import Segment
 from ..errors import BackendError
-from ..qmp import QMPClient
+from .qmp import QMPClient
 
 __all__ = ["GiB", "FOUR_GIB", "q35_layout", "parse_ramblocks", "parse_ram_aliases", "parse_flat_ram",
            "qemu_ram_layout"]
@@ -106,7 +106,7 @@ def qemu_ram_layout(hmp: QMPClient | Callable[[str], str]) -> tuple[str, int, li
     """Ask QEMU for (RAM block name, block size, guest-physical segments with block offsets).
 
     ``hmp`` is a QMP client or any function running an HMP command (e.g.
-    :meth:`shadowvol.gdbstub.GdbStub.monitor`).
+    :meth:`shadowvol.qemu.gdbstub.GdbStub.monitor`).
     """
     run = hmp.hmp if isinstance(hmp, QMPClient) else hmp
     blocks = parse_ramblocks(run("info ramblock"))

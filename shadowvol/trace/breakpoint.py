@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import ShadowvolError
-from ..gdbstub import GdbError, GdbStub, stop_signal
+from ..qemu.gdbstub import GdbError, GdbStub, stop_signal
 from .events import Event, syscall_names
 from .points import TextSymbols, check_monitor_point
 

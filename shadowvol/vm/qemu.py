@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .. import paths
 from ..errors import VMError
-from ..qmp import QMPClient
+from ..qemu.qmp import QMPClient
 from . import registry
 from .image import Image
 

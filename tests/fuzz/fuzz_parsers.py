@@ -308,7 +308,7 @@ class FakeSocket:
 
 def t_qmp(data: bytes) -> None:
     from shadowvol.backends.shadow import _backend_file
-    from shadowvol.qmp import QMPClient
+    from shadowvol.qemu.qmp import QMPClient
 
     q = QMPClient("fuzz.sock", timeout=2.0, sock=FakeSocket(data, 1 + len(data) % 97))  # type: ignore[arg-type]
     q.query("query-status")
@@ -321,7 +321,7 @@ def t_qmp(data: bytes) -> None:
 
 
 def t_gdbstub(data: bytes) -> None:
-    from shadowvol.gdbstub import GdbStub, checksum, stop_signal
+    from shadowvol.qemu.gdbstub import GdbStub, checksum, stop_signal
 
     if data[:1] == b"$":  # raw stream
         stream = data
@@ -338,7 +338,7 @@ def t_gdbstub(data: bytes) -> None:
 
 
 def _gdb_raw_seed() -> bytes:
-    from shadowvol.gdbstub import checksum
+    from shadowvol.qemu.gdbstub import checksum
 
     return b"".join(b"$" + p + b"#%02x+" % checksum(p) for p in gdb_seed().split(b"\n"))
 

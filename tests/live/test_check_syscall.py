@@ -155,7 +155,7 @@ def test_rmmod_restores_a_clean_kernel(rk1, rk_run, kits) -> None:
 
 def raw_dump(entry, out: Path) -> None:
     """Copy the guest's RAM file while QEMU is stopped (a consistent raw image)."""
-    from shadowvol.qmp import QMPClient
+    from shadowvol.qemu.qmp import QMPClient
 
     with QMPClient(entry.qmp, timeout=10.0) as q:
         q.execute("stop")

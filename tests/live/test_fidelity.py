@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from shadowvol import fidelity
-from shadowvol.qmp import QMPClient
+from shadowvol.qemu.qmp import QMPClient
 
 pytestmark = pytest.mark.live
 

@@ -112,7 +112,7 @@ def rows(vm: str, plugin: str, backend: str = "shadow") -> list[dict]:
 def test_paging_mode_is_the_cpus(kernel_vm, run):
     import re
 
-    from shadowvol.qmp import QMPClient
+    from shadowvol.qemu.qmp import QMPClient
 
     entry, _ = kernel_vm
     with QMPClient(entry.qmp) as q:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_pslist_is_guest_ps, guest_ps, pslist, run_cli, same_comm
-from shadowvol.qmp import QMPClient
+from shadowvol.qemu.qmp import QMPClient
 
 pytestmark = pytest.mark.live
 

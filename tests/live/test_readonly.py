@@ -16,7 +16,7 @@ import pytest
 
 from conftest import run_cli
 from shadowvol import fidelity
-from shadowvol.qmp import QMPClient
+from shadowvol.qemu.qmp import QMPClient
 
 pytestmark = pytest.mark.live
 

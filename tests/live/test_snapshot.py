@@ -15,7 +15,7 @@ import pytest
 
 from shadowvol import fidelity
 from shadowvol.bundle import verify_bundle
-from shadowvol.qmp import QMPClient
+from shadowvol.qemu.qmp import QMPClient
 
 from conftest import run_cli
 

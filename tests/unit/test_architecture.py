@@ -87,8 +87,7 @@ def test_the_graph_is_read() -> None:
 # 1. Backends only map and read: no volatility3, no CLI, no resolver, no other backend.
 @pytest.mark.parametrize("mod", _select("shadowvol.backends"))
 def test_backends_import_no_layer_above_nor_each_other(mod: str) -> None:
-    allowed = ("shadowvol.backends.base", "shadowvol.errors", "shadowvol.qmp", "shadowvol.gdbstub",
-               "shadowvol.qemu")
+    allowed = ("shadowvol.backends.base", "shadowvol.errors", "shadowvol.qemu")
     if mod == "shadowvol.backends":  # the package re-exports its backends' openers
         allowed += ("shadowvol.backends",)
     bad = {m for m in _ours(mod) if not _in(m, *allowed) and m != "shadowvol"}
@@ -134,7 +133,7 @@ def test_symbols_never_touch_memory_or_vms(mod: str) -> None:
 UPPER = ("shadowvol.cli", "shadowvol.run", "shadowvol.bench", "shadowvol.fidelity", "shadowvol.integrity",
          "shadowvol.trace", "shadowvol.target", "shadowvol.volbridge")
 LOWER = ("shadowvol.backends", "shadowvol.qemu", "shadowvol.paging", "shadowvol.kaslr", "shadowvol.symbols",
-         "shadowvol.profiles", "shadowvol.qmp", "shadowvol.gdbstub", "shadowvol.vm", "shadowvol.errors",
+         "shadowvol.profiles", "shadowvol.vm", "shadowvol.errors",
          "shadowvol.safeio", "shadowvol.paths", "kvm_module")
 
 

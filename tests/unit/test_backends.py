@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from shadowvol.backends.base import BufferMemory, PhysicalMemory, Segment, merge_ranges
-from shadowvol.backends.libvmi import open_libvmi, parse_xp
-from shadowvol.backends.shadow import ShadowFile, ShadowProcess, _qmp_path_from_argv, _ram_size_from_argv
+from shadowvol.backends.libvmi import open_libvmi
+from shadowvol.backends.shadow import ShadowFile, ShadowProcess
+from shadowvol.qemu.monitor import control_registers, gpa2hva, parse_xp, xp
+from shadowvol.qemu.process import qmp_path_from_argv, ram_size_from_argv
 from shadowvol.qemu.ramlayout import GiB, parse_flat_ram, parse_ram_aliases, parse_ramblocks, q35_layout
 from shadowvol.errors import BackendError, InvalidAddressError
 
@@ -122,15 +124,44 @@ def test_parse_hmp() -> None:
     assert parse_xp("0000000000001000: 0x01 0x02 0xff\r\n0000000000001003: 0x00\r\n") == b"\x01\x02\xff\x00"
 
 
+def test_monitor_commands_parsed() -> None:
+    """xp, gpa2hva and info registers, answered by a fake monitor with QEMU 7.2's text."""
+    said: list[str] = []
+
+    def hmp(cmd: str) -> str:
+        said.append(cmd)
+        if cmd.startswith("xp /"):
+            n, addr = cmd[4:].split("xb ")
+            return "".join(f"{int(addr, 16) + i:016x}: 0x{(int(addr, 16) + i) & 0xff:02x}\r\n" for i in range(int(n)))
+        if cmd.startswith("gpa2hva"):
+            return f"Host virtual address for {cmd.split()[1]} (mem) is 0x7f0012340000\r\n"
+        if cmd == "info registers":
+            return ("RAX=0000000000000000 RBX=ffffffff82a10940\r\nCR0=80050033 CR2=00007f CR3=000000000a50e000 "
+                    "CR4=00350ef0\r\n")
+        return "unknown command\r\n"
+
+    assert xp(hmp, 0x1ffe, 0x1003) == bytes(a & 0xff for a in range(0x1ffe, 0x1ffe + 0x1003))
+    assert said == ["xp /4096xb 0x1ffe", "xp /3xb 0x2ffe"]  # 4 KiB per command
+    assert gpa2hva(hmp, 0x1000) == 0x7f0012340000
+    assert control_registers(hmp) == (0xa50e000, 0x350ef0)
+    with pytest.raises(BackendError, match="gpa2hva"):
+        gpa2hva(lambda cmd: "Memory region is not RAM\r\n", 0xfee00000)
+    assert control_registers(lambda cmd: "unknown command") is None
+    with pytest.raises(BackendError, match="1 of 2 bytes"):
+        xp(lambda cmd: "0000000000001000: 0x01\r\n", 0x1000, 2)
+    with pytest.raises(BackendError, match="unexpected output"):
+        parse_xp("0000000000001000: Cannot access memory\r\n")
+
+
 def test_argv_parsing() -> None:
-    assert _qmp_path_from_argv(["qemu", "-qmp", "unix:/run/q.sock,server=on,wait=off"]) == "/run/q.sock"
-    assert _qmp_path_from_argv(["qemu", "-chardev", "socket,id=m0,path=/x.sock,server=on",
+    assert qmp_path_from_argv(["qemu", "-qmp", "unix:/run/q.sock,server=on,wait=off"]) == "/run/q.sock"
+    assert qmp_path_from_argv(["qemu", "-chardev", "socket,id=m0,path=/x.sock,server=on",
                                 "-mon", "chardev=m0,mode=control"]) == "/x.sock"
-    assert _qmp_path_from_argv(["qemu", "-m", "64"]) is None
-    assert _ram_size_from_argv(["qemu", "-m", "512M"]) == 512 << 20
-    assert _ram_size_from_argv(["qemu", "-m", "size=2G,slots=2,maxmem=4G"]) == 2 << 30
-    assert _ram_size_from_argv(["qemu", "-m", "256"]) == 256 << 20
-    assert _ram_size_from_argv(["qemu"]) == 128 << 20
+    assert qmp_path_from_argv(["qemu", "-m", "64"]) is None
+    assert ram_size_from_argv(["qemu", "-m", "512M"]) == 512 << 20
+    assert ram_size_from_argv(["qemu", "-m", "size=2G,slots=2,maxmem=4G"]) == 2 << 30
+    assert ram_size_from_argv(["qemu", "-m", "256"]) == 256 << 20
+    assert ram_size_from_argv(["qemu"]) == 128 << 20
 
 
 def test_shadow_file(tmp_path: Path) -> None:

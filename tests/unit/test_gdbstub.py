@@ -1,4 +1,4 @@
-"""Protocol-framing tests for shadowvol.gdbstub against a scripted fake peer.
+"""Protocol-framing tests for shadowvol.qemu.gdbstub against a scripted fake peer.
 
 FRAMING ONLY: the fake below is not QEMU. It checks checksums, acks, nacks
 and retransmission, escaping, run-length decoding, the unprompted stop
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from shadowvol import gdbstub
+from shadowvol.qemu import gdbstub
 from shadowvol.errors import InvalidAddressError
-from shadowvol.gdbstub import (GdbError, GdbStub, checksum, decode_payload, encode_packet, parse_target_xml,
+from shadowvol.qemu.gdbstub import (GdbError, GdbStub, checksum, decode_payload, encode_packet, parse_target_xml,
                                stop_signal)
 
 TARGET_XML = ('<?xml version="1.0"?><!DOCTYPE target SYSTEM "gdb-target.dtd"><target>'
@@ -127,6 +127,8 @@ def qemu_like(peer: FakePeer, p: bytes) -> list[bytes]:
     if p.startswith(b"m"):
         addr, length = (int(x, 16) for x in p[1:].split(b","))
         assert length <= 0x800, "client asked for more than one 2 KiB chunk"
+        if addr == 0x9000:  # a broken stub: fewer hex digits than asked for
+            return [frame(b"abcd")]
         if not 0x1000 <= addr < 0x1000 + len(MEMORY):
             return [frame(b"E14")]
         return [frame(MEMORY[addr - 0x1000:addr - 0x1000 + length].hex().encode())]
@@ -206,6 +208,10 @@ def test_read_memory_chunks_and_errors() -> None:
     with pytest.raises(InvalidAddressError) as info:
         stub.read_memory(0x10, 8, layer="gdb-phys")
     assert info.value.layer == "gdb-phys" and info.value.address == 0x10
+    # A malformed reply is the stub's fault, never an unreadable address that read_partial would pad.
+    with pytest.raises(GdbError, match="hex digits") as broken:
+        stub.read_memory(0x9000, 8)
+    assert not isinstance(broken.value, InvalidAddressError)
     stub.set_physical_mode(True)
     stub.close()
     assert wait_for(lambda: peer.received[-1] == b"D")

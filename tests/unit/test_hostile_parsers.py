@@ -248,7 +248,7 @@ GREETING = b'{"QMP": {"version": {}, "capabilities": []}}\n'
     GREETING + b'{"return": {}}\n' + b"[" * 50_000 + b"\n",
 ])
 def test_qmp_garbage_replies(stream: bytes) -> None:
-    from shadowvol.qmp import QMPClient
+    from shadowvol.qemu.qmp import QMPClient
 
     with pytest.raises(VMError):
         q = QMPClient("x", timeout=2.0, sock=fz.FakeSocket(stream, 7))  # type: ignore[arg-type]
@@ -270,7 +270,7 @@ def _serve(sock: socket.socket, chunks: list[bytes], pause: float) -> threading.
 
 def test_qmp_dribbling_peer_hits_overall_deadline() -> None:
     """One byte every 0.2 s never trips a per-recv timeout; the deadline ends it."""
-    from shadowvol.qmp import QMPClient
+    from shadowvol.qemu.qmp import QMPClient
 
     a, b = socket.socketpair()
     _serve(b, [bytes([c]) for c in GREETING], 0.2)
@@ -282,7 +282,7 @@ def test_qmp_dribbling_peer_hits_overall_deadline() -> None:
 
 
 def test_qmp_event_flood_hits_deadline() -> None:
-    from shadowvol.qmp import QMPClient
+    from shadowvol.qemu.qmp import QMPClient
 
     a, b = socket.socketpair()
     event = b'{"event": "RTC_CHANGE", "data": {}}\n'
@@ -296,7 +296,7 @@ def test_qmp_event_flood_hits_deadline() -> None:
 
 
 def test_qmp_reply_size_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
-    from shadowvol import qmp
+    from shadowvol.qemu import qmp
 
     monkeypatch.setattr(qmp, "MAX_REPLY", 1000)
     stream = GREETING + b'{"return": {}}\n' + b'{"return": "' + b"x" * 5000 + b'"}\n'
@@ -308,7 +308,7 @@ def test_qmp_reply_size_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- gdbstub -------------------------------------------------------------------------
 
 def test_gdbstub_dribbling_peer_hits_overall_deadline() -> None:
-    from shadowvol.gdbstub import GdbError, GdbStub
+    from shadowvol.qemu.gdbstub import GdbError, GdbStub
 
     a, b = socket.socketpair()
     reply = b"+$" + b"PacketSize=1000" + b"#%02x" % (sum(b"PacketSize=1000") & 0xFF)
@@ -322,7 +322,7 @@ def test_gdbstub_dribbling_peer_hits_overall_deadline() -> None:
 
 
 def test_gdbstub_target_xml_include_loop_and_garbage() -> None:
-    from shadowvol.gdbstub import GdbError, parse_target_xml
+    from shadowvol.qemu.gdbstub import GdbError, parse_target_xml
 
     loop = {"target.xml": '<target><xi:include href="a.xml"/></target>',
             "a.xml": '<feature><xi:include href="target.xml"/></feature>'}

@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BackendError, InvalidAddressError
+from ..errors import BackendError, InvalidAddressError
 
 __all__ = [
     "GdbError",
@@ -416,14 +416,17 @@ class GdbStub:
         self._phys = on
 
     def read_memory(self, addr: int, length: int, layer: str = "gdbstub") -> bytes:
-        """Read with ``m`` packets of at most 2 KiB; an ``E`` reply raises InvalidAddressError."""
+        """Read with ``m`` packets of at most 2 KiB; an ``E`` reply raises InvalidAddressError,
+        a reply of the wrong length GdbError."""
         out = bytearray()
         pos, end = addr, addr + length
         while pos < end:
             n = min(MAX_MEM_CHUNK, end - pos)
             reply = self._request(b"m%x,%x" % (pos, n))
-            if reply[:1] == b"E" or len(reply) != 2 * n:
+            if reply[:1] == b"E":  # the stub's own "cannot read here"
                 raise InvalidAddressError(layer, pos, f"gdbstub m failed ({reply[:8].decode(errors='replace')})")
+            if len(reply) != 2 * n:  # a broken reply is a protocol error, never an unmapped page
+                raise GdbError(f"gdbstub m at {pos:#x}: {len(reply)} hex digits for {n} bytes")
             out += _unhex(reply, "m")
             pos += n
         return bytes(out)

@@ -13,7 +13,7 @@ import struct
 import time
 from typing import Any
 
-from .errors import VMError
+from ..errors import VMError
 
 #: Largest reply line accepted (``info registers`` of 64 vCPUs is ~100 KiB;
 #: query-* replies are smaller).
