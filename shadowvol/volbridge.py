@@ -636,6 +636,52 @@ def build_context(memory: PhysicalMemory, paged: PagedMemory, location: KernelLo
     return ctx
 
 
+class BootContext:
+    """One volatility3 context for one boot of a guest, looked through epoch after epoch.
+
+    What a boot fixes is built once (:func:`build_context`): the physical and
+    kernel layers (the DTB and the KASLR shift are the boot's), the symbol
+    table with every type it has resolved, and the ``kernel`` module. A new
+    context per look re-resolved ``task_struct`` and its members each time
+    (half of a 50-task ``linux.pslist``). :meth:`new_epoch` drops everything
+    one look may have seen or left: the translation cache, the context's
+    ``epoch_cache``, layers a plugin added (process layers), configuration
+    written since the base (plugin options, those layers' settings), and
+    observers set on the base layers' instances (``RunHealth.watch_layer``).
+    """
+
+    def __init__(self, memory: PhysicalMemory, paged: PagedMemory, location: KernelLocation,
+                 isf: Mapping, isf_url: str = "shadowvol:profile") -> None:
+        self.location = location
+        self.context = build_context(memory, paged, location, isf, isf_url=isf_url)
+        self._cache = paged.cache
+        self._base_layers = tuple(self.context.layers)
+        self._base_config = self.context.config.clone()
+
+    def new_epoch(self) -> None:
+        """Forget everything read or built since the boot context was made."""
+        self._cache.invalidate()
+        self.context.epoch_cache.clear()
+        self.clear_plugin_state()
+
+    def clear_plugin_state(self) -> None:
+        """Drop what a plugin left in the context (layers it added, configuration
+        it wrote, observers set on the base layers), keeping the epoch's caches:
+        the next plugin sees the same moment of the guest."""
+        ctx = self.context
+        for name in reversed([n for n in ctx.layers if n not in self._base_layers]):
+            ctx.layers.del_layer(name)  # the newest first: a layer goes before those it depends on
+        for name in self._base_layers:
+            layer = ctx.layers[name]
+            for attr in [a for a, v in vars(layer).items() if callable(v) and hasattr(type(layer), a)]:
+                delattr(layer, attr)  # an instance override of a method (an observer of one epoch)
+        ctx.config = self._base_config.clone()
+
+    def construct(self, plugin_cls: type, options: Mapping[str, Any], file_handler: type | None = None) -> Any:
+        """The plugin, configured for this context (call :meth:`new_epoch` first)."""
+        return construct_plugin(self.context, plugin_cls, options, file_handler=file_handler)
+
+
 def our_plugin_dir() -> "Path":
     """Directory of shadowvol's own volatility3 plugins: the ``shadowvol.plugins`` package
     (what stock ``vol -p`` takes), found through the import system, installed or not."""
