@@ -1,9 +1,16 @@
 """``shadowvol watch``: run a plugin on a live VM every few seconds, print what changed.
 
-One process: the kernel is located and the profile loaded once. Each tick is
-a new epoch (the translation cache is invalidated and run_plugin builds a new
-volatility3 context), and only rows that appeared (``+``) or disappeared
-(``-``) since the previous tick are printed.
+One process: the kernel is located, the profile loaded and one volatility3
+context built (:class:`~shadowvol.volbridge.BootContext`) once per boot of the
+guest. Each tick is a new epoch of that context (translations, per-epoch
+values, process layers and plugin configuration forgotten), and only rows that
+appeared (``+``) or disappeared (``-``) since the previous tick are printed.
+
+When the guest changes under it: a reboot (the vCPU's CR3 leads to a kernel
+at another place) is said in one line and the kernel located again; a VM that
+stops ends the watch (exit 0); a look smeared by the running guest (a walk
+broke, or the plugin raised) is taken once more in a new epoch, then the
+tick's changes are marked partial.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Iterable, TextIO
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, TextIO
 
 from .errors import ShadowvolError, VMError
 
@@ -78,26 +86,37 @@ def diff_rows(before: Iterable[dict[str, Any]], after: Iterable[dict[str, Any]]
     return appeared, disappeared
 
 
-def _vm_alive(vm: str) -> bool:
-    """The VM behind ``-vm SPEC`` still exists (its QEMU answers QMP, or its pid lives)."""
+@dataclass
+class VMState:
+    """What the hypervisor says at the start of a tick: is the VM there, and the
+    CR3/CR4 of its first vCPU (None when the VM has no QMP socket, ``pid:``)."""
+
+    alive: bool
+    registers: tuple[int, int] | None = None
+
+
+def vm_state(vm: str) -> VMState:
+    """The VM behind ``-vm SPEC``: alive (its QEMU answers QMP, or its pid lives), and
+    its first vCPU's CR3 and CR4, both from one QMP connection (~2 ms)."""
+    from .qemu.monitor import control_registers
     from .qemu.qmp import QMPClient
     from .target import qmp_endpoint
 
     if vm.startswith("pid:"):
         try:
             os.kill(int(vm[4:]), 0)
-            return True
+            return VMState(True)
         except (OSError, ValueError):
-            return False
+            return VMState(False)
     try:
         qmp = qmp_endpoint(vm)
         if qmp is None:
-            return True
+            return VMState(True)
         with QMPClient(qmp, timeout=2.0) as q:
             q.execute("query-status")
-        return True
+            return VMState(True, control_registers(q))
     except (VMError, OSError):
-        return False
+        return VMState(False)
 
 
 def hex_columns(grid: Any) -> set[str]:
@@ -146,25 +165,127 @@ class _TickPause:
         self._resume(False)
 
 
-def _emit(out: TextIO, renderer: str, change: str, tick: int, row: dict[str, Any], hexed: set[str]) -> None:
+def _emit(out: TextIO, renderer: str, change: str, tick: int, row: dict[str, Any], hexed: set[str],
+          partial: bool = False) -> None:
     if renderer == "jsonl":
-        out.write(json.dumps({**row, "change": change, "tick": tick}, default=str) + "\n")
+        out.write(json.dumps({**row, "change": change, "tick": tick, **({"partial": True} if partial else {})},
+                             default=str) + "\n")
         return
     cells = ["" if v is None else hex(v) if k in hexed and isinstance(v, int) else str(v) for k, v in row.items()]
-    out.write(change + " " + "\t".join(cells) + "\n")
+    out.write(change + ("?" if partial else "") + " " + "\t".join(cells) + "\n")
+
+
+@dataclass
+class Look:
+    """One run of the plugin in one epoch: its rows, the columns shown in hex, and
+    why the guest may have changed under it (a list walk that met unreadable memory)."""
+
+    rows: list[dict[str, Any]]
+    hexed: set[str]
+    smear: str | None = None
+
+
+def look_twice(look: Callable[[], Look], new_epoch: Callable[[], None]) -> tuple[Look | None, str | None]:
+    """A tick: ``look()`` in a new epoch, and once more in another when the first was
+    smeared by the running guest (it raised, or a walk broke). Returns the look and
+    None when one was whole; else the last look that gave rows (or None) and why the
+    tick is partial."""
+    got: Look | None = None
+    why: str | None = None
+    for _ in range(2):
+        new_epoch()
+        try:
+            this = look()
+        except Exception as exc:  # noqa: BLE001 (a plugin failing on memory that changed under it)
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            why = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+            continue
+        if this.smear is None:
+            return this, None
+        got, why = this, this.smear
+    return got, why
+
+
+class _Boot:
+    """The target and the volatility3 context of one boot of the guest, reused tick after tick."""
+
+    def __init__(self, target: Any) -> None:
+        from . import profiles, volbridge
+
+        self.target = target
+        self.symbols = profiles.profile_addresses(target.isf)
+        self.banner = profiles.profile_banner(target.isf)
+        self.context = volbridge.BootContext(target.memory, target.kernel, target.location, target.isf,
+                                             isf_url=target.profile_path.as_uri())
+
+    def is_current(self, registers: tuple[int, int] | None) -> bool:
+        """The guest still runs the kernel this context was built for.
+
+        With the vCPU's registers: CR3 leads to a kernel at this DTB and KASLR
+        shift. After a reboot the dead kernel's pages stay in RAM, banner and
+        page tables included, until reused, so the banner read through the old
+        DTB still matches; only the CPU says which kernel runs. Without
+        registers (``pid:``), the banner read through the old DTB is all there is.
+        """
+        from . import kaslr
+
+        loc, memory = self.target.location, self.target.memory
+        if registers is None:
+            return kaslr.verify_location(memory, loc, self.symbols, self.banner)
+        now = kaslr.locate_from_registers(registers[0], registers[1], memory, self.symbols, self.banner)
+        return now is not None and (now.dtb, now.virt_shift) == (loc.dtb, loc.virt_shift)
+
+    def look(self, plugin_cls: type, options: dict[str, Any], pause: Callable[[], Any] | None) -> Look:
+        """Run the plugin once in the current epoch, watching its walks for smear."""
+        import contextlib
+
+        from . import volbridge
+        from .run import RunHealth
+
+        health = RunHealth()
+        health.watch_layer(self.context.context.layers[volbridge.KERNEL_LAYER])
+        with pause() if pause is not None else contextlib.nullcontext():
+            grid = self.context.construct(plugin_cls, options).run()
+            rows = grid_rows(grid)
+        smear = health.broken_walks[0] if health.broken_walks else None
+        return Look(rows, hex_columns(grid), smear)
+
+
+def _relocate(vm: str, backend: str, old: _Boot | None, state: VMState) -> _Boot:
+    """The kernel found again after it moved: from the vCPU's registers with the same
+    profile (never the per-boot cache, which the dead kernel's pages still satisfy), or,
+    without registers, as at start."""
+    from . import kaslr
+    from .errors import ProfileError
+    from .target import Target, open_target
+
+    if old is not None and state.registers is not None:
+        t = old.target
+        loc = kaslr.locate_from_registers(state.registers[0], state.registers[1], t.memory, old.symbols,
+                                          old.banner)
+        if loc is None:
+            raise ProfileError("the vCPU's page tables lead to no kernel of this profile")
+        return _Boot(Target(t.memory, loc, t.isf, t.profile_path, t.description))
+    new = _Boot(open_target(vm=vm, backend=backend))
+    if old is not None:
+        old.target.close()
+    return new
 
 
 def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval: float = 2.0,
           count: int | None = None, renderer: str = "text", backend: str = "shadow",
           out: TextIO = sys.stdout, err: TextIO = sys.stderr, stats: bool = False,
-          pause_ms: float | None = None) -> int:
+          pause_ms: float | None = None, costs: list[tuple[float, float]] | None = None) -> int:
     """Run ``plugin`` on ``vm`` every ``interval`` s (``count`` ticks, or until the VM stops).
 
-    With ``pause_ms``, a running VM is paused during each tick for at most that long."""
-    from . import kaslr, profiles
-    from .run import run_plugin
+    With ``pause_ms``, a running VM is paused during each tick for at most that long.
+    ``costs`` (if given) gets each whole tick's (wall, CPU) time in ms, from its VM
+    check to its output (``shadowvol bench watch``)."""
+    from . import volbridge
     from .target import open_target
 
+    plugin_cls = volbridge.load_plugin(plugin)
+    options = options or {}
     qmp = None
     if pause_ms is not None:
         from .target import qmp_endpoint
@@ -172,12 +293,19 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
         qmp = qmp_endpoint(vm)
         if qmp is None:
             raise ShadowvolError(f"watch: --pause-ms needs the VM's QMP socket ({vm} has none)")
-    target: Any = open_target(vm=vm, backend=backend)
+    boot: _Boot | None = _Boot(open_target(vm=vm, backend=backend))
+    last = boot  # the boot whose memory is closed at the end
+    pauses: list[_TickPause] = []
+
+    def pause() -> _TickPause:
+        pauses.append(_TickPause(qmp, pause_ms))
+        return pauses[-1]
+
     try:
-        symbols = profiles.profile_addresses(target.isf)
-        banner = profiles.profile_banner(target.isf)
         previous: list[dict[str, Any]] | None = None
         header = False
+        lost = False  # said that the kernel is gone, not yet that it is back
+        was = 0  # the KASLR shift of the kernel that went away
         tick = 0
         next_at = time.monotonic()
         while count is None or tick < count:
@@ -185,69 +313,67 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
             if delay > 0:
                 time.sleep(delay)
             next_at = max(next_at + interval, time.monotonic())
-            if not _vm_alive(vm):
+            t0, c0 = time.perf_counter(), time.process_time()
+            state = vm_state(vm)
+            if not state.alive:
                 err.write(f"shadowvol: VM {vm} has stopped: watch ends after {tick} ticks\n")
                 return 0
-            t0 = time.perf_counter()
-            if target is not None:
-                target.new_epoch()
-                if not kaslr.verify_location(target.memory, target.location, symbols, banner):
-                    target.close()
-                    target = None
-                    err.write(f"shadowvol: the kernel of {vm} moved (reboot?): locating it again\n")
-            if target is None:
+            if boot is not None and not boot.is_current(state.registers):
+                err.write(f"shadowvol: tick {tick}: the kernel of {vm} is no longer at KASLR shift "
+                          f"{boot.target.location.virt_shift:#x} (reboot?): locating it again\n")
+                was, boot, lost = boot.target.location.virt_shift, None, True
+            if boot is None:
                 try:
-                    target = open_target(vm=vm, backend=backend)
+                    boot = last = _relocate(vm, backend, last, state)
                 except ShadowvolError as exc:  # still booting: try again next tick
-                    err.write(f"shadowvol: tick {tick}: no kernel found yet ({exc})\n")
+                    if lost:
+                        err.write(f"shadowvol: tick {tick}: no kernel found yet ({exc})\n")
+                        lost = False  # once per outage, not every tick
                     tick += 1
                     continue
-                symbols = profiles.profile_addresses(target.isf)
-                banner = profiles.profile_banner(target.isf)
-                err.write(f"shadowvol: tick {tick}: kernel located again\n")
-            rows, partial = None, None
-            for attempt in range(2):  # a read smeared by the running guest: retried once
-                try:
-                    if pause_ms is None:
-                        grid = run_plugin(target, plugin, options or {})
-                        rows, hexed = grid_rows(grid), hex_columns(grid)
-                    else:
-                        with _TickPause(qmp, pause_ms) as pause:
-                            grid = run_plugin(target, plugin, options or {})
-                            rows, hexed = grid_rows(grid), hex_columns(grid)
-                        if pause.overran:
-                            err.write(f"shadowvol: tick {tick}: longer than --pause-ms {pause_ms:g}, "
-                                      "the VM ran again before the tick ended\n")
-                    break
-                except Exception as exc:  # noqa: BLE001 (a plugin failure on changing memory)
-                    if not _vm_alive(vm):
-                        err.write(f"shadowvol: VM {vm} has stopped: watch ends after {tick} ticks\n")
-                        return 0
-                    partial = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    target.new_epoch()
-            cost_ms = (time.perf_counter() - t0) * 1000.0
-            if rows is None:
+                lost = False
+                err.write(f"shadowvol: tick {tick}: the guest rebooted: kernel located again "
+                          f"(KASLR shift {was:#x} -> {boot.target.location.virt_shift:#x}), going on\n")
+            pauses.clear()
+            result, partial = look_twice(lambda: boot.look(plugin_cls, options, pause if qmp else None),
+                                         boot.context.new_epoch)
+            if any(p.overran for p in pauses):
+                err.write(f"shadowvol: tick {tick}: longer than --pause-ms {pause_ms:g}, "
+                          "the VM ran again before the tick ended\n")
+            if result is None:
+                if not vm_state(vm).alive:
+                    err.write(f"shadowvol: VM {vm} has stopped: watch ends after {tick} ticks\n")
+                    return 0
                 err.write(f"shadowvol: tick {tick}: partial, the plugin failed twice ({partial})\n")
                 tick += 1
                 continue
+            rows, hexed = result.rows, result.hexed
             if renderer == "text" and not header and rows:
                 out.write("  " + "\t".join(rows[0].keys()) + "\n")
                 header = True
             if previous is not None:
                 appeared, disappeared = diff_rows(previous, rows)
                 for row in disappeared:
-                    _emit(out, renderer, "-", tick, row, hexed)
+                    _emit(out, renderer, "-", tick, row, hexed, partial is not None)
                 for row in appeared:
-                    _emit(out, renderer, "+", tick, row, hexed)
+                    _emit(out, renderer, "+", tick, row, hexed, partial is not None)
             out.flush()
+            cost_ms = (time.perf_counter() - t0) * 1000.0
+            if costs is not None:
+                costs.append((cost_ms, (time.process_time() - c0) * 1000.0))
+            if partial is not None:
+                # Its rows are provisional: the next whole tick is compared with the last whole one.
+                err.write(f"shadowvol: tick {tick}: partial, smeared twice by the running guest ({partial}); "
+                          "its changes are marked partial\n")
+            else:
+                previous = rows
             if stats:
                 err.write(f"shadowvol: tick {tick}: {len(rows)} rows, {cost_ms:.1f} ms\n")
-            previous = rows
             tick += 1
         return 0
     finally:
-        if target is not None:
-            target.close()
+        if last is not None:
+            last.target.close()
 
 
 def cmd_watch(args: Any) -> int:
