@@ -21,7 +21,8 @@ from typing import Any, Iterable
 
 from .errors import ShadowvolError
 
-__all__ = ["Kind", "KINDS", "kind_changes", "kernel_text_rows", "process_changes", "module_changes", "diff_sides", "render_text"]
+__all__ = ["Kind", "KINDS", "kind_changes", "kernel_text_hashes", "name_text_rows", "kernel_text_rows",
+           "process_changes", "module_changes", "diff_sides", "render_text"]
 
 @dataclass(frozen=True)
 class Kind:
@@ -108,49 +109,88 @@ def module_changes(before: Iterable[dict[str, Any]], after: Iterable[dict[str, A
     return kind_changes(KINDS["module"], before, after)
 
 
-def kernel_text_rows(target: Any) -> list[dict[str, Any]]:
+def kernel_text_hashes(target: Any) -> list[dict[str, Any]]:
     """sha256 of each 4 KiB page of kernel text (``_stext`` to ``_etext``) read through the
-    kernel's page tables; ``Offset`` from ``_stext`` (the same across KASLR slides) and the
-    text symbol at the page's start."""
-    import hashlib
+    kernel's page tables, ``Offset`` from ``_stext`` (the same across KASLR slides).
 
-    from .trace.points import TextSymbols
+    The text is mapped in a few physically contiguous runs: each run is read
+    once and its pages hashed from a view of it (no read per page)."""
+    import hashlib
 
     sym = target.isf["symbols"]
     lo, hi = sym["_stext"]["address"], sym["_etext"]["address"]
-    text = TextSymbols(target.isf)
     shift = target.location.virt_shift
-    rows = []
-    for page in range(lo & ~0xFFF, hi, 0x1000):
-        start = max(page, lo)
-        got = target.kernel.read_partial(start + shift, min(page + 0x1000, hi) - start)
+    digests: dict[int, str] = {}
+    for vaddr, n, paddr in target.kernel.mapping(lo + shift, hi - lo, ignore_errors=True):
+        try:
+            data = memoryview(target.memory.read(paddr, n))
+        except ShadowvolError:
+            continue  # a frame outside the image: its pages stay "unmapped"
+        first = vaddr - shift
+        page = first & ~0xFFF
+        while page < first + n:
+            a, b = max(page, first), min(page + 0x1000, first + n)
+            if a == max(page, lo) and b == min(page + 0x1000, hi):  # the whole (clipped) page is in this run
+                digests[page] = hashlib.sha256(data[a - first:b - first]).hexdigest()
+            page += 0x1000
+    return [{"Offset": max(page, lo) - lo, "SHA256": digests.get(page, "unmapped")}
+            for page in range(lo & ~0xFFF, hi, 0x1000)]
+
+
+def name_text_rows(isf: Any, rows: list[dict[str, Any]], column: str = "Offset") -> None:
+    """Set ``Symbol`` in text rows: the text symbol at or before the page start
+    (``name+0xoff``), from the profile alone."""
+    from .trace.points import TextSymbols
+
+    lo = isf["symbols"]["_stext"]["address"]
+    text = TextSymbols(isf)
+    for row in rows:
+        start = lo + row[column]
         enclosing = text.enclosing(start)
-        name = f"{enclosing[1]}+{start - enclosing[0]:#x}" if enclosing else f"{start:#x}"
-        rows.append({"Offset": start - lo, "Symbol": name,
-                     "SHA256": "unmapped" if got.failed else hashlib.sha256(got.data).hexdigest()})
-    return rows
+        row["Symbol"] = f"{enclosing[1]}+{start - enclosing[0]:#x}" if enclosing else f"{start:#x}"
 
 
-def _side_rows(vm: str | None, dump: str | None, kinds: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-    """Each kind's plugin rows on one side (one target, one epoch)."""
-    from .run import run_plugin
+def kernel_text_rows(target: Any) -> list[dict[str, Any]]:
+    """:func:`kernel_text_hashes`, each page named by the text symbol at its start."""
+    rows = kernel_text_hashes(target)
+    name_text_rows(target.isf, rows)
+    return [{"Offset": r["Offset"], "Symbol": r["Symbol"], "SHA256": r["SHA256"]} for r in rows]
+
+
+def _side_rows(vm: str | None, dump: str | None, kinds: Iterable[str]) -> tuple[dict[str, list[dict[str, Any]]], str]:
+    """Each kind's plugin rows on one side, and its profile's path.
+
+    One target, one epoch and one volatility3 context for all kinds: the
+    symbol table's resolved types and its symbol index (built by the first
+    plugin that looks a symbol up by address) serve the plugins after it.
+    Text pages are hashed, not named (:func:`name_text_rows` names the
+    changed ones afterwards)."""
+    from . import volbridge
     from .target import open_target
     from .watch import grid_rows
 
     target = open_target(vm=vm, dump=dump)
     try:
-        return {k: kernel_text_rows(target) if k == "text" else grid_rows(run_plugin(target, KINDS[k].plugin, {}))
-                for k in kinds}
+        boot = volbridge.BootContext(target.memory, target.kernel, target.location, target.isf,
+                                     isf_url=target.profile_path.as_uri())
+        out: dict[str, list[dict[str, Any]]] = {}
+        for k in kinds:
+            if k == "text":
+                out[k] = kernel_text_hashes(target)
+                continue
+            boot.clear_plugin_state()
+            out[k] = grid_rows(boot.construct(volbridge.load_plugin(KINDS[k].plugin), {}).run())
+        return out, str(target.profile_path)
     finally:
         target.close()
 
 
-def _side_job(job: tuple[str | None, str | None, list[str]]) -> dict[str, list[dict[str, Any]]]:
+def _side_job(job: tuple[str | None, str | None, list[str]]) -> tuple[dict[str, list[dict[str, Any]]], str]:
     return _side_rows(*job)
 
 
 def _both_sides(a: tuple[str | None, str | None], b: tuple[str | None, str | None], kinds: list[str]
-                ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
+                ) -> tuple[tuple[dict[str, list[dict[str, Any]]], str], tuple[dict[str, list[dict[str, Any]]], str]]:
     """Both sides' rows, the two sides in two processes when there are two CPUs (each side is CPU-bound)."""
     jobs = [(*a, kinds), (*b, kinds)]
     if (os.cpu_count() or 1) < 2:
@@ -170,10 +210,19 @@ def diff_sides(a: tuple[str | None, str | None], b: tuple[str | None, str | None
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ShadowvolError(f"diff: unknown kind {unknown[0][:40]!r}: kinds are {', '.join(KINDS)}")
-    ra, rb = _both_sides(a, b, kinds)
+    (ra, _), (rb, profile_b) = _both_sides(a, b, kinds)
     out: list[dict[str, Any]] = []
     for k in kinds:
-        out += kind_changes(KINDS[k], ra[k], rb[k])
+        changes = kind_changes(KINDS[k], ra[k], rb[k])
+        if k == "text" and changes:
+            from pathlib import Path
+
+            from . import profiles
+
+            name_text_rows(profiles.load_profile(Path(profile_b)), changes, column="offset")
+            changes = [{"kind": r["kind"], "change": r["change"], "symbol": r.pop("Symbol"), **{
+                c: v for c, v in r.items() if c not in ("kind", "change")}} for r in changes]
+        out += changes
     return out
 
 

@@ -64,20 +64,24 @@ def test_syscall_hook_and_set_like_kinds() -> None:
     assert kind_changes(KINDS["ftrace"], [hook], [dict(hook)]) == []
 
 
-class _Read:
-    def __init__(self, data: bytes, failed: list) -> None:
-        self.data, self.failed = data, failed
-
-
 class _Kernel:
-    def __init__(self, text: bytearray, base: int) -> None:
-        self.text, self.base = text, base
+    """Kernel text at ``base``: two pages in two physical runs, the rest unmapped."""
 
-    def read_partial(self, vaddr: int, length: int) -> _Read:
-        off = vaddr - self.base
-        if off >= 0x2000:
-            return _Read(b"\0" * length, [(vaddr, length)])
-        return _Read(bytes(self.text[off:off + length]), [])
+    def __init__(self, base: int) -> None:
+        self.base = base
+
+    def mapping(self, vaddr: int, length: int, ignore_errors: bool = False):
+        assert ignore_errors and vaddr == self.base
+        yield self.base, 0x1000, 0x9000  # frames out of order: a run per frame
+        yield self.base + 0x1000, 0x1000, 0x5000
+
+
+class _Memory:
+    def __init__(self, text: bytearray) -> None:
+        self.phys = {0x9000: bytes(text[:0x1000]), 0x5000: bytes(text[0x1000:0x2000])}
+
+    def read(self, paddr: int, length: int) -> bytes:
+        return self.phys[paddr][:length]
 
 
 class _Target:
@@ -87,7 +91,8 @@ class _Target:
         self.isf = {"symbols": {"_stext": {"address": 0x1000}, "_etext": {"address": 0x3800},
                                 "foo": {"address": 0x1000}, "bar": {"address": 0x2010}}}
         self.location = SimpleNamespace(virt_shift=shift)
-        self.kernel = _Kernel(text, 0x1000 + shift)
+        self.kernel = _Kernel(0x1000 + shift)
+        self.memory = _Memory(text)
 
 
 def test_kernel_text_pages_are_hashed_and_named() -> None:
@@ -101,3 +106,20 @@ def test_kernel_text_pages_are_hashed_and_named() -> None:
     text[0x1100] ^= 0xFF  # a patched byte in the second page, another KASLR slide
     rows = kind_changes(KINDS["text"], before, kernel_text_rows(_Target(text, 0x400000)))
     assert [(r["change"], r["offset"], r["symbol"]) for r in rows] == [("changed", 0x1000, "foo+0x1000")]
+
+
+def test_text_pages_are_hashed_from_their_runs_and_only_changes_named() -> None:
+    import hashlib
+
+    from shadowvol.diff import KINDS, kernel_text_hashes, kind_changes, name_text_rows
+
+    text = bytearray(range(256)) * 32
+    before = kernel_text_hashes(_Target(text, 0))
+    assert before == [{"Offset": 0, "SHA256": hashlib.sha256(text[:0x1000]).hexdigest()},
+                      {"Offset": 0x1000, "SHA256": hashlib.sha256(text[0x1000:0x2000]).hexdigest()},
+                      {"Offset": 0x2000, "SHA256": "unmapped"}]
+    text[0x10] ^= 1
+    changes = kind_changes(KINDS["text"], before, kernel_text_hashes(_Target(text, 0x600000)))
+    assert [(r["change"], r["offset"]) for r in changes] == [("changed", 0)]
+    name_text_rows(_Target(text, 0).isf, changes, column="offset")
+    assert changes[0]["Symbol"] == "foo+0x0"

@@ -5,9 +5,11 @@ include/linux/module.h (``struct module`` and its memory regions) and the
 kernel's text bounds (``_stext``.. ``_etext``), plus an x86-64 decoder of the
 jump/call/push-ret trampolines that inline hooks plant at a function's entry.
 
-One :class:`KernelImage` is built per plugin run: its symbol index and module
-ranges are read once (one snapshot epoch of a live guest) and then dropped
-with the plugin.
+One :class:`KernelImage` is built per plugin run: its module ranges are read
+once (one snapshot epoch of a live guest) and then dropped with the plugin.
+Its symbol index depends only on the symbol table and the KASLR shift, so it
+is kept on the symbol table, as volatility3 keeps its own address index
+there: plugins run one after the other in one context build it once.
 """
 
 from __future__ import annotations
@@ -100,9 +102,14 @@ class KernelImage:
     def _symbols(self) -> tuple[list[int], list[str]]:
         if self._index is None:
             shift = self.kernel.offset
+            cached = getattr(self.table, "_kernel_image_index", None)
+            if cached is not None and cached[0] == (shift, self.mask):
+                self._index = cached[1]
+                return self._index
             pairs = sorted((self.canonical(shift + self.table.get_symbol(n).address), n)
                            for n in self.table.symbols)
             self._index = ([a for a, _ in pairs], [n for _, n in pairs])
+            self.table._kernel_image_index = ((shift, self.mask), self._index)
         return self._index
 
     def symbols_at(self, addr: int) -> list[str]:
