@@ -510,3 +510,179 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
         finally:
             set_running(was_running)
     return rows
+
+
+# -- bench watch, diff, profile-load (issue 13) ------------------------------
+
+def _set_vm_running(qmp: str, running: bool) -> None:
+    from .qmp import QMPClient
+
+    with QMPClient(qmp) as q:
+        q.execute("cont" if running else "stop")
+
+
+def _vm_running(qmp: str) -> bool:
+    from .qmp import QMPClient
+
+    with QMPClient(qmp) as q:
+        return bool(q.execute("query-status").get("running"))
+
+
+def _ms(samples: list[float]) -> float:
+    return round(statistics.median(samples), 1)
+
+
+def bench_watch(vm: str, tasks: list[int] | None = None, runs: int = 5, plugin: str = "linux.pslist",
+                progress: Any = None) -> list[dict[str, Any]]:
+    """Per task count and run state (running, paused): the median tick of ``watch``
+    (one context per boot; wall and CPU ms, the first tick left out), a tick that
+    builds a new context each time (as ``run_plugin`` does), and the whole
+    ``shadowvol -vm NAME PLUGIN`` command, side by side.
+
+    ``tasks``: idle processes to start in the guest first (None: as it is).
+    The VM's run state is put back as it was.
+    """
+    import io
+
+    from . import volbridge
+    from .errors import ShadowvolError
+    from .run import run_plugin
+    from .target import open_target, qmp_endpoint
+    from .watch import grid_rows, watch
+
+    say = progress or (lambda msg: None)
+    volbridge.quiet_volatility()
+    qmp = qmp_endpoint(vm)
+    if qmp is None:
+        raise ShadowvolError(f"bench watch needs the VM's QMP socket ({vm} has none)")
+    was_running = _vm_running(qmp)
+    me = [sys.executable, "-m", "shadowvol", "-vm", vm, plugin]
+    rows: list[dict[str, Any]] = []
+    try:
+        for n in (tasks if tasks is not None else [None]):
+            if n is not None:
+                from .vm.registry import get_vm
+
+                _set_vm_running(qmp, True)
+                say(f"{n} idle tasks: starting them in the guest")
+                _set_idle_tasks(get_vm(vm), n)
+            for state in ("running", "paused"):
+                _set_vm_running(qmp, state == "running")
+                say(f"{n if n is not None else 'as is'}: {state}: watch ticks")
+                costs: list[tuple[float, float]] = []
+                out = io.StringIO()
+                watch(vm, plugin, interval=0.2, count=runs + 1, out=out, err=io.StringIO(), costs=costs,
+                      renderer="jsonl")
+                wall, cpu = [c[0] for c in costs[1:]], [c[1] for c in costs[1:]]
+                t = open_target(vm=vm)
+                try:
+                    t.new_epoch()
+                    count = len(grid_rows(run_plugin(t, plugin, {})))  # also warms the per-process caches
+                    say(f"{n if n is not None else 'as is'}: {state}: a new context per tick")
+                    fresh_wall, fresh_cpu = [], []
+                    for _ in range(runs):
+                        t0, c0 = time.perf_counter(), time.process_time()
+                        t.new_epoch()
+                        grid_rows(run_plugin(t, plugin, {}))
+                        fresh_wall.append((time.perf_counter() - t0) * 1000)
+                        fresh_cpu.append((time.process_time() - c0) * 1000)
+                finally:
+                    t.close()
+                say(f"{n if n is not None else 'as is'}: {state}: the whole command")
+                _time_cmd(me, 1)
+                cmd_s, _ = _time_cmd(me, runs)
+                base = {"tasks": count, "vm": state, "plugin": plugin}
+                rows.append({**base, "what": "watch tick (one context per boot)", "median_ms": _ms(wall),
+                             "cpu_ms": _ms(cpu), "min_ms": round(min(wall), 1), "runs": len(wall)})
+                rows.append({**base, "what": "tick with a new context (before)", "median_ms": _ms(fresh_wall),
+                             "cpu_ms": _ms(fresh_cpu), "min_ms": round(min(fresh_wall), 1), "runs": runs})
+                rows.append({**base, "what": f"shadowvol -vm NAME {plugin}", "median_ms": round(cmd_s * 1000, 1),
+                             "cpu_ms": "", "min_ms": "", "runs": runs})
+    finally:
+        if tasks is not None:
+            from .vm.registry import get_vm
+
+            _set_vm_running(qmp, True)
+            _set_idle_tasks(get_vm(vm), 0)
+        _set_vm_running(qmp, was_running)
+    return rows
+
+
+PROFILE_LOAD = """
+import sys, time
+from pathlib import Path
+from shadowvol import profiles, symbols
+path = Path(sys.argv[1])
+t0, c0 = time.perf_counter(), time.process_time()
+if sys.argv[2] == "fast":
+    isf = profiles.load_profile(path)
+    profiles.profile_addresses(isf)
+else:
+    isf = symbols.read_profile(path)
+print((time.perf_counter() - t0) * 1000, (time.process_time() - c0) * 1000, len(isf["user_types"]))
+"""
+
+
+def bench_profile_load(vm: str, runs: int = 5) -> list[dict[str, Any]]:
+    """Loading the VM's profile in a new process (as every ``shadowvol`` command does),
+    warm page cache: through the lazy fast copy (``profiles.load_profile`` plus the
+    symbol addresses every run takes), against parsing its ISF JSON."""
+    from .target import open_target
+
+    t = open_target(vm=vm)  # also makes sure the fast copy exists
+    path = t.profile_path
+    t.close()
+    rows = []
+    for how, label in (("fast", "load_profile (lazy fast copy) + profile_addresses"),
+                       ("json", "parse the ISF JSON (.json.xz)")):
+        walls, cpus, types = [], [], 0
+        for _ in range(runs + 1):
+            p = subprocess.run([sys.executable, "-c", PROFILE_LOAD, str(path), how], capture_output=True,
+                               text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            if p.returncode != 0:
+                raise RuntimeError(f"profile load failed: {p.stderr[-300:]}")
+            wall, cpu, types = p.stdout.split()
+            walls.append(float(wall))
+            cpus.append(float(cpu))
+        rows.append({"profile": path.name, "what": label, "types": int(types),
+                     "median_ms": _ms(walls[1:]), "cpu_ms": _ms(cpus[1:]), "min_ms": round(min(walls[1:]), 1),
+                     "runs": runs})
+    return rows
+
+
+def bench_diff(vm: str, runs: int = 5, workdir: str = "/var/tmp", progress: Any = None) -> list[dict[str, Any]]:
+    """``shadowvol diff A B`` of two snapshots of the VM taken now (every kind, and
+    processes + modules), as a user runs it: median wall time of the whole command
+    and the CPU time it used (all its processes). The snapshots are removed after."""
+    import resource
+
+    say = progress or (lambda msg: None)
+    me = [sys.executable, "-m", "shadowvol"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="shadowvol-bench-diff-", dir=workdir) as tmp:
+        for side in ("a", "b"):
+            say(f"snapshot {side}")
+            p = subprocess.run(me + ["snapshot", "-vm", vm, "-o", str(Path(tmp) / side), "-r", "json"],
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"snapshot failed: {p.stderr[-300:]}")
+            size = json.loads(p.stdout).get("ram_bytes")
+        for label, kinds in (("every kind", []), ("process,module", ["--kinds", "process,module"])):
+            cmd = me + ["diff", str(Path(tmp) / "a"), str(Path(tmp) / "b"), "-r", "json"] + kinds
+            walls, cpus = [], []
+            for i in range(runs + 1):
+                say(f"diff, {label}: run {i + 1}/{runs + 1}")
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                t0 = time.perf_counter()
+                p = subprocess.run(cmd, capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                if p.returncode != 0:
+                    raise RuntimeError(f"diff failed: {p.stderr[-300:]}")
+                if i:  # the first run warms the page cache and the profile's fast copy
+                    walls.append(wall)
+                    cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+            rows.append({"diff": label, "ram_mib": (size or 0) >> 20, "changes": len(json.loads(p.stdout)),
+                         "median_s": round(statistics.median(walls), 2), "min_s": round(min(walls), 2),
+                         "cpu_s": round(statistics.median(cpus), 2), "runs": runs})
+    return rows

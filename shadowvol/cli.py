@@ -311,10 +311,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_sweep(args)
     elif args.what == "scan":
         bench.render(bench.bench_scan(args.vm, runs=args.runs), args.renderer)
+    elif args.what in ("watch", "diff", "profile-load"):
+        return cmd_bench_issue13(args)
     elif args.what == "scale":
         update, stop = _progress()
         try:
-            rows = bench.bench_scale(args.vm, [int(x) for x in args.tasks.split(",")], runs=args.runs,
+            tasks = [int(x) for x in (args.tasks or "0,500,1000,2000").split(",")]
+            rows = bench.bench_scale(args.vm, tasks, runs=args.runs,
                                      drgn_vmlinux=args.vmlinux, progress=update)
         finally:
             stop()
@@ -322,6 +325,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.render([{c: r.get(c, "") for c in cols} for r in rows], args.renderer)
     else:
         bench.render(bench.bench_pslist(args.vm, runs=args.runs), args.renderer)
+    return 0
+
+
+def cmd_bench_issue13(args: argparse.Namespace) -> int:
+    """bench watch (tick cost), diff (two snapshots), profile-load."""
+    from . import bench
+
+    update, stop = _progress()
+    try:
+        if args.what == "watch":
+            tasks = None if args.tasks is None else [int(x) for x in args.tasks.split(",")]
+            rows = bench.bench_watch(args.vm, tasks, runs=args.runs, progress=update)
+        elif args.what == "diff":
+            rows = bench.bench_diff(args.vm, runs=args.runs, workdir=args.workdir, progress=update)
+        else:
+            rows = bench.bench_profile_load(args.vm, runs=args.runs)
+    finally:
+        stop()
+    bench.render(rows, args.renderer)
     return 0
 
 
@@ -620,11 +642,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
     pl.set_defaults(func=cmd_plugins)
     be = sub.add_parser("bench", help="benchmarks: read latency, end-to-end pslist, plugin sweep")
-    be.add_argument("what", choices=["reads", "pslist", "overhead", "sweep", "scan", "scale", "profiles"])
+    be.add_argument("what", choices=["reads", "pslist", "overhead", "sweep", "scan", "scale", "profiles",
+                                     "watch", "diff", "profile-load"])
     be.add_argument("-f", dest="dump", help="profiles: a raw copy of guest RAM for stock vol")
     be.add_argument("--reference", help="profiles: the reference ISF (e.g. from DWARF)")
     be.add_argument("--candidate", help="profiles: the ISF checked against it (e.g. zero-config)")
-    be.add_argument("--tasks", default="0,500,1000,2000", help="scale: idle tasks to add, per step")
+    be.add_argument("--tasks", default=None,
+                    help="scale (default 0,500,1000,2000), watch (default: the guest as it is): "
+                         "idle tasks to add, per step")
     be.add_argument("--vmlinux", help="scale: debug vmlinux for drgn --qemu (from linux-image-*-dbg)")
     be.add_argument("-vm", dest="vm", help="the VM to measure (every benchmark but 'profiles')")
     be.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"], help="sweep: backend")
