@@ -341,6 +341,20 @@ def _stored_profile(src: _Source, banner: bytes, info: dict[str, str] | None,
     return None
 
 
+def _runs_there(src: _Source, loc: KernelLocation, symbols: Any, banner: bytes) -> bool:
+    """The vCPU's registers (when the source has them) lead to the kernel at ``loc``.
+
+    A guest that rebooted inside the same QEMU keeps its boot key, and the dead
+    kernel's banner and page tables stay in RAM until reused: the banner check
+    alone accepts a cached location of a kernel that no longer runs. CR3 says
+    which kernel the CPU runs (``info registers``, ~2 ms)."""
+    regs = src.registers()
+    if regs is None:
+        return True
+    now = kaslr.locate_from_registers(regs[0], regs[1], src.memory, symbols, banner)
+    return now is not None and (now.dtb, now.virt_shift) == (loc.dtb, loc.virt_shift)
+
+
 def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
     state = src.state_dir / "kernel.json" if src.state_dir else None
     cached = None
@@ -358,7 +372,8 @@ def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
                 isf = profiles.load_profile(path)
                 banner = profiles.profile_banner(isf)
                 loc = KernelLocation.from_json(cached["location"])
-                if kaslr.verify_location(src.memory, loc, profiles.profile_addresses(isf), banner):
+                if kaslr.verify_location(src.memory, loc, profiles.profile_addresses(isf), banner) and \
+                        _runs_there(src, loc, profiles.profile_addresses(isf), banner):
                     t = Target(src.memory, loc, isf, path, src.description)
                     if verify_guest_profile(t):
                         return t
