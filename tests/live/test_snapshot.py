@@ -223,3 +223,73 @@ def test_watch_ends_cleanly_when_the_vm_stops(image) -> None:
             qemu.stop_vm(entry.name)
         except VMError:
             pass  # stopped by the test
+
+
+def _kaslr_shift(entry) -> int:
+    """The guest's own KASLR shift: its _text in /proc/kallsyms against the link address."""
+    from shadowvol.vm.console import vm_exec
+
+    rc, out = vm_exec(entry, "grep -w _text /proc/kallsyms", timeout=60.0)
+    assert rc == 0, out
+    return int(out.split()[0], 16) - 0xFFFFFFFF81000000
+
+
+def test_watch_follows_a_guest_reboot(image) -> None:
+    """A guest of its own rebooted from inside under watch: one line names the new
+    KASLR shift (the guest's own, from /proc/kallsyms), and the watch goes on
+    reading the new kernel (a process started after the reboot appears as +)."""
+    from shadowvol.errors import VMError
+    from shadowvol.vm import qemu
+    from shadowvol.vm.console import vm_exec
+
+    entry = qemu.start_vm("boot14", image, memory="512M", stub=False)
+    proc = None
+    try:
+        with QMPClient(entry.qmp) as q:  # our guests run with -no-reboot: let this one reset instead
+            q.execute("set-action", reboot="reset")
+        old_shift = _kaslr_shift(entry)
+        proc = subprocess.Popen([sys.executable, "-m", "shadowvol", "watch", "-vm", "boot14", "--interval", "1",
+                                 "--count", "400", "-r", "jsonl", "--stats", "linux.pslist"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+        line = ""
+        while "tick 0:" not in line:
+            line = proc.stderr.readline()
+            assert line, "watch gave no first tick"
+        try:
+            vm_exec(entry, "reboot -f", timeout=5.0)
+        except VMError:
+            pass  # the console went down with the guest
+        deadline = time.monotonic() + 300
+        seen = []
+        while not any("kernel located again" in x for x in seen):
+            line = proc.stderr.readline()
+            assert line and time.monotonic() < deadline, f"watch never re-located the kernel: {seen[-5:]}"
+            seen.append(line)
+        while True:  # a request sent while the guest boots is lost: ask again until its agent answers
+            try:
+                if vm_exec(entry, "true", timeout=5.0)[0] == 0:
+                    break
+            except VMError:
+                assert time.monotonic() < deadline, "the guest's agent never came back after the reboot"
+        new_shift = _kaslr_shift(entry)
+        if new_shift != old_shift:  # KASLR chose another slide (it may, rarely, choose the same)
+            said = next(x for x in seen if "kernel located again" in x)
+            assert f"KASLR shift {old_shift:#x} -> {new_shift:#x}" in said, said
+            assert sum("no longer at KASLR shift" in x for x in seen) == 1, seen
+        rc, out = vm_exec(entry, "sleep 4321 >/dev/null 2>&1 & echo $!", timeout=60.0)
+        pid = int(out.split()[-1])
+        plus = None
+        while plus is None:
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, "watch did not show the new process"
+            row = json.loads(line)
+            if row["change"] == "+" and row["PID"] == pid:
+                plus = row
+        assert plus["COMM"] == "sleep" and "partial" not in plus
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        try:
+            qemu.stop_vm(entry.name)
+        except VMError:
+            pass
