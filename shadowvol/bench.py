@@ -515,14 +515,14 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
 # -- bench watch, diff, profile-load (issue 13) ------------------------------
 
 def _set_vm_running(qmp: str, running: bool) -> None:
-    from .qmp import QMPClient
+    from .qemu.qmp import QMPClient
 
     with QMPClient(qmp) as q:
         q.execute("cont" if running else "stop")
 
 
 def _vm_running(qmp: str) -> bool:
-    from .qmp import QMPClient
+    from .qemu.qmp import QMPClient
 
     with QMPClient(qmp) as q:
         return bool(q.execute("query-status").get("running"))
