@@ -173,6 +173,9 @@ def _side_rows(vm: str | None, dump: str | None, kinds: Iterable[str]) -> tuple[
     try:
         boot = volbridge.BootContext(target.memory, target.kernel, target.location, target.isf,
                                      isf_url=target.profile_path.as_uri())
+        import gc
+
+        gc.freeze()  # what is loaded so far lives as long as the side: not traversed by every collection
         out: dict[str, list[dict[str, Any]]] = {}
         for k in kinds:
             if k == "text":
