@@ -690,6 +690,7 @@ class BootContext:
         self.context = build_context(memory, paged, location, isf, isf_url=isf_url)
         self._cache = paged.cache
         self._base_layers = tuple(self.context.layers)
+        self._base_attrs = {n: set(vars(self.context.layers[n])) for n in self._base_layers}
         self._base_config = self.context.config.clone()
 
     def new_epoch(self) -> None:
@@ -707,8 +708,8 @@ class BootContext:
             ctx.layers.del_layer(name)  # the newest first: a layer goes before those it depends on
         for name in self._base_layers:
             layer = ctx.layers[name]
-            for attr in [a for a, v in vars(layer).items() if callable(v) and hasattr(type(layer), a)]:
-                delattr(layer, attr)  # an instance override of a method (an observer of one epoch)
+            for attr in [a for a, v in vars(layer).items() if callable(v) and a not in self._base_attrs[name]]:
+                delattr(layer, attr)  # a method overridden on the instance since (an observer of one epoch)
         ctx.config = self._base_config.clone()
 
     def construct(self, plugin_cls: type, options: Mapping[str, Any], file_handler: type | None = None) -> Any:
