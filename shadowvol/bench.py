@@ -392,36 +392,53 @@ DRGN_TASKS = "import drgn\nfrom drgn.helpers.linux.pid import for_each_task\n" \
              "print(sum(1 for _ in for_each_task(prog)))\n"
 
 
-def _run_rss(cmd: list[str], cwd: str | None = None) -> tuple[float, float, str]:
-    """(seconds, peak RSS of the command in MB, stdout) of one command; raises on failure.
+def _status_kb(pid: int) -> dict[str, int]:
+    """``VmHWM``/``RssAnon``/``RssFile``/``RssShmem`` of a live process, in kB ({} once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f)
+                    if k in ("VmHWM", "RssAnon", "RssFile", "RssShmem") and v.split()}
+    except (OSError, ValueError):
+        return {}
 
-    The peak comes from GNU time (``%M``): a child forked from this process
-    inherits its high-water mark (ours maps guest RAM), so wait4's ru_maxrss
-    would report the parent's. 0 when /usr/bin/time is missing.
+
+def _run_rss(cmd: list[str], cwd: str | None = None) -> tuple[float, float, float, str]:
+    """(seconds, peak RSS in MB, peak private memory in MB, stdout) of one command.
+
+    Sampled from ``/proc/PID/status`` every few ms while it runs:
+    - peak RSS is the kernel's high-water mark (``VmHWM``, the figure GNU
+      time reports). For us it includes the guest-RAM pages read through the
+      shared mapping of QEMU's RAM file (``RssShmem``): QEMU's memory, mapped
+      into our page tables, which costs the host nothing.
+    - private memory is the largest ``RssAnon + RssFile`` seen: what the
+      command itself allocated (heap, libraries), to compare across tools.
+    Raises on failure.
     """
-    gnu_time = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-            tempfile.NamedTemporaryFile("r") as rss_file:
-        full = ([gnu_time, "-f", "%M", "-o", rss_file.name] if gnu_time else []) + cmd
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        rc = subprocess.run(full, stdout=out, stderr=err, cwd=cwd, stdin=subprocess.DEVNULL).returncode
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd, stdin=subprocess.DEVNULL)
+        hwm = private = 0
+        while proc.poll() is None:
+            st = _status_kb(proc.pid)
+            if st:
+                hwm = max(hwm, st.get("VmHWM", 0))
+                private = max(private, st.get("RssAnon", 0) + st.get("RssFile", 0))
+            time.sleep(0.003)
         secs = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
-        if rc != 0:
+        if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd[:6])}... failed: {err.read().decode(errors='replace')[-300:]}")
-        text = rss_file.read().strip().splitlines()
-        rss = int(text[-1]) / 1024 if text and text[-1].isdigit() else 0.0
-        return secs, rss, out.read().decode(errors="replace")
+        return secs, hwm / 1024, private / 1024, out.read().decode(errors="replace")
 
 
-def _median_run(cmd: list[str], runs: int, cwd: str | None = None) -> tuple[float, float, str]:
-    samples, rss, out = [], 0.0, ""
+def _median_run(cmd: list[str], runs: int, cwd: str | None = None) -> tuple[float, float, float, str]:
+    samples, rss, private, out = [], 0.0, 0.0, ""
     for _ in range(runs):
-        secs, peak, out = _run_rss(cmd, cwd)
+        secs, peak, priv, out = _run_rss(cmd, cwd)
         samples.append(secs)
-        rss = max(rss, peak)
-    return statistics.median(samples), rss, out
+        rss, private = max(rss, peak), max(private, priv)
+    return statistics.median(samples), rss, private, out
 
 
 def _set_idle_tasks(entry: Any, n: int) -> None:
@@ -470,11 +487,12 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
                 for tool, plugin in (("shadowvol live", "linux.pslist"), ("shadowvol live", "linux.psaux"),
                                      ("shadowvol live", "linux.psxview")):
                     say(f"{n} idle tasks: {plugin} live")
-                    secs, rss, out = _median_run(me + [plugin], runs, cwd=tmp)
+                    secs, rss, priv, out = _median_run(me + [plugin], runs, cwd=tmp)
                     if plugin == "linux.pslist":
                         count = len(fidelity.flatten_rows(json.loads(out)))
                     rows.append({"tasks": count, "tool": tool, "plugin": plugin,
-                                 "median_s": round(secs, 3), "rss_mb": round(rss)})
+                                 "median_s": round(secs, 3), "rss_mb": round(rss),
+                                 "private_mb": round(priv)})
                 if vol:
                     t = open_target(vm=vm)
                     try:
@@ -488,20 +506,21 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
                     cmd = [vol, "-q", "-f", str(raw), "-s", str(symdir.parent), "-r", "json", "linux.pslist"]
                     _median_run(cmd, 1, cwd=tmp)  # warm vol's own caches
                     say(f"{n} idle tasks: stock vol -f on the copy")
-                    secs, rss, _ = _median_run(cmd, max(1, runs // 2), cwd=tmp)
+                    secs, rss, priv, _ = _median_run(cmd, max(1, runs // 2), cwd=tmp)
                     rows.append({"tasks": count, "tool": "stock vol -f (raw copy)", "plugin": "linux.pslist",
-                                 "median_s": round(secs, 3), "rss_mb": round(rss)})
+                                 "median_s": round(secs, 3), "rss_mb": round(rss), "private_mb": round(priv)})
                 if drgn and drgn_vmlinux:
                     script = Path(tmp) / "tasks.py"
                     script.write_text(DRGN_TASKS)
                     say(f"{n} idle tasks: drgn --qemu")
-                    secs, rss, _ = _median_run([drgn, "--qemu", entry.qmp, "-s", drgn_vmlinux,
+                    secs, rss, priv, _ = _median_run([drgn, "--qemu", entry.qmp, "-s", drgn_vmlinux,
                                                 "--no-default-symbols", str(script)], runs, cwd=tmp)
                     rows.append({"tasks": count, "tool": "drgn --qemu (debug vmlinux)",
-                                 "plugin": "for_each_task", "median_s": round(secs, 3), "rss_mb": round(rss)})
+                                 "plugin": "for_each_task", "median_s": round(secs, 3), "rss_mb": round(rss),
+                                 "private_mb": round(priv)})
                 else:
                     rows.append({"tasks": count, "tool": "drgn --qemu", "plugin": "-",
-                                 "median_s": "n/a", "rss_mb": "n/a",
+                                 "median_s": "n/a", "rss_mb": "n/a", "private_mb": "n/a",
                                  "note": "drgn not installed" if not drgn else "no debug vmlinux (--vmlinux)"})
     finally:
         set_running(True)

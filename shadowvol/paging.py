@@ -20,8 +20,10 @@ are not checked.
 
 from __future__ import annotations
 
+import array
 import struct
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .backends.base import PartialRead, PhysicalMemory
@@ -129,17 +131,23 @@ class TranslationCache:
         self.max_tables = max_tables
         self.max_tlb = max_tlb
         self.table_reads = 0
-        self._tables: dict[int, tuple[int, ...]] = {}
+        self._tables: dict[int, Sequence[int]] = {}
         self._tlbs: dict[object, dict[int, int]] = {}
-        self._unpack = struct.Struct("<512Q").unpack
 
-    def table(self, paddr: int) -> tuple[int, ...]:
-        """The 512 entries of the table page at ``paddr`` (page aligned)."""
+    def table(self, paddr: int) -> Sequence[int]:
+        """The 512 entries of the table page at ``paddr`` (page aligned).
+
+        Kept as a 4 KiB ``array('Q')``: a tuple of 512 Python ints costs about
+        20 KiB, and a plugin that builds a layer per process (psaux at 2,000
+        tasks) fills thousands of tables.
+        """
         entries = self._tables.get(paddr)
         if entries is None:
             data = self.memory.read(paddr, _PAGE)
             self.table_reads += 1
-            entries = self._unpack(data)
+            entries = array.array("Q", data)
+            if sys.byteorder != "little":
+                entries.byteswap()
             if len(self._tables) >= self.max_tables:
                 self._tables.clear()
             self._tables[paddr] = entries
@@ -203,7 +211,7 @@ class PagedMemory:
 
     # -- translation ------------------------------------------------------
 
-    def _entries(self, table: int) -> tuple[int, ...]:
+    def _entries(self, table: int) -> Sequence[int]:
         if self.cache is not None:
             return self.cache.table(table)
         return struct.unpack("<512Q", self._phys_read(table, _PAGE))

@@ -233,6 +233,17 @@ class LiveLinuxIntel32e(intel.LinuxIntel32e):
                                 phys.translation_cache, name=name)
         self._paged = paged
         self._vmask = (1 << self._maxvirtaddr) - 1
+        self._half = 1 << (self._maxvirtaddr - 1)
+        self._canon_keep = (1 << (self._maxvirtaddr + 1)) - 1
+        self._canon_stock = self._bits_per_register <= self._maxvirtaddr
+
+    def canonicalize(self, addr: int) -> int:
+        """Intel's ``canonicalize`` with its masks computed once (called for every read)."""
+        if self._canon_stock:
+            return super().canonicalize(addr)
+        if addr < self._half:
+            return addr
+        return (addr & self._canon_keep) + self._canonical_prefix
 
     def _fault(self, offset: int, exc: InvalidAddressError) -> exceptions.InvalidAddressException:
         if exc.level is not None:
@@ -583,6 +594,10 @@ def _epoch_cached_boottime(stock: Any) -> Any:
     return _get_boottime_raw
 
 
+_ObjectInformation = interfaces.objects.ObjectInformation
+_OBJECT_INFORMATION_FIELDS = frozenset(f.name for f in dataclasses.fields(_ObjectInformation))
+
+
 class VolChainMap(collections.ChainMap):
     """The ChainMap behind every object's and template's ``vol``, looked up without
     exceptions: stock ``ChainMap.__getitem__`` raises and catches a KeyError for each
@@ -590,15 +605,23 @@ class VolChainMap(collections.ChainMap):
 
     def __getitem__(self, key: Any) -> Any:
         for mapping in self.maps:
-            if key in mapping:
+            if type(mapping) is dict:
+                if key in mapping:
+                    return mapping[key]
+            elif type(mapping) is _ObjectInformation:
+                # ObjectInformation's own __contains__ then __getitem__ (which
+                # tests membership again): its field names, then the field.
+                if key in _OBJECT_INFORMATION_FIELDS:
+                    return getattr(mapping, key)
+            elif key in mapping:
                 return mapping[key]
         return self.__missing__(key)
 
     def get(self, key: Any, default: Any = None) -> Any:
-        for mapping in self.maps:
-            if key in mapping:
-                return mapping[key]
-        return default
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
 
 class _CollectionsWithVolChainMap:

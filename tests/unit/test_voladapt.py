@@ -151,3 +151,55 @@ def test_boottime_read_once_per_epoch_and_copied():
     stock_ctx = SimpleNamespace()  # not a LiveContext (stock vol): stock behaviour, every time
     wrapped(task(stock_ctx)), wrapped(task(stock_ctx))
     assert len(calls) == 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["layer_name", "offset", "native_layer_name", "member_name", "parent", "size",
+                        "type_name", "subtype", "x"]),
+       st.dictionaries(st.sampled_from(["offset", "size", "subtype", "x"]), st.integers(), max_size=3))
+def test_volchainmap_with_object_information_is_chainmap(key, kwargs):
+    """An object's vol: ``{}, vol_info, ObjectInformation, kwargs`` as volatility3 builds it."""
+    volbridge.adapt_volatility3()
+    info = iobjects.ObjectInformation(layer_name="l", offset=16, native_layer_name="n", size=None)
+    ms = ({}, {"type_name": "t", "offset": 16}, info, kwargs)
+    stock, ours = collections.ChainMap(*ms), volbridge.VolChainMap(*ms)
+    assert (key in ours) == (key in stock)
+    assert ours.get(key, "d") == stock.get(key, "d")
+    if key in stock:
+        assert ours[key] == stock[key]
+    else:
+        for m in (ours, stock):
+            try:
+                m[key]
+            except KeyError:
+                pass
+            else:
+                raise AssertionError(key)
+
+
+def _live_layer():
+    """Our kernel layer (4-level) over a few synthetic pages, as build_context makes it."""
+    from shadowvol.backends.base import BufferMemory, Segment
+    from shadowvol.paging import FOUR_LEVEL, PagedMemory, TranslationCache
+
+    mem = BufferMemory(bytes(0x4000), [Segment(0, 0x4000, 0)])
+    paged = PagedMemory(mem, 0x1000, FOUR_LEVEL, TranslationCache(mem))
+    ctx = volbridge.LiveContext()
+    ctx.layers.add_layer(volbridge.LivePhysicalLayer(ctx, "p", volbridge.PHYSICAL_LAYER, mem,
+                                                     cache=paged.cache))
+    ctx.config["k.memory_layer"] = volbridge.PHYSICAL_LAYER
+    ctx.config["k.page_map_offset"] = 0x1000
+    ctx.config["k.kernel_virtual_offset"] = 0
+    return volbridge.LiveLinuxIntel32e(ctx, "k", volbridge.KERNEL_LAYER, metadata={"os": "Linux"},
+                                       paged=paged)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 49) - 1),
+                 st.sampled_from([0, (1 << 47) - 1, 1 << 47, (1 << 48) - 1, 1 << 48, 0xffff800000000000,
+                                  0xffffffff81000000, (1 << 64) - 1])))
+def test_live_layer_canonicalize_is_intel(addr):
+    from volatility3.framework.layers import intel
+
+    layer = _live_layer()
+    assert layer.canonicalize(addr) == intel.Intel.canonicalize(layer, addr)
