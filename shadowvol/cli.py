@@ -691,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ShadowvolError as exc:
         print(f"shadowvol: error: {exc}", file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_code", 1)  # 3: an incomplete input (TruncatedError)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -23,6 +23,15 @@ class BackendError(ShadowvolError):
     """A memory backend cannot be opened or read (bad dump, dead VM...)."""
 
 
+class TruncatedError(BackendError):
+    """A dump holds less memory than its own layout says (headers, or the
+    kernel's ``max_pfn`` for a raw file): whatever it answered would be
+    silently partial. The CLI exits 3, as for any incomplete answer
+    (``--partial`` accepts what is there)."""
+
+    exit_code = 3
+
+
 class InvalidAddressError(ShadowvolError):
     """An address cannot be read or translated.
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from . import kaslr, profiles
 from .backends.base import PhysicalMemory
-from .errors import BackendError, ProfileError, ShadowvolError, VMError
+from .errors import BackendError, ProfileError, ShadowvolError, TruncatedError, VMError
 from .kaslr import KernelLocation
 from .paging import PagedMemory, TranslationCache
 
@@ -217,12 +217,17 @@ def open_target(vm: str | None = None, dump: str | None = None, backend: str = "
     if bundle is not None:
         src.vmcoreinfo, src.registers = bundle.vmcoreinfo, bundle.registers
     try:
-        target = _resolve(src, profile, say)
+        try:
+            target = _resolve(src, profile, say)
+        except ProfileError:
+            if dump is not None and profile is None:
+                _kernel_cut_off(src)
+            raise
         if dump is not None:
             target.warnings += list(getattr(src.memory, "truncated", []))
             short = _raw_shortfall(target)
             if short and not partial:
-                raise BackendError(short + " (--partial reads what is there)")
+                raise TruncatedError(short + " (--partial reads what is there)")
             if short:
                 target.warnings.append(short)
         return target
@@ -247,6 +252,30 @@ def _raw_shortfall(target: Target) -> str | None:
         return (f"{target.description}: truncated dump: the kernel has RAM up to {ram_end:#x} "
                 f"({ram_end >> 20} MiB), the dump ends at {have:#x} ({have >> 20} MiB)")
     return None
+
+
+def _kernel_cut_off(src: _Source) -> None:
+    """A raw dump in which no kernel was found, though it holds a banner of a
+    kernel we have a profile for (the text of ``linux_banner`` is also in
+    copies outside the kernel image): the image lies past the end of a dump
+    cut short. Raises TruncatedError saying so; returns otherwise."""
+    memory = src.memory
+    if getattr(memory, "format", None) != "raw":
+        return
+    known = profiles.known_banners()
+    for n, pa in enumerate(memory.find(b"Linux version ")):
+        if n >= 64:
+            break
+        release = memory.read_partial(pa + 14, 65).data.split(b" ", 1)[0]
+        if release and any(b.startswith(b"Linux version " + release + b" ") for b in known):
+            from .safeio import short
+
+            end = max((hi for _, hi in memory.ranges()), default=0)
+            raise TruncatedError(
+                f"{src.description}: the {short(release.decode(errors='replace'), 60)} kernel "
+                f"named at {pa:#x} is not in the dump, which ends at {end:#x} ({end >> 20} MiB): "
+                "a raw dump cut short? (it must hold all of RAM from address 0)")
+    return
 
 
 def _profile_from_guest(src: _Source, info: dict[str, str] | None, say: Progress) -> Path:

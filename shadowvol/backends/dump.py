@@ -8,8 +8,9 @@
   segments at ``p_paddr``; the PT_NOTE holds per-CPU ``QEMU`` notes (with
   cr0..cr4) and, with ``-device vmcoreinfo``, the guest's VMCOREINFO.
 
-A corrupt or truncated file raises :class:`BackendError` with a one-line
-message. Only the first ``p_filesz`` bytes of a PT_LOAD are memory here.
+A corrupt file raises :class:`BackendError` with a one-line message; a
+memory range cut short by the end of the file raises its subclass
+:class:`TruncatedError` (exit 3) unless opened ``partial``. Only the first ``p_filesz`` bytes of a PT_LOAD are memory here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BackendError
+from ..errors import BackendError, TruncatedError
 from .base import BufferMemory, Segment, map_file_readonly
 
 __all__ = [
@@ -81,7 +82,7 @@ def parse_lime(buf: bytes | mmap.mmap, path: str = "dump", partial: bool = False
             msg = (f"{path}: LiME range {s_addr:#x}-{e_addr:#x} at offset {pos:#x} runs past "
                    f"end of file ({size:#x} bytes): truncated dump")
             if not partial:
-                raise BackendError(msg + " (--partial reads what is there)")
+                raise TruncatedError(msg + " (--partial reads what is there)")
             if truncated is not None:
                 truncated.append(msg)
             if data < size:
@@ -123,8 +124,10 @@ def parse_elf(buf: bytes | mmap.mmap, path: str = "dump", partial: bool = False,
             kind = "PT_LOAD" if p_type == PT_LOAD else f"segment {i}"
             msg = (f"{path}: ELF {kind} at {paddr:#x} ({filesz:#x} bytes at offset {offset:#x}) "
                    f"runs past end of file ({size:#x} bytes): truncated dump")
-            if not partial or p_type != PT_LOAD:
-                raise BackendError(msg + (" (--partial reads what is there)" if p_type == PT_LOAD else ""))
+            if p_type != PT_LOAD:
+                raise BackendError(msg)
+            if not partial:
+                raise TruncatedError(msg + " (--partial reads what is there)")
             if truncated is not None and len(truncated) < 8:
                 truncated.append(msg)
             filesz = max(0, size - offset)

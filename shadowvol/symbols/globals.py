@@ -154,6 +154,9 @@ CURATED_STATICS: tuple[tuple[str, str], ...] = (
     ("init_task", "struct task_struct"),
     ("init_pid_ns", "struct pid_namespace"),
     ("jiffies", "unsigned long"),
+    # mm/memblock.c: last page frame + 1. Without headers (a profile from guest
+    # memory) it must still be typed: it tells how far a raw dump must reach.
+    ("max_pfn", "unsigned long"),
     # What stock volatility3 plugins look up (shadowvol profile diff --stock
     # against DWARF); each declaration's file as DWARF's DW_AT_decl_file has it.
     ("cap_last_cap", "int"),                           # kernel/sysctl.c: static const int
