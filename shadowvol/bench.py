@@ -22,6 +22,8 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
+from .safeio import atomic_copy, atomic_write
+
 SIZES = (4, 64, 4096)
 
 
@@ -100,12 +102,12 @@ def bench_pslist(vm: str, runs: int = 3) -> list[dict[str, Any]]:
             with QMPClient(entry.qmp) as q:
                 q.execute("stop")
                 try:
-                    shutil.copyfile(entry.ram_file, dump)
+                    atomic_copy(entry.ram_file, dump, mode=0o600)
                 finally:
                     q.execute("cont")
             symdir = Path(tmp) / "symbols" / "linux"
             symdir.mkdir(parents=True)
-            shutil.copy(profile, symdir / profile.name)
+            atomic_copy(profile, symdir / profile.name, mode=0o600)
             cmd = [vol, "-q", "-s", str(Path(tmp) / "symbols"), "-f", str(dump), "linux.pslist"]
             _time_cmd(cmd, 1)  # warm vol's own caches (banner and ISF caches)
             secs, out = _time_cmd(cmd, runs)
@@ -500,7 +502,7 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
                         fidelity.raw_copy(t.memory, raw)
                         symdir = Path(tmp) / "symbols" / "linux"
                         symdir.mkdir(parents=True)
-                        shutil.copy(t.profile_path, symdir / t.profile_path.name)
+                        atomic_copy(t.profile_path, symdir / t.profile_path.name, mode=0o600)
                     finally:
                         t.close()
                     cmd = [vol, "-q", "-f", str(raw), "-s", str(symdir.parent), "-r", "json", "linux.pslist"]
@@ -511,7 +513,7 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
                                  "median_s": round(secs, 3), "rss_mb": round(rss), "private_mb": round(priv)})
                 if drgn and drgn_vmlinux:
                     script = Path(tmp) / "tasks.py"
-                    script.write_text(DRGN_TASKS)
+                    atomic_write(script, DRGN_TASKS.encode())
                     say(f"{n} idle tasks: drgn --qemu")
                     secs, rss, priv, _ = _median_run([drgn, "--qemu", entry.qmp, "-s", drgn_vmlinux,
                                                 "--no-default-symbols", str(script)], runs, cwd=tmp)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import ShadowvolError, VMError
+from .safeio import atomic_copy
 
 __all__ = ["PluginInfo", "SweepRow", "stock_plugins", "our_plugins", "paused", "raw_copy",
            "flatten_rows", "compare_rows", "sweep", "sweep_profiles", "PLUGIN_ARGS"]
@@ -142,9 +143,11 @@ def raw_copy(memory: Any, path: Path, chunk: int = 16 << 20) -> int:
     Holes between RAM ranges are left as sparse zeros, as stock ``vol -f``
     reads a raw file linearly from physical address 0.
     """
+    from .safeio import atomic_file
+
     copied = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
+    with atomic_file(path, 0o600, replace=False) as fh:
+        fd = fh.fileno()
         end = 0
         for start, stop in memory.ranges():
             for pa in range(start, stop, chunk):
@@ -153,8 +156,6 @@ def raw_copy(memory: Any, path: Path, chunk: int = 16 << 20) -> int:
                 copied += n
             end = max(end, stop)
         os.ftruncate(fd, end)
-    finally:
-        os.close(fd)
     return copied
 
 
@@ -297,7 +298,7 @@ def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str
             raw_copy(target.memory, raw)
             symdir = workdir / "symbols"
             (symdir / "linux").mkdir(parents=True, exist_ok=True)
-            shutil.copy(target.profile_path, symdir / "linux" / target.profile_path.name)
+            atomic_copy(target.profile_path, symdir / "linux" / target.profile_path.name, mode=0o600)
             placeholders = sweep_arguments(target)
         finally:
             target.close()
@@ -410,7 +411,7 @@ def sweep_profiles(raw: Path, reference: Path, candidate: Path, workdir: Path,
     for label, profile in (("reference", reference), ("candidate", candidate)):
         d = Path(workdir) / f"symbols-{label}" / "linux"
         d.mkdir(parents=True, exist_ok=True)
-        shutil.copy(profile, d / Path(profile).name)
+        atomic_copy(profile, d / Path(profile).name, mode=0o600)
         dirs[label] = d.parent
     (Path(workdir) / "vol-cache").mkdir(exist_ok=True)  # vol does not create it
     rows = []

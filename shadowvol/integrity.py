@@ -494,10 +494,9 @@ def check_integrity(vm: str, target: Any | None = None, ko: Path | None = None,
         _check_code(target, rep, mod, kot, state, key)
         _check_hooks(target, rep, mod, header, mods, kot)
         _check_rings(target, rep, header, state, key)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.chmod(tmp, 0o600)
-        tmp.replace(path)
+        from .safeio import atomic_write
+
+        atomic_write(path, json.dumps(state).encode(), mode=0o600)
         return rep
     finally:
         if own:

@@ -77,14 +77,80 @@ def _plugin_parser(plugin_cls: type, name: str) -> argparse.ArgumentParser:
 
 
 def file_handler(output_dir: str) -> type:
-    """volatility3's own CLI file handler class, writing into ``output_dir`` (as ``vol -o``)."""
-    from volatility3.cli import CommandLine
+    """A volatility3 file handler class writing into ``output_dir`` as ``vol -o``
+    does (the plugin's file name; a taken name becomes ``NAME-1.EXT``...),
+    but all or nothing (:class:`~shadowvol.safeio.AtomicFile`): the data is
+    fsynced before its name appears, an existing file is never replaced, and
+    a file the plugin failed while writing (its ``with`` block raised, or it
+    was never closed: :meth:`discard_unclosed`) leaves nothing behind. Stock
+    vol's handler renames an unsynced temp file and, on an error, still
+    commits the half-written data under the final name."""
+    from volatility3.framework import interfaces
+
+    from .safeio import AtomicFile
 
     if not os.path.isdir(output_dir):
         raise ShadowvolError(f"output directory {output_dir} does not exist (-o DIR)")
-    cli = CommandLine()
-    cli.output_dir = os.path.abspath(output_dir)
-    return cli.file_handler_class_factory()
+    out_dir = os.path.abspath(output_dir)
+    pending: list[AtomicFile] = []
+
+    class AtomicFileHandler(interfaces.plugins.FileHandlerInterface):
+        def __init__(self, filename: str) -> None:
+            super().__init__(filename)
+            self._atomic = AtomicFile(os.path.join(out_dir, "shadowvol-output"), mode=0o600)
+            pending.append(self._atomic)
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            return self._atomic.file.write(data)
+
+        def seek(self, offset: int, whence: int = 0) -> int:
+            return self._atomic.file.seek(offset, whence)
+
+        def tell(self) -> int:
+            return self._atomic.file.tell()
+
+        def seekable(self) -> bool:
+            return True
+
+        def truncate(self, size: int | None = None) -> int:
+            return self._atomic.file.truncate(size)
+
+        def flush(self) -> None:
+            if not self.closed:
+                self._atomic.file.flush()
+
+        def close(self) -> None:
+            if self.closed:
+                return
+            try:
+                final = self._atomic.commit(os.path.join(out_dir, self.preferred_filename),
+                                            replace=False, unique=True)
+                self.preferred_filename = final.name  # what the plugin reports in its row
+            finally:
+                pending.remove(self._atomic)
+                super().close()
+
+        def __exit__(self, exc_type, exc_value, traceback) -> None:
+            if exc_type is None:
+                self.close()
+                return
+            # the stock handler commits here too (half a file under its final name)
+            self._atomic.discard()
+            pending.remove(self._atomic)
+            super().close()
+
+        @staticmethod
+        def discard_unclosed() -> int:
+            """Drop files a plugin opened and never closed; returns how many."""
+            n = len(pending)
+            while pending:
+                pending.pop().discard()
+            return n
+
+    return AtomicFileHandler
 
 
 # Cells stock plugins fill with a failure instead of raising (pslist/proc/elfs
@@ -202,8 +268,11 @@ class RunHealth:
 
 
 def run_plugin(target, plugin_name: str, options: dict | None = None, output_dir: str | None = None,
-               health: RunHealth | None = None):
-    """Run a plugin on a :class:`~shadowvol.target.Target`; returns the TreeGrid (populated)."""
+               health: RunHealth | None = None, handler: type | None = None):
+    """Run a plugin on a :class:`~shadowvol.target.Target`; returns the TreeGrid
+    (rows come as a renderer populates it). ``handler``: a :func:`file_handler`
+    class for the files it writes (default: one for ``output_dir``), whose
+    ``discard_unclosed()`` the caller runs once the grid is rendered."""
     from . import volbridge
 
     plugin_cls = volbridge.load_plugin(plugin_name)
@@ -211,7 +280,8 @@ def run_plugin(target, plugin_name: str, options: dict | None = None, output_dir
                                   isf_url=target.profile_path.as_uri())
     if health is not None:
         health.watch_layer(ctx.layers[volbridge.KERNEL_LAYER])
-    handler = file_handler(output_dir) if output_dir is not None else None
+    if handler is None and output_dir is not None:
+        handler = file_handler(output_dir)
     plugin = volbridge.construct_plugin(ctx, plugin_cls, options or {}, file_handler=handler)
     grid = plugin.run()
     if health is not None:
@@ -293,11 +363,15 @@ def _render_with_retry(target, args, popts: dict, live: bool) -> "RunHealth":
         health = RunHealth()
         before = set(os.listdir(args.output_dir))
         out = io.StringIO()
-        grid = run_plugin(target, args.plugin, popts, output_dir=args.output_dir, health=health)
-        _one_shot_gc()
-        renderer = getattr(text_renderer, RENDERERS[args.renderer])()
-        with contextlib.redirect_stdout(out):
-            renderer.render(grid)
+        handler = file_handler(args.output_dir)
+        try:
+            grid = run_plugin(target, args.plugin, popts, health=health, handler=handler)
+            _one_shot_gc()
+            renderer = getattr(text_renderer, RENDERERS[args.renderer])()
+            with contextlib.redirect_stdout(out):
+                renderer.render(grid)
+        finally:
+            handler.discard_unclosed()  # a file the plugin never closed is not half-written output
         wrote_files = set(os.listdir(args.output_dir)) != before
         if not health.broken_walks or attempt == attempts - 1 or wrote_files:
             break

@@ -1,6 +1,15 @@
 """Input files checked before they are opened, read within their size;
 output files written atomically.
 
+Every file shadowvol writes goes through :class:`AtomicFile` (or
+:func:`atomic_file`, :func:`atomic_write`, :func:`atomic_copy` on top of it): a temp file in the
+same directory, fsync, rename. A reader, a crash or a full disk never sees a
+half-written profile, registry entry, image, snapshot or ``-o`` output
+(``tests/unit/test_architecture.py`` fails on any other write in the
+package). Exempt, and why: lock files (``O_CREAT`` with no data), and
+what other programs write (QEMU's console and error logs are streams it
+appends to; apt and dpkg write into our scratch directories).
+
 A FIFO given as ``-f`` or ``--profile`` would block ``open()`` forever, and
 ``/dev/zero`` would be read without end: every path the user names is
 ``stat``-ed first (which never blocks) and refused unless it is a regular
@@ -10,14 +19,17 @@ file (or a directory where one is expected). Reads are bounded by the size
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 from .errors import ShadowvolError
 
-__all__ = ["InputError", "check_input", "read_input", "open_input", "atomic_write", "short"]
+__all__ = ["InputError", "check_input", "read_input", "open_input", "AtomicFile", "atomic_file", "atomic_write",
+           "atomic_copy", "fsync_dir", "short"]
 
 
 class InputError(ShadowvolError):
@@ -99,36 +111,123 @@ def read_input(path: str | os.PathLike[str], what: str, limit: int = 4 << 30) ->
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> Path:
-    """Write ``data`` to ``path`` all or nothing: a temp file in the same
-    directory, fsync, rename, then fsync of the directory. A failure leaves
-    the old file (if any) untouched and no temp file behind."""
-    p = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    except OSError as exc:
-        raise ShadowvolError(f"cannot write {short(p)}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException as exc:
+class AtomicFile:
+    """A file that appears at its name whole (:meth:`commit`) or never (:meth:`discard`).
+
+    The data goes to a temp file (``.NAME.XXXX.tmp``, mode 0600) in the
+    target's own directory, so the final rename or link stays on one
+    filesystem. ``file`` is the binary file object to write; writers that
+    need the descriptor (``os.pwrite``, ``ftruncate``) use ``file.fileno()``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mode: int = 0o600) -> None:
+        self.path = Path(path)
+        self.mode = mode
         try:
-            os.unlink(tmp)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name[:64]}.", suffix=".tmp", dir=self.path.parent)
+        except OSError as exc:
+            raise ShadowvolError(f"cannot write {short(self.path)}: {exc.strerror or exc}") from None
+        self.tmp = Path(tmp)
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+
+    def commit(self, path: str | os.PathLike[str] | None = None, replace: bool = True,
+               unique: bool = False) -> Path:
+        """Flush, fsync, chmod, then give the data its name (``path``, default
+        the one given at creation, in the same directory) and fsync the
+        directory. ``replace=False`` links instead of renaming, so an existing
+        file is never replaced (ShadowvolError); ``unique`` then takes the
+        first free ``NAME-1.EXT``, ``NAME-2.EXT``... as ``vol -o`` does.
+        Returns the name written. On any failure the temp file is gone."""
+        target = Path(path) if path is not None else self.path
+        try:
+            self.file.flush()
+            os.fchmod(self.file.fileno(), self.mode)
+            os.fsync(self.file.fileno())
+            self.file.close()
+            if replace:
+                os.replace(self.tmp, target)
+            else:
+                stem, ext = os.path.splitext(target.name)
+                for n in range(1 << 16):
+                    name = target if n == 0 else target.with_name(f"{stem}-{n}{ext}")
+                    try:
+                        os.link(self.tmp, name)  # atomic, and never over an existing name
+                    except FileExistsError:
+                        if unique:
+                            continue
+                        raise ShadowvolError(f"{short(target)} exists: not overwritten") from None
+                    target = name
+                    break
+                os.unlink(self.tmp)
+        except BaseException as exc:
+            self.discard()
+            if isinstance(exc, OSError):
+                raise ShadowvolError(f"cannot write {short(target)}: {exc.strerror or exc}") from None
+            raise
+        fsync_dir(target.parent)
+        return target
+
+    def discard(self) -> None:
+        """Drop what was written: the temp file is removed, no name appears."""
+        try:
+            self.file.close()
         except OSError:
             pass
-        if isinstance(exc, OSError):
-            raise ShadowvolError(f"cannot write {short(p)}: {exc.strerror or exc}") from None
-        raise
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], mode: int = 0o600, replace: bool = True) -> Iterator[BinaryIO]:
+    """An :class:`AtomicFile` as a ``with`` block: a clean exit commits it
+    (``replace=False``: refuse an existing ``path``), an exception inside the
+    block discards it and leaves ``path`` as it was."""
+    af = AtomicFile(path, mode)
     try:
-        dfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
+        yield af.file
+    except BaseException:
+        af.discard()
+        raise
+    af.commit(replace=replace)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the names in directory ``path`` durable (after a rename into it)."""
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError:
         pass
-    return p
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o600, replace: bool = True) -> Path:
+    """Write ``data`` to ``path`` all or nothing (:func:`atomic_file`). A
+    failure leaves the old file (if any) untouched and no temp file behind."""
+    with atomic_file(path, mode, replace) as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], mode: int | None = None,
+                replace: bool = True) -> Path:
+    """Copy the regular file ``src`` to ``dst`` all or nothing (:func:`atomic_file`),
+    in 64 MiB chunks; ``mode`` defaults to the permission bits of ``src``
+    (an executable stays executable). Also fits ``shutil.copytree(copy_function=...)``."""
+    fd, size = open_input(src, "copy source")
+    try:
+        with atomic_file(dst, stat.S_IMODE(os.fstat(fd).st_mode) if mode is None else mode, replace) as fh:
+            left = size
+            while left > 0:
+                chunk = os.read(fd, min(left, 64 << 20))
+                if not chunk:
+                    break
+                fh.write(chunk)
+                left -= len(chunk)
+    finally:
+        os.close(fd)
+    return Path(dst)

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -29,6 +30,7 @@ from .backends.base import PhysicalMemory
 from .backends.dump import LIME_MAGIC
 from .bundle import MANIFEST, MEMORY_NAME, SYMBOLS_NAME, sha256_file, verify_bundle
 from .errors import ShadowvolError
+from .safeio import atomic_copy, atomic_file, atomic_write, fsync_dir
 
 __all__ = [
     "RamCopy",
@@ -178,10 +180,6 @@ def parse_registers(text: str) -> list[dict[str, int]]:
 # -- taking a snapshot ----------------------------------------------------------
 
 
-def _create_file(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-
-
 def take_snapshot(vm: str, out: str | os.PathLike[str], progress: Progress | None = None) -> dict[str, Any]:
     """Snapshot the VM ``vm`` (a registry name or ``qmp:PATH``) into the new folder ``out``; returns the manifest."""
     from .qemu.qmp import QMPClient
@@ -198,15 +196,20 @@ def take_snapshot(vm: str, out: str | os.PathLike[str], progress: Progress | Non
             raise ShadowvolError(f"{vm}: a snapshot needs the VM's QMP socket (a registry name or qmp:PATH)")
         vmcoreinfo = _qmp_vmcoreinfo(qmp)  # before the pause: it is fixed for the boot
         try:
-            os.mkdir(out, 0o700)
+            os.mkdir(out, 0o700)  # the name, reserved (empty) until the whole snapshot replaces it
         except FileExistsError:
             raise ShadowvolError(f"{out} exists: a snapshot never overwrites (give a new folder)") from None
         except OSError as exc:
             raise ShadowvolError(f"cannot create {out}: {exc.strerror}") from None
+        # Written whole in a scratch folder beside it, then renamed over the
+        # empty reservation: a crash or a full disk never leaves a folder
+        # that looks like a snapshot but is half of one.
+        stage = None
         try:
-            os.chmod(out, 0o700)  # whatever the umask
-            (out / SYMBOLS_NAME).mkdir(0o700)
-            (out / SYMBOLS_NAME / "linux").mkdir(0o700)
+            stage = Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}.", suffix=".tmp", dir=out.parent))
+            os.chmod(stage, 0o700)  # whatever the umask
+            (stage / SYMBOLS_NAME).mkdir(0o700)
+            (stage / SYMBOLS_NAME / "linux").mkdir(0o700)
             ram_copy = RamCopy(target.memory)  # allocated and faulted in before the pause
             try:
                 with QMPClient(qmp, timeout=10.0) as q:
@@ -223,11 +226,8 @@ def take_snapshot(vm: str, out: str | os.PathLike[str], progress: Progress | Non
                     pause_ms = (time.perf_counter() - t0) * 1000.0 if was_running else 0.0
                     copy_ms = (time.perf_counter() - t0) * 1000.0
                 t1 = time.perf_counter()
-                fd = _create_file(out / MEMORY_NAME)
-                try:
-                    ram = write_lime(ram_copy.segments, fd)
-                finally:
-                    os.close(fd)
+                with atomic_file(stage / MEMORY_NAME, 0o600, replace=False) as fh:
+                    ram = write_lime(ram_copy.segments, fh.fileno())
                 write_ms = (time.perf_counter() - t1) * 1000.0
             finally:
                 ram_copy.close()
@@ -235,12 +235,8 @@ def take_snapshot(vm: str, out: str | os.PathLike[str], progress: Progress | Non
             profile_name = target.profile_path.name
             if not profile_name.endswith((".json.xz", ".json")):
                 profile_name += ".json"
-            profile_dst = out / SYMBOLS_NAME / "linux" / profile_name
-            pfd = _create_file(profile_dst)
-            try:
-                _write_all(pfd, target.profile_path.read_bytes())
-            finally:
-                os.close(pfd)
+            atomic_copy(target.profile_path, stage / SYMBOLS_NAME / "linux" / profile_name, mode=0o600,
+                        replace=False)
             from .profiles import profile_banner
 
             banner = profile_banner(target.isf).rstrip(b"\0").decode(errors="replace")
@@ -264,17 +260,21 @@ def take_snapshot(vm: str, out: str | os.PathLike[str], progress: Progress | Non
                 "write_ms": round(write_ms, 1),
                 "taken_at": taken_at,
                 "source": target.description,
-                "sha256": {name: sha256_file(out / name) for name in files},
+                "sha256": {name: sha256_file(stage / name) for name in files},
             }
-            mfd = _create_file(out / MANIFEST)
-            try:
-                _write_all(mfd, (json.dumps(manifest, indent=1) + "\n").encode())
-                os.fsync(mfd)
-            finally:
-                os.close(mfd)
+            atomic_write(stage / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode(), replace=False)
+            for d in (stage / SYMBOLS_NAME / "linux", stage / SYMBOLS_NAME, stage):
+                fsync_dir(d)
+            os.rename(stage, out)  # over the empty reservation: all of it appears at once
+            fsync_dir(out.parent)
             return manifest
         except BaseException:
-            shutil.rmtree(out, ignore_errors=True)
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+            try:
+                os.rmdir(out)  # our empty reservation (never a folder with anything in it)
+            except OSError:
+                pass
             raise
     finally:
         target.close()

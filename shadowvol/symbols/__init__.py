@@ -370,8 +370,9 @@ def save_fast(isf: dict[str, Any], path: Path) -> Path:
     out = {k: v for k, v in isf.items() if k not in _LAZY}
     for key in _LAZY:
         out[key] = {name: marshal.dumps(value) for name, value in isf[key].items()}
-    path.write_bytes(FAST_MAGIC + marshal.dumps(out))
-    return path
+    from shadowvol.safeio import atomic_write
+
+    return atomic_write(path, FAST_MAGIC + marshal.dumps(out))
 
 
 def load_fast(path: Path, lazy: bool = True) -> dict[str, Any]:

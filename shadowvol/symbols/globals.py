@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shadowvol.errors import ProfileError
+from shadowvol.safeio import atomic_write
 from shadowvol.symbols.kallsyms import Symbol, size_bounds, unique_by_name
 from shadowvol.symbols.typegraph import CType, Kind, TypeGraph
 
@@ -277,7 +278,7 @@ def _write_probe(path: Path, names: list[str]) -> dict[int, str]:
         lines.append(f"__typeof__({name}) *{_PREFIX}{name} = &{name};")
         where[len(lines)] = name
         lines.append("#endif")
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write(path, ("\n".join(lines) + "\n").encode(), mode=0o644)
     return where
 
 
@@ -299,7 +300,7 @@ def probe_header_types(graph: TypeGraph, symbols: list[Symbol], headers: Path,
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="shadowvol-probe-", dir=workdir) as tmp:
         src = Path(tmp)
-        (src / "Kbuild").write_text("obj-m := probe.o\n")
+        atomic_write(src / "Kbuild", b"obj-m := probe.o\n", mode=0o644)
         # gcc spends ~80 ms per undeclared identifier looking for a "did you
         # mean"; keep only names some header declares extern.
         _write_probe(src / "probe.c", [])

@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 from shadowvol.errors import ProfileError
+from shadowvol.safeio import atomic_write
 
 __all__ = ["find_flavour_dir", "prepare_headers", "run_kbuild"]
 
@@ -78,7 +79,7 @@ def prepare_headers(headers_root: Path, release: str | None = None) -> Path:
     for entry in flavour.iterdir():
         if entry.name != "Makefile":
             (tmp / entry.name).symlink_to(entry.resolve())
-    (tmp / "Makefile").write_text(makefile)
+    atomic_write(tmp / "Makefile", makefile.encode(), mode=0o644)
     shutil.rmtree(tree, ignore_errors=True)
     tmp.rename(tree)
     return tree

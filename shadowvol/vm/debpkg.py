@@ -159,8 +159,28 @@ def download(packages: list[str], dest: Path) -> list[Path]:
 
     want = [pkg for pkg in packages if cached(pkg) is None]
     if want:
-        # apt drops privileges to _apt, which cannot write to a private cache dir.
-        _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", *want], cwd=dest)
+        # Into a scratch directory beside the cache, then renamed in: an
+        # interrupted download never leaves a half .deb that cached() would take.
+        import os
+        import shutil
+        import tempfile
+
+        from ..safeio import fsync_dir
+
+        scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=dest))
+        try:
+            # apt drops privileges to _apt, which cannot write to a private cache dir.
+            _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", *want], cwd=scratch)
+            for deb in scratch.glob("*.deb"):
+                fd = os.open(deb, os.O_RDONLY)
+                try:
+                    os.fsync(fd)  # its bytes on disk before its name is
+                finally:
+                    os.close(fd)
+                os.replace(deb, dest / deb.name)
+            fsync_dir(dest)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     found = []
     for pkg in packages:
         deb = cached(pkg)

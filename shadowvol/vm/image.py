@@ -29,6 +29,7 @@ from typing import Callable
 
 from .. import paths
 from ..errors import VMError
+from ..safeio import atomic_copy, atomic_write
 from . import debpkg
 
 GUEST_DIR = Path(__file__).parent / "guest"
@@ -225,7 +226,7 @@ def _build_initramfs(modules: list[Path], stub_ko: Path | None, work: Path) -> b
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/init.d", "proc", "sys", "dev",
               "tmp", "run", "root", "lib/modules", "lib/shadowvol", "var/log", "etc/crontabs"):
         (root / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(BUSYBOX, root / "bin/busybox")
+    atomic_copy(BUSYBOX, root / "bin/busybox")
     applets = subprocess.run([str(BUSYBOX), "--list-full"], capture_output=True, text=True,
                              check=True).stdout.split()
     for applet in applets:
@@ -235,18 +236,17 @@ def _build_initramfs(modules: list[Path], stub_ko: Path | None, work: Path) -> b
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to("/bin/busybox")
     (root / "init").symlink_to("/bin/busybox")
-    shutil.copy2(GUEST_DIR / "inittab", root / "etc/inittab")
+    atomic_copy(GUEST_DIR / "inittab", root / "etc/inittab", mode=0o644)
     for src, dst in (("rcS", "etc/init.d/rcS"), ("sv-agent", "sbin/sv-agent")):
-        shutil.copy2(GUEST_DIR / src, root / dst)
-        os.chmod(root / dst, 0o755)
-    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (root / "etc/group").write_text("root:x:0:\n")
+        atomic_copy(GUEST_DIR / src, root / dst, mode=0o755)
+    atomic_write(root / "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", mode=0o644)
+    atomic_write(root / "etc/group", b"root:x:0:\n", mode=0o644)
     compile_workloads(root / "usr/bin")
     for i, m in enumerate(modules):
         name = m.name.split(".ko")[0]
-        (root / "lib/modules" / f"{i:02d}-{name}.ko").write_bytes(_decompress_module(m))
+        atomic_write(root / "lib/modules" / f"{i:02d}-{name}.ko", _decompress_module(m), mode=0o644)
     if stub_ko is not None:
-        shutil.copy2(stub_ko, root / "lib/shadowvol/shadow_stub.ko")
+        atomic_copy(stub_ko, root / "lib/shadowvol/shadow_stub.ko", mode=0o644)
     w = CpioWriter()
     w.add_tree(root)
     return gzip.compress(w.finish(), compresslevel=6)
@@ -336,8 +336,8 @@ def _build_image(package: str, say: Progress, force: bool) -> tuple[Image, bool]
         vmlinuz = boot / f"vmlinuz-{release}"
         if not vmlinuz.exists():
             raise VMError(f"{image_pkg} has no /boot/vmlinuz-{release}")
-        shutil.copy2(vmlinuz, img.vmlinuz)
-        shutil.copy2(boot / f"config-{release}", img.config)
+        atomic_copy(vmlinuz, img.vmlinuz, mode=0o644)  # a VM booting now reads old or new, never half
+        atomic_copy(boot / f"config-{release}", img.config, mode=0o644)
         moddir = work / "kernel/lib/modules" / release
         modules = []
         if moddir.is_dir():
@@ -360,9 +360,7 @@ def _build_image(package: str, say: Progress, force: bool) -> tuple[Image, bool]
                 # The image and its profile stand without the stub.
                 stub_error = str(exc)
         say("building initramfs (busybox, agent, workloads)")
-        tmp_initrd = img.initramfs.with_suffix(".tmp")
-        tmp_initrd.write_bytes(_build_initramfs(modules, stub_ko, work))
-        tmp_initrd.replace(img.initramfs)  # atomic: a VM booting now reads old or new, never half
+        atomic_write(img.initramfs, _build_initramfs(modules, stub_ko, work), mode=0o644)
     if force or not _has_profile(img):
         say("building the symbol profile (BTF + kallsyms + header probe)")
         from .. import profiles, symbols
@@ -391,6 +389,4 @@ def _names(manifest: dict) -> list[str]:
 
 
 def _write_manifest(img: Image, manifest: dict) -> None:
-    tmp = img.root / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(img.root / "manifest.json")
+    atomic_write(img.root / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o644)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import VMError
+from ..safeio import atomic_copy
 
 if TYPE_CHECKING:  # image.py builds the stub with build_module: no import back at run time
     from .image import Image
@@ -46,7 +47,7 @@ def build_module(image: Image, src_dir: Path, out_dir: Path | None = None,
     with tempfile.TemporaryDirectory(prefix="shadowvol-kmod-") as tmp:
         # Build a copy, so the source tree stays clean.
         build = Path(tmp) / src_dir.name
-        shutil.copytree(src_dir, build, ignore=shutil.ignore_patterns(
+        shutil.copytree(src_dir, build, copy_function=atomic_copy, ignore=shutil.ignore_patterns(
             "*.o", "*.ko", "*.mod*", ".*.cmd", "Module.symvers", "modules.order"))
         extra = [f"ccflags-y={extra_cflags}"] if extra_cflags else []
         if shutil.which("pahole") is None:
@@ -65,6 +66,6 @@ def build_module(image: Image, src_dir: Path, out_dir: Path | None = None,
             raise VMError(f"building module in {src_dir.name} produced no .ko")
         result = []
         for ko in kos:
-            shutil.copy2(ko, out / ko.name)
+            atomic_copy(ko, out / ko.name, mode=0o644)  # a VM booting now loads old or new, never half
             result.append(out / ko.name)
     return result

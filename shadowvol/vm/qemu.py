@@ -22,6 +22,7 @@ from pathlib import Path
 from .. import paths
 from ..errors import VMError
 from ..qemu.qmp import QMPClient
+from ..safeio import atomic_write
 from . import registry
 from .image import Image
 
@@ -85,7 +86,7 @@ def probe_kvm(image: Image, timeout: float = 6.0) -> bool:
         proc.kill()
         proc.wait()
     known[key] = ok
-    cache.write_text(json.dumps(known, indent=1))
+    atomic_write(cache, json.dumps(known, indent=1).encode())
     return ok
 
 
@@ -167,7 +168,7 @@ def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
         if d.exists():
             raise VMError(f"VM {name!r} is already running (stop it with 'shadowvol vm stop {name}')")
         d.mkdir(mode=0o700)
-        (d / "starting").write_text(str(os.getpid()))
+        atomic_write(d / "starting", str(os.getpid()).encode())
     entry = registry.VMEntry(
         name=name, pid=0, release=image.release, memory_mb=memory_mb, cpus=cpus, accel=accel,
         kaslr=kaslr, stub=stub, dir=str(d),
@@ -219,8 +220,16 @@ def start_vm(name: str, image: Image, memory: str | int = "512M", cpus: int = 1,
 
 def _restrict_modes(entry: registry.VMEntry) -> None:
     """Guest RAM, sockets and logs 0600: QEMU's -daemonize sets umask 027,
-    so what it creates would be 0640 (files) and 0750 (sockets)."""
-    for f in (entry.ram_file, entry.qmp, entry.gdb, entry.ctl, entry.console, entry.console_log):
+    so what it creates would be 0640 (files) and 0750 (sockets).
+
+    The console log (``logfile=`` of the console chardev) and QEMU's own
+    ``-D`` log are the only files of ours not written atomically
+    (:mod:`shadowvol.safeio`): QEMU appends to them as a stream for the VM's
+    whole life, and a reader (``console_tail``) takes them as they are. They
+    are made 0600 here, inside the VM's 0700 directory, like the rest."""
+    d = Path(entry.dir)
+    for f in (entry.ram_file, entry.qmp, entry.gdb, entry.ctl, entry.console, entry.console_log,
+              str(d / "qemu.log"), str(d / "qemu.pid")):
         if f:
             try:
                 os.chmod(f, 0o600)

@@ -136,7 +136,8 @@ def test_private_dirs_enforced_on_every_use(private: Path) -> None:
 def test_restrict_modes(private: Path) -> None:
     from shadowvol.vm import qemu, registry
 
-    files = {k: private / k for k in ("ram", "qmp", "gdb", "ctl", "con", "log")}
+    # "log" is the console log QEMU streams to; qemu.log (-D) and qemu.pid are QEMU's too
+    files = {k: private / k for k in ("ram", "qmp", "gdb", "ctl", "con", "log", "qemu.log", "qemu.pid")}
     for f in files.values():
         f.write_text("")
         os.chmod(f, 0o640)
