@@ -165,73 +165,215 @@ class RunHealth:
     - ``faults``: kernel-layer validity checks and reads that found no readable
       memory. Plugins probe unmapped addresses on purpose (``is_valid``
       checks, user pages swapped out), so this count alone proves nothing.
-    - ``broken_walks``: a stock list walk (``list_head.to_list``,
-      ``hlist_head.to_list``) that had read its head and then met a non-NULL
-      link to unreadable memory. Kernel lists are never so in a consistent
-      snapshot: the walk was cut short by a truncated dump, smear, or corruption.
+    - ``broken_walks``: a stock walk over a kernel structure that memory cut
+      short, where the stock code ends it quietly (``return``, ``break``,
+      ``continue``) instead of raising:
+
+      * ``list_head.to_list``, ``hlist_head.to_list``, the pre-6.1
+        ``mm_struct`` VMA list: after the head, a link into unreadable memory;
+        in a circular ``list_head``, also a NULL ``next`` (an initialised list
+        never has one: list_del poisons, list_del_init points at itself);
+      * the maple tree (``mm_struct.mm_mt``: ``proc.Maps``, ``elfs``,
+        ``malfind``...): a node that cannot be read, or whose parent pointer
+        is not the node it was reached from (stock skips that subtree);
+      * the XArray / radix tree of an IDR (``pidhashtable``, ``ebpf``, the
+        page cache): a head or slot that cannot be read (stock ``continue``);
+      * a red-black tree (``rb_root.get_nodes``): a child that cannot be read.
+
+      Kernel structures are never so in a consistent snapshot: the walk was
+      cut short by a truncated dump, smear, or corruption.
     - ``error_cells``: cells holding a stock plugin's error text.
     - ``unreadable_cells``: ``UnreadableValue`` / ``UnparsableValue`` cells
       (legitimate, e.g. psaux when a process's argv page is not resident).
+
+    Nothing stock is patched: the kernel layer's ``is_valid`` and ``read``
+    are wrapped on the instance, and the walk is recognised by the code
+    object of a frame on the stack, its state read from that frame's locals.
     """
+
+    #: Frames looked at above a read or validity check for a walk: the
+    #: walk's own frame is at most this far up (is_readable: 2; a member or
+    #: object read through StructType/Context, templates, the Pointer's
+    #: constructor, _unmarshall and the layer container: 7 to 9).
+    DEPTH = 10
+    NULL = bytes(8)
 
     def __init__(self) -> None:
         self.faults = 0
         self.broken_walks: list[str] = []
         self.error_cells: list[str] = []
         self.unreadable_cells = 0
-        self._walk_codes: dict | None = None
+        #: The plugin itself ended on unreadable memory (a stock walk that raises
+        #: instead of stopping: the maple tree, struct reads): what and where.
+        self.aborted: str | None = None
+        self._walks: dict | None = None
+        self._links: dict | None = None
+        self._canonical = None
+        self._mask = -1
 
     def watch_layer(self, layer) -> None:
         """Observe ``layer``'s ``is_valid`` and ``read`` (instance attributes; the class is untouched)."""
         from volatility3.framework import exceptions
 
         is_valid, read = layer.is_valid, layer.read
+        NULL = self.NULL
+        self._canonical = getattr(layer, "canonicalize", None)
+        self._mask = getattr(layer, "address_mask", -1)  # what a stock Pointer's value is cut to
+        self._codes()
 
         def checked_is_valid(offset: int, length: int = 1) -> bool:
             ok = is_valid(offset, length)
             if not ok:
                 self.faults += 1
-                self._check_walk(sys._getframe(1), offset, getattr(layer, "canonicalize", None))
+                self._check_walk(sys._getframe(1), offset)
             return ok
 
         def checked_read(offset: int, length: int, pad: bool = False) -> bytes:
             try:
-                return read(offset, length, pad)
+                data = read(offset, length, pad)
             except exceptions.InvalidAddressException:
                 self.faults += 1
+                self._check_walk(sys._getframe(1), offset, failed_read=True)
                 raise
+            # A pointer some walk is about to follow? Only two kinds are looked at,
+            # so most reads cost two comparisons: a NULL (a list link) and one at
+            # the 256-byte alignment of a maple node (its parent pointer).
+            if length == 8 and (data == NULL or not offset & 0xFF):
+                self._check_link(sys._getframe(1), offset, data)
+            return data
 
         layer.is_valid = checked_is_valid
         layer.read = checked_read
 
-    def _codes(self) -> dict:
-        if self._walk_codes is None:
-            from volatility3.framework.symbols.linux import extensions
+    def _codes(self) -> None:
+        if self._walks is not None:
+            return
+        from volatility3.framework.symbols import linux
+        from volatility3.framework.symbols.linux import extensions as ext
 
-            # The local each walk sets once it has read its head: a failure after it is a broken link.
-            self._walk_codes = {extensions.list_head.to_list.__code__: "direction",
-                                extensions.hlist_head.to_list.__code__: "current"}
-        return self._walk_codes
+        # code -> how that walk reports a link it could not follow (is_valid
+        # false or a read raising), given the frame's locals; None: a probe.
+        self._walks = {
+            # the local each list walk sets once it has read its head
+            ext.list_head.to_list.__code__: self._list_cut,
+            ext.hlist_head.to_list.__code__: self._hlist_cut,
+            ext.mm_struct._get_mmap_iter.__code__: self._vma_list_cut,
+            ext.maple_tree._parse_maple_tree_node.__code__: self._maple_cut,
+            linux.IDStorage._iter_node.__code__: self._idr_slot_cut,
+            linux.IDStorage.get_entries.__code__: self._idr_head_cut,
+            ext.rb_root._walk_nodes.__code__: self._rb_cut,
+        }
+        # code -> check of a pointer the walk read successfully
+        self._links = {
+            ext.list_head.to_list.__code__: self._list_null_link,
+            ext.maple_tree._parse_maple_tree_node.__code__: self._maple_parent,
+        }
 
-    def _check_walk(self, frame, offset: int, canonical=None) -> None:
-        codes = self._codes()
-        for _ in range(3):  # the walk itself, or Pointer.is_readable called by it
+    def _addr(self, a: int) -> int:
+        return self._canonical(a) if self._canonical is not None else a
+
+    def _note(self, note: str) -> None:
+        if note not in self.broken_walks:
+            self.broken_walks.append(note)
+
+    def _check_walk(self, frame, offset: int, failed_read: bool = False) -> None:
+        walks = self._walks or {}
+        for _ in range(self.DEPTH):
             if frame is None:
                 return
-            marker = codes.get(frame.f_code)
-            if marker is not None:
-                local = frame.f_locals
-                if marker in local:
-                    def addr(a: int) -> int:
-                        return canonical(a) if canonical is not None else a
-                    head = local.get("self")
-                    where = f" at {addr(head.vol.offset):#x}" if head is not None else ""
-                    what = f"{str(local.get('symbol_type', '?')).split('!')[-1]}.{local.get('member', '?')}"
-                    note = f"list of {what}{where} stopped at unreadable {addr(offset):#x}"
-                    if note not in self.broken_walks:
-                        self.broken_walks.append(note)
+            check = walks.get(frame.f_code)
+            if check is not None:
+                note = check(frame.f_locals, offset, failed_read)
+                if note:
+                    self._note(note)
                 return
             frame = frame.f_back
+
+    def _check_link(self, frame, offset: int, data: bytes) -> None:
+        links = self._links or {}
+        for _ in range(self.DEPTH):
+            if frame is None:
+                return
+            check = links.get(frame.f_code)
+            if check is not None:
+                note = check(frame.f_locals, offset, data)
+                if note:
+                    self._note(note)
+                return
+            frame = frame.f_back
+
+    # -- the walks, each from its frame's locals -----------------------------------------------
+
+    def _list_what(self, local: dict) -> str:
+        head = local.get("self")
+        where = f" at {self._addr(head.vol.offset):#x}" if head is not None else ""
+        return f"list of {str(local.get('symbol_type', '?')).split('!')[-1]}.{local.get('member', '?')}{where}"
+
+    def _list_cut(self, local: dict, offset: int, failed: bool) -> str | None:
+        if "direction" not in local:  # still at the head: the plugin probing an address
+            return None
+        return f"{self._list_what(local)} stopped at unreadable {self._addr(offset):#x}"
+
+    def _hlist_cut(self, local: dict, offset: int, failed: bool) -> str | None:
+        return self._list_cut(dict(local, direction=1), offset, failed) if "current" in local else None
+
+    def _list_null_link(self, local: dict, offset: int, data: bytes) -> str | None:
+        """list_head.to_list reading a link once past the head (``seen`` set): NULL
+        ends the stock walk quietly (``if not link_ptr: break``)."""
+        if data != self.NULL or "seen" not in local:
+            return None
+        return f"{self._list_what(local)} stopped at a NULL link at {self._addr(offset):#x} (a circular list)"
+
+    def _vma_list_cut(self, local: dict, offset: int, failed: bool) -> str | None:
+        if "seen" not in local:
+            return None
+        mm = local.get("self")
+        where = f" of mm {self._addr(mm.vol.offset):#x}" if mm is not None else ""
+        return f"VMA list{where} stopped at unreadable {self._addr(offset):#x}"
+
+    def _maple_what(self, local: dict) -> str:
+        tree = local.get("self")
+        return f"maple tree at {self._addr(tree.vol.offset):#x}" if tree is not None else "maple tree"
+
+    def _maple_cut(self, local: dict, offset: int, failed: bool) -> str | None:
+        if "pointer" not in local:
+            return None
+        return f"{self._maple_what(local)}: node {self._addr(local['pointer']):#x} unreadable at {self._addr(offset):#x}"
+
+    def _maple_parent(self, local: dict, offset: int, data: bytes) -> str | None:
+        """The stock walk reads a node's parent first and, if it is not the node
+        it came from, skips the subtree (``return None``): say so."""
+        pointer = local.get("pointer")
+        if pointer is None or "node_parent_mte" in local or offset != pointer:
+            return None
+        tree, parent = local.get("self"), local.get("parent")
+        mask = getattr(tree, "MAPLE_NODE_POINTER_MASK", 0xFF)
+        got = int.from_bytes(data, "little") & self._mask & ~mask
+        if parent is None or got == parent:
+            return None
+        return (f"{self._maple_what(local)}: node {self._addr(pointer):#x} has parent {self._addr(got):#x}, "
+                f"reached from {self._addr(parent):#x}")
+
+    def _idr_slot_cut(self, local: dict, offset: int, failed: bool) -> str | None:
+        node = local.get("node")  # (``nodep`` is reused for each child)
+        if not failed or "off" not in local or node is None:
+            return None
+        return (f"radix tree/XArray node {self._addr(node.vol.offset):#x}: slot {local['off']} "
+                f"unreadable at {self._addr(offset):#x}")
+
+    def _idr_head_cut(self, local: dict, offset: int, failed: bool) -> str | None:
+        if not local.get("nodep"):
+            return None
+        root = local.get("root")
+        where = f" at {self._addr(root.vol.offset):#x}" if root is not None else ""
+        return f"radix tree/XArray{where}: head node unreadable at {self._addr(offset):#x}"
+
+    def _rb_cut(self, local: dict, offset: int, failed: bool) -> str | None:
+        if not local.get("root_node"):
+            return None
+        tree = local.get("self")
+        where = f" at {self._addr(tree.vol.offset):#x}" if tree is not None else ""
+        return f"red-black tree{where}: node unreadable at {self._addr(offset):#x}"
 
     def watch_grid(self, grid) -> None:
         """Check every row a renderer visits (``grid.populate`` wrapped on the instance)."""
@@ -257,10 +399,13 @@ class RunHealth:
     def problems(self) -> list[str]:
         """One-line descriptions of what makes the answer incomplete (empty when it is whole)."""
         out = []
-        if self.broken_walks:
+        if self.aborted:
+            out.append(f"the plugin stopped at unreadable memory, the answer is incomplete: {self.aborted}")
+        elif self.broken_walks:  # (an abort names the first broken walk itself)
             more = f" (+{len(self.broken_walks) - 1} more)" if len(self.broken_walks) > 1 else ""
-            out.append(f"a walk ran into unreadable memory, the answer may be incomplete: "
-                       f"{self.broken_walks[0]}{more}")
+            what = ("a walk ran into unreadable memory" if "unreadable" in self.broken_walks[0]
+                    else "a walk met a broken link (smear or corruption)")
+            out.append(f"{what}, the answer may be incomplete: {self.broken_walks[0]}{more}")
         if self.error_cells:
             more = f" (+{len(self.error_cells) - 1} more)" if len(self.error_cells) > 1 else ""
             out.append(f"the plugin reported a failure in its output: {self.error_cells[0]}{more}")
@@ -349,7 +494,9 @@ def _render_with_retry(target, args, popts: dict, live: bool) -> "RunHealth":
     """Run and render the plugin; on a live guest, once more in a new epoch if a walk broke.
 
     A running guest changes under a walk (a task unlinked while we follow its
-    list: the link reads LIST_POISON). The output is kept until the run is
+    list: the link reads LIST_POISON). A plugin that raises on unreadable
+    memory keeps the rows it rendered and is reported like a broken walk
+    (exit 3 unless ``--partial``), not as an internal error. The output is kept until the run is
     done, so a second look replaces the first; a run that wrote files (-o)
     is not repeated, and its break is reported as is.
     """
@@ -357,6 +504,7 @@ def _render_with_retry(target, args, popts: dict, live: bool) -> "RunHealth":
     import io
 
     from volatility3.cli import text_renderer
+    from volatility3.framework import exceptions
 
     attempts = 2 if live else 1
     for attempt in range(attempts):
@@ -370,10 +518,15 @@ def _render_with_retry(target, args, popts: dict, live: bool) -> "RunHealth":
             renderer = getattr(text_renderer, RENDERERS[args.renderer])()
             with contextlib.redirect_stdout(out):
                 renderer.render(grid)
+        except exceptions.InvalidAddressException as exc:
+            # Memory the plugin needed is not there (a hole or the end of a dump,
+            # smear): the rows so far stand, and the answer is reported as partial.
+            where = f"{exc.invalid_address:#x} in {exc.layer_name}"
+            health.aborted = f"{health.broken_walks[0]}, then {where}" if health.broken_walks else where
         finally:
             handler.discard_unclosed()  # a file the plugin never closed is not half-written output
         wrote_files = set(os.listdir(args.output_dir)) != before
-        if not health.broken_walks or attempt == attempts - 1 or wrote_files:
+        if not (health.broken_walks or health.aborted) or attempt == attempts - 1 or wrote_files:
             break
         target.new_epoch()  # forget the translations of the smeared look
     sys.stdout.write(out.getvalue())

@@ -20,9 +20,9 @@ BTF_MAGIC = 0xEB9F
 _HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type_off/len, str_off/len
 
 
-def _header(blob: bytes | memoryview) -> tuple[str, int, int, int, int, int]:
-    """Decodes ``struct btf_header``: (byte order, hdr_len, type_off,
-    type_len, str_off, str_len), offsets relative to the blob start."""
+def _fields(blob: bytes | memoryview) -> tuple[str, int, int, int, int, int]:
+    """``struct btf_header`` as read: (byte order, hdr_len, type_off,
+    type_len, str_off, str_len), offsets relative to the end of the header."""
     if len(blob) < _HEADER.size:
         raise ProfileError("BTF blob is shorter than its header")
     for order in ("<", ">"):
@@ -34,15 +34,24 @@ def _header(blob: bytes | memoryview) -> tuple[str, int, int, int, int, int]:
         raise ProfileError("not BTF data (bad magic)")
     if version != 1:
         raise ProfileError(f"unsupported BTF version {version}")
+    return order, hdr_len, type_off, type_len, str_off, str_len
+
+
+def _header(blob: bytes | memoryview) -> tuple[str, int, int, int, int, int]:
+    """Decodes ``struct btf_header``: (byte order, hdr_len, type_off,
+    type_len, str_off, str_len), offsets relative to the blob start; the
+    blob must hold all the header says."""
+    order, hdr_len, type_off, type_len, str_off, str_len = _fields(blob)
     if hdr_len + max(type_off + type_len, str_off + str_len) > len(blob):
         raise ProfileError("BTF blob is truncated")
     return order, hdr_len, hdr_len + type_off, type_len, hdr_len + str_off, str_len
 
 
 def btf_size(blob: bytes | memoryview) -> int:
-    """Total length of the BTF blob starting at ``blob[0]``, from its header."""
-    _, hdr_len, type_start, type_len, str_start, str_len = _header(blob)
-    return max(type_start + type_len, str_start + str_len)
+    """Total length of the BTF blob starting at ``blob[0]``, from its header
+    alone (``blob`` may be just its 24 header bytes: how much to read next)."""
+    _, hdr_len, type_off, type_len, str_off, str_len = _fields(blob)
+    return hdr_len + max(type_off + type_len, str_off + str_len)
 
 
 def find_btf(buf: bytes | memoryview, start: int = 0) -> int:

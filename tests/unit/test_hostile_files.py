@@ -235,6 +235,47 @@ def test_guest_profile_named_by_hash(private: Path, monkeypatch: pytest.MonkeyPa
         profiles.write_profile(isf, "../x")
 
 
+def test_guest_profile_is_reused_only_for_a_guest_with_the_same_btf(private: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profile built from some guest's memory is never picked by banner alone: the
+    next target's own BTF (at __start_BTF, through its page tables) must hash the same."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from shadowvol import profiles
+    from shadowvol import target as tg
+    from shadowvol.symbols import live
+
+    btf = fz.btf_seed()
+    isf = fz.isf_seed()
+    isf["symbols"]["__start_BTF"] = {"address": 0xFFFFFFFF82800000}
+    isf["metadata"]["linux"] = {"types": [{"kind": "dwarf", "name": live.GUEST_BTF_NAME, "hash_type": "sha256",
+                                           "hash_value": hashlib.sha256(btf).hexdigest()}]}
+    stored = profiles.write_profile(isf, "guest-0123456789abcdef-01234567")
+    banner = profiles.profile_banner(isf)
+
+    def guest_with(blob: bytes) -> SimpleNamespace:
+        def read(addr: int, n: int) -> bytes:
+            off = addr - 0xFFFFFFFF82800000
+            return blob[off:off + n].ljust(n, b"\0") if 0 <= off < len(blob) else b"\0" * n
+        return SimpleNamespace(read=read)
+
+    seen: list[bytes] = []
+
+    class FakeTarget:
+        def __init__(self, memory, loc, isf, path, desc):  # noqa: ANN001
+            self.kernel, self.isf, self.location = memory, isf, SimpleNamespace(virt_shift=0)
+
+    monkeypatch.setattr(tg, "Target", FakeTarget)
+    monkeypatch.setattr(tg, "_locate", lambda *a, **k: seen.append(b"located") or None)
+    same = tg._Source(guest_with(btf), "dump:same")  # type: ignore[arg-type]
+    other = tg._Source(guest_with(btf[:-1] + bytes([btf[-1] ^ 1])), "dump:other")  # type: ignore[arg-type]
+    assert tg._stored_profile(other, banner, None, lambda m: None) is None
+    found = tg._stored_profile(same, banner, None, lambda m: None)
+    assert found is not None and found[0] == stored
+    assert seen == [b"located", b"located"]  # each candidate located and verified, not taken on trust
+
+
 # -- truncated dumps -------------------------------------------------------------------------------
 
 def test_truncated_lime_and_elf(tmp_path: Path) -> None:

@@ -154,3 +154,174 @@ def test_missing_optional_dependency_is_one_line(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(volbridge, "load_plugin", load)
     with pytest.raises(ShadowvolError, match="needs the Python module 'yara'"):
         run_plugin_cli(["-vm", "no-such-vm", "linux.vmayarascan"])
+
+
+# -- beyond list_head: NULL links, maple trees, XArray/radix trees (IDR), red-black trees --------
+
+def test_null_link_inside_a_circular_list_is_reported() -> None:
+    """A circular list_head never holds NULL past its head: the stock walk
+    ``break``s there quietly; two of however many items were listed."""
+    values, health = _walk({0x200: 0x308, 0x300: 0}, head_next=0x208)
+    assert values == [2, 3]
+    assert health.broken_walks == ["list of item.link at 0x100 stopped at a NULL link at 0x308 (a circular list)"]
+    assert health.faults == 0  # nothing unreadable: only the link is wrong
+
+
+def _tree_ctx(mem: bytearray, isf_types: dict, classes: dict, with_kernel: bool = False):
+    ctx = contexts.Context()
+    ctx.layers.add_layer(Holed(ctx, "t.layer", "mem", bytes(mem)))
+    isf = _isf()
+    isf["base_types"]["unsigned int"] = {"kind": "int", "size": 4, "signed": False, "endian": "little"}
+    isf["base_types"]["void"] = {"kind": "void", "size": 0, "signed": False, "endian": "little"}
+    isf["user_types"].update(isf_types)
+    ctx.symbol_space.append(PreloadedISF(ctx, "t.sym", "tbl", "file:///t", isf=isf, class_types=classes))
+    if with_kernel:
+        ctx.config["t.kernel.layer_name"] = "mem"
+        ctx.config["t.kernel.offset"] = 0
+        ctx.config["t.kernel.symbol_table_name"] = "tbl"
+        ctx.add_module(contexts.Module(ctx, "t.kernel", "kernel"))
+    health = RunHealth()
+    health.watch_layer(ctx.layers["mem"])
+    return ctx, health
+
+
+VOIDP = {"kind": "pointer", "subtype": {"kind": "base", "name": "void"}}
+
+
+def _ptr_array(count: int) -> dict:
+    return {"kind": "array", "count": count, "subtype": VOIDP}
+
+
+MAPLE = {
+    "maple_tree": {"kind": "struct", "size": 16, "fields": {
+        "ma_flags": {"offset": 0, "type": {"kind": "base", "name": "unsigned int"}},
+        "ma_root": {"offset": 8, "type": VOIDP}}},
+    "maple_range_64": {"kind": "struct", "size": 256, "fields": {
+        "parent": {"offset": 0, "type": VOIDP},
+        "slot": {"offset": 128, "type": _ptr_array(16)}}},
+    "maple_node": {"kind": "struct", "size": 256, "fields": {
+        "parent": {"offset": 0, "type": VOIDP},
+        "mr64": {"offset": 0, "type": {"kind": "struct", "name": "maple_range_64"}}}},
+}
+LEAF, RANGE = 1, 2
+
+
+def _mte(node: int, kind: int) -> int:
+    return node | (kind << 3) | 2
+
+
+def _maple(leaf_c: int, leaf_c_parent: int | None = None) -> tuple[list[int], RunHealth, BaseException | None]:
+    """A two-level maple tree at 0x100 (root range node 0x400, leaves 0x500 and ``leaf_c``)
+    holding VMA pointers 0x7a0, 0x7a8 | 0x7b0 (the layer masks pointers to 12 bits); what
+    stock get_slot_iter yields."""
+    mem = bytearray(0x1000)
+    struct.pack_into("<IIQ", mem, 0x100, 2 << 2, 0, _mte(0x400, RANGE))  # height 2
+    struct.pack_into("<Q", mem, 0x400, 0x100 | 1)
+    struct.pack_into("<QQ", mem, 0x400 + 128, _mte(0x500, LEAF), _mte(leaf_c, LEAF))
+    for node, vmas in ((0x500, (0x7a0, 0x7a8)), (leaf_c, (0x7b0,))):
+        if node + 256 <= HOLE:
+            struct.pack_into("<Q", mem, node, (0x400 if node != leaf_c or leaf_c_parent is None
+                                               else leaf_c_parent) | 6)
+            struct.pack_into(f"<{len(vmas)}Q", mem, node + 128, *vmas)
+    ctx, health = _tree_ctx(mem, MAPLE, {"maple_tree": extensions.maple_tree})
+    got: list[int] = []
+    error = None
+    try:
+        for slot in ctx.object("tbl!maple_tree", "mem", 0x100).get_slot_iter():
+            got.append(int(slot))
+    except Exception as exc:  # noqa: BLE001 - what stock does with it is the plugin's business
+        error = exc
+    return got, health, error
+
+
+def test_intact_maple_tree_is_healthy() -> None:
+    got, health, error = _maple(0x600)
+    assert got == [0x7a0, 0x7a8, 0x7b0] and error is None
+    assert health.broken_walks == [] and health.problems() == []
+
+
+def test_maple_node_with_a_foreign_parent_is_reported() -> None:
+    """Stock skips the subtree (``return None``): 2 of 3 VMAs, no error."""
+    got, health, error = _maple(0x600, leaf_c_parent=0x700)
+    assert got == [0x7a0, 0x7a8] and error is None
+    assert health.broken_walks == ["maple tree at 0x100: node 0x600 has parent 0x700, reached from 0x400"]
+
+
+def test_unreadable_maple_node_is_reported() -> None:
+    got, health, error = _maple(0x900)
+    assert got == [0x7a0, 0x7a8]
+    assert health.broken_walks == ["maple tree at 0x100: node 0x900 unreadable at 0x900"]
+
+
+XA = {
+    "xarray": {"kind": "struct", "size": 16, "fields": {
+        "xa_head": {"offset": 8, "type": VOIDP}}},
+    "xa_node": {"kind": "struct", "size": 48, "fields": {
+        "shift": {"offset": 0, "type": {"kind": "base", "name": "unsigned int"}},
+        "slots": {"offset": 16, "type": _ptr_array(4)}}},
+}
+
+
+def _xarray(node: int, slots: tuple[int, ...] = (0x7c0, 0, 0x7d0, 0x7e0)) -> tuple[list[int], RunHealth]:
+    """An XArray at 0x100 whose head is the internal node ``node`` with 4 slots."""
+    mem = bytearray(0x1000)
+    struct.pack_into("<QQ", mem, 0x100, 0, node | 2)
+    if node + 48 <= HOLE:
+        struct.pack_into("<I", mem, node, 0)
+        struct.pack_into("<4Q", mem, node + 16, *slots)
+    elif node < HOLE:  # the node straddles the hole: its last slots are missing
+        struct.pack_into("<I", mem, node, 0)
+        struct.pack_into(f"<{(HOLE - node - 16) // 8}Q", mem, node + 16, *slots[:(HOLE - node - 16) // 8])
+    ctx, health = _tree_ctx(mem, XA, {}, with_kernel=True)
+    from volatility3.framework.symbols import linux
+
+    storage = linux.XArray(ctx, "kernel")
+    return [int(e) for e in storage.get_entries(ctx.object("tbl!xarray", "mem", 0x100))], health
+
+
+def test_intact_xarray_is_healthy() -> None:
+    got, health = _xarray(0x400)
+    assert got == [0x7c0, 0x7d0, 0x7e0] and health.problems() == []
+
+
+def test_xarray_slot_past_the_end_is_reported() -> None:
+    """Stock ``continue``s over slots it cannot read (pidhashtable, ebpf, the page cache)."""
+    got, health = _xarray(HOLE - 32)  # slots 2 and 3 lie in the hole
+    assert got == [0x7c0]
+    assert health.broken_walks == [f"radix tree/XArray node {HOLE - 32:#x}: slot {n} unreadable at {HOLE + 8 * (n - 2):#x}"
+                                   for n in (2, 3)]
+
+
+def test_unreadable_xarray_head_is_reported() -> None:
+    got, health = _xarray(0x900)
+    assert got == []
+    assert health.broken_walks == ["radix tree/XArray at 0x100: head node unreadable at 0x902"]  # as tagged
+
+
+RB = {
+    "rb_root": {"kind": "struct", "size": 8, "fields": {
+        "rb_node": {"offset": 0, "type": {"kind": "pointer", "subtype": {"kind": "struct", "name": "rb_node"}}}}},
+    "rb_node": {"kind": "struct", "size": 24, "fields": {
+        "__rb_parent_color": {"offset": 0, "type": {"kind": "base", "name": "unsigned long"}},
+        "rb_right": {"offset": 8, "type": {"kind": "pointer", "subtype": {"kind": "struct", "name": "rb_node"}}},
+        "rb_left": {"offset": 16, "type": {"kind": "pointer", "subtype": {"kind": "struct", "name": "rb_node"}}}}},
+}
+
+
+def _rbtree(right: int) -> tuple[list[int], RunHealth]:
+    mem = bytearray(0x1000)
+    struct.pack_into("<Q", mem, 0x100, 0x200)
+    struct.pack_into("<QQQ", mem, 0x200, 0, right, 0x300)  # root: right child ``right``, left 0x300
+    struct.pack_into("<QQQ", mem, 0x300, 0x200, 0, 0)
+    if right + 24 <= HOLE:
+        struct.pack_into("<QQQ", mem, right, 0x200, 0, 0)
+    ctx, health = _tree_ctx(mem, RB, {"rb_root": extensions.rb_root})
+    return [int(n) for n in ctx.object("tbl!rb_root", "mem", 0x100).get_nodes()], health
+
+
+def test_rbtree_child_unreadable_is_reported() -> None:
+    got, health = _rbtree(0x400)
+    assert got == [0x200, 0x300, 0x400] and health.problems() == []
+    got, health = _rbtree(0x900)
+    assert got == [0x200, 0x300]
+    assert health.broken_walks == ["red-black tree at 0x100: node unreadable at 0x900"]
