@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import guest_ps, run_cli
-from shadowvol.qmp import QMPClient
+from shadowvol.qemu.qmp import QMPClient
 
 pytestmark = pytest.mark.live
 
