@@ -205,3 +205,20 @@ def test_error_cell_is_exit_3_and_output_files_are_whole(web01, guest, tmp_path)
         assert p.stat().st_size == row["End"] - row["Start"], row
         assert stat.S_IMODE(p.stat().st_mode) == 0o600
     assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".vol3"))]
+
+
+def test_a_snapshot_failing_at_its_last_file_leaves_nothing(web01, tmp_path, monkeypatch) -> None:
+    """The RAM image and the profile are written, then the manifest fails (a full disk):
+    no folder that looks like a snapshot, no scratch folder, the VM still running."""
+    from shadowvol import snapshot
+    from shadowvol.errors import ShadowvolError
+
+    def full_disk(path, data, *a, **k):  # noqa: ANN001
+        raise ShadowvolError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(snapshot, "atomic_write", full_disk)
+    with pytest.raises(ShadowvolError, match="No space"):
+        snapshot.take_snapshot("web01", tmp_path / "snap")
+    assert list(tmp_path.iterdir()) == []
+    with QMPClient(web01.qmp) as q:
+        assert q.execute("query-status")["running"]
