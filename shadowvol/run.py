@@ -494,11 +494,11 @@ def _render_with_retry(target, args, popts: dict, live: bool) -> "RunHealth":
     """Run and render the plugin; on a live guest, once more in a new epoch if a walk broke.
 
     A running guest changes under a walk (a task unlinked while we follow its
-    list: the link reads LIST_POISON). A plugin that raises on unreadable
-    memory keeps the rows it rendered and is reported like a broken walk
-    (exit 3 unless ``--partial``), not as an internal error. The output is kept until the run is
+    list: the link reads LIST_POISON). The output is kept until the run is
     done, so a second look replaces the first; a run that wrote files (-o)
-    is not repeated, and its break is reported as is.
+    is not repeated, and its break is reported as is. A plugin that raises
+    on unreadable memory keeps the rows it rendered and is reported like a
+    broken walk (exit 3 unless ``--partial``), not as an internal error.
     """
     import contextlib
     import io
