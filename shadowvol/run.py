@@ -269,6 +269,48 @@ class RunHealth:
             ext.maple_tree._parse_maple_tree_node.__code__: self._maple_parent,
         }
 
+    #: What stock walks say, and only say (a log warning), when they stop on
+    #: inconsistent memory: the maple tree walk meeting a node twice (a cycle,
+    #: the subtree skipped) or going deeper than the tree's recorded height.
+    LOGGER = "volatility3.framework.symbols.linux.extensions"
+    LOG_SIGNS = (("has all ready been seen", "maple tree: a node reached twice (a cycle), its subtree skipped"),
+                 ("a depth of", "maple tree deeper than its recorded height"))
+
+    def watching_log(self):
+        """A ``with`` block during which the warnings of :data:`LOG_SIGNS` are
+        noted as broken walks. They are let through to the user only as they
+        would have been (``-v``); the logger's level and filters are restored."""
+        import contextlib
+        import logging
+
+        health = self
+
+        class Signs(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                text = record.getMessage()
+                for sign, note in health.LOG_SIGNS:
+                    if sign in text:
+                        health._note(f"{note}: {text.split(',')[0].removeprefix('The ')}")
+                return record.levelno >= shown_from
+
+        @contextlib.contextmanager
+        def scope():
+            nonlocal shown_from
+            logger = logging.getLogger(self.LOGGER)
+            level = logger.level
+            shown_from = logger.getEffectiveLevel()
+            signs = Signs()
+            logger.addFilter(signs)
+            logger.setLevel(min(shown_from, logging.WARNING))
+            try:
+                yield self
+            finally:
+                logger.removeFilter(signs)
+                logger.setLevel(level)
+
+        shown_from = 0
+        return scope()
+
     def _addr(self, a: int) -> int:
         return self._canonical(a) if self._canonical is not None else a
 
@@ -513,11 +555,12 @@ def _render_with_retry(target, args, popts: dict, live: bool) -> "RunHealth":
         out = io.StringIO()
         handler = file_handler(args.output_dir)
         try:
-            grid = run_plugin(target, args.plugin, popts, health=health, handler=handler)
-            _one_shot_gc()
-            renderer = getattr(text_renderer, RENDERERS[args.renderer])()
-            with contextlib.redirect_stdout(out):
-                renderer.render(grid)
+            with health.watching_log():
+                grid = run_plugin(target, args.plugin, popts, health=health, handler=handler)
+                _one_shot_gc()
+                renderer = getattr(text_renderer, RENDERERS[args.renderer])()
+                with contextlib.redirect_stdout(out):
+                    renderer.render(grid)
         except exceptions.InvalidAddressException as exc:
             # Memory the plugin needed is not there (a hole or the end of a dump,
             # smear): the rows so far stand, and the answer is reported as partial.

@@ -325,3 +325,29 @@ def test_rbtree_child_unreadable_is_reported() -> None:
     got, health = _rbtree(0x900)
     assert got == [0x200, 0x300]
     assert health.broken_walks == ["red-black tree at 0x100: node unreadable at 0x900"]
+
+
+def test_maple_cycle_said_only_in_a_log_warning_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    """Both slots of the root lead to one leaf: stock walks it once and, for the
+    second, only logs a warning (hidden unless -v) and skips it."""
+    import logging
+
+    mem = bytearray(0x1000)
+    struct.pack_into("<IIQ", mem, 0x100, 2 << 2, 0, _mte(0x400, RANGE))
+    struct.pack_into("<Q", mem, 0x400, 0x100 | 1)
+    struct.pack_into("<QQ", mem, 0x400 + 128, _mte(0x500, LEAF), _mte(0x500, LEAF))
+    struct.pack_into("<Q", mem, 0x500, 0x400 | 6)
+    struct.pack_into("<Q", mem, 0x500 + 128, 0x7a0)
+    ctx, health = _tree_ctx(mem, MAPLE, {"maple_tree": extensions.maple_tree})
+    logger = logging.getLogger(RunHealth.LOGGER)
+    logging.getLogger("volatility3").setLevel(logging.ERROR)  # as quiet_volatility: warnings hidden
+    try:
+        with caplog.at_level(logging.DEBUG, logger="nobody"), health.watching_log():
+            got = [int(s) for s in ctx.object("tbl!maple_tree", "mem", 0x100).get_slot_iter()]
+        assert logger.level == logging.NOTSET and not logger.filters  # restored
+    finally:
+        logging.getLogger("volatility3").setLevel(logging.NOTSET)
+    assert got == [0x7a0]
+    assert health.broken_walks == [f"maple tree: a node reached twice (a cycle), its subtree skipped: "
+                                   f"mte {_mte(0x500, LEAF):#x} has all ready been seen"]
+    assert not [r for r in caplog.records if "all ready" in r.getMessage()]  # not shown: no -v
