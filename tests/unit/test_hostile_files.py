@@ -175,6 +175,13 @@ def test_output_into_missing_directory(tmp_path: Path) -> None:
         write_profile(fz.isf_seed(), Path("/proc/x.json"))
 
 
+def test_plugin_output_into_missing_or_proc_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's probe: -o into /proc or a missing directory was an internal error."""
+    for out, word in ((str(tmp_path / "missing"), "does not exist (-o DIR)"), ("/proc", "cannot write files into /proc")):
+        rc, err = cli(["-vm", "no-such-vm", "-o", out, "linux.pslist"], capsys)
+        assert rc == 1 and word in err and len(err.strip().splitlines()) == 1, err
+
+
 # -- nothing remembered implicitly ---------------------------------------------------------
 
 def _isf_with(typed: int, untyped: int = 3) -> dict:
