@@ -65,8 +65,10 @@ def paused_copy(web01, guest, tmp_path_factory):
                 t.close()
         finally:
             q.execute("cont")
+    after = guest_ps(guest)
+    stable = {p for p, v in tasks.items() if after.get(p) == v}  # alive before and after the pause
     return {"dir": d, "raw": raw, "ranges": ranges, "kernel": kernel, "pid": pid, "vmas": vmas,
-            "node_pa": node_pa, "tasks": tasks}
+            "node_pa": node_pa, "stable": stable}
 
 
 def _cut(src: Path, dst: Path, size: int) -> Path:
@@ -114,7 +116,12 @@ def test_partial_reads_a_cut_copy_that_holds_the_kernel(paused_copy) -> None:
     assert "truncated dump" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert all(l.startswith("shadowvol: warning: ") for l in r.stderr.strip().splitlines()), r.stderr
     pids = {row["PID"] for row in json.loads(r.stdout)}
-    assert pids and pids <= set(paused_copy["tasks"]) | {0}, (sorted(pids - set(paused_copy["tasks"])), r.stderr)
+    # the whole copy of the same instant: every task the guest had, and the cut one lists no other
+    full = run_cli("-f", str(paused_copy["raw"]), "-r", "json", "linux.pslist")
+    assert full.returncode == 0 and full.stderr.strip() == "", full.stderr
+    every = {row["PID"] for row in json.loads(full.stdout)}
+    assert paused_copy["stable"] <= every, sorted(paused_copy["stable"] - every)
+    assert pids and pids <= every, (sorted(pids - every), r.stderr)
 
 
 def _holed_lime(paused_copy, hole: tuple[int, int], name: str) -> Path:
