@@ -18,13 +18,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from .errors import ShadowvolError
 from .safeio import atomic_copy, atomic_write
 
 SIZES = (4, 64, 4096)
+
+#: What a ``bench reads`` row measures, by the backend's metadata name.
+READS_THROUGH = {
+    "shadow-file": "mmap of the guest RAM file (VM running)",
+    "shadow-process": "/proc/PID/mem of the QEMU process (VM running)",
+    "libvmi-gdbstub": "gdbstub 'm' packets in physical mode, as LibVMI's KVM driver without KVMi (VM halted)",
+    "libvmi-qmp": "QMP human-monitor-command xp (VM running)",
+}
 
 
 def _median_us(fn, addrs: list[int], size: int, repeat: int) -> float:
@@ -39,25 +48,29 @@ def _median_us(fn, addrs: list[int], size: int, repeat: int) -> float:
 
 
 def bench_reads(vm: str, repeat_shadow: int = 20000, repeat_libvmi: int = 300) -> list[dict[str, Any]]:
-    """Median read latency per backend, address kind and size."""
+    """Median read latency per backend, address kind and size; ``reads_through`` says what each
+    backend's read is (the libvmi rows are QEMU's gdbstub, not the LibVMI library)."""
     from .target import open_target
 
     rows = []
     for backend, repeat in (("shadow", repeat_shadow), ("libvmi", repeat_libvmi)):
         t = open_target(vm=vm, backend=backend)
         try:
-            sym = t.isf["symbols"]
             # Kernel data the analyst reads most: task structs and their neighbours.
-            base_va = sym["init_task"]["address"] + t.location.virt_shift
+            base_va = t.symbol_address("init_task")
             vaddrs = [base_va + 64 * i for i in range(64)]
             paddrs = [t.kernel.translate(v)[0] for v in vaddrs]
             for a in vaddrs:  # warm the epoch's translation cache, as a plugin run would
                 t.kernel.read(a, 8)
+            kind = str(t.memory.metadata().get("backend", backend))
+            through = READS_THROUGH.get(kind, kind)
             for size in SIZES:
                 rows.append({"backend": backend, "address_kind": "physical", "size": size,
-                             "median_us": round(_median_us(t.memory.read, paddrs, size, repeat), 3)})
+                             "median_us": round(_median_us(t.memory.read, paddrs, size, repeat), 3),
+                             "reads_through": through})
                 rows.append({"backend": backend, "address_kind": "kernel_virtual", "size": size,
-                             "median_us": round(_median_us(t.kernel.read, vaddrs, size, repeat), 3)})
+                             "median_us": round(_median_us(t.kernel.read, vaddrs, size, repeat), 3),
+                             "reads_through": through})
         finally:
             t.close()
     return rows
@@ -78,13 +91,9 @@ def _time_cmd(cmd: list[str], runs: int) -> tuple[float, str]:
 
 def bench_pslist(vm: str, runs: int = 3) -> list[dict[str, Any]]:
     """End-to-end pslist: shadow and libvmi live vs stock vol on a raw dump, warm."""
+    from . import fidelity
     from .target import open_target
-    from .vm.registry import get_vm
 
-    entry = get_vm(vm)
-    t = open_target(vm=vm)
-    profile = t.profile_path
-    t.close()
     me = [sys.executable, "-m", "shadowvol", "-vm", vm]
     rows = []
     _time_cmd(me + ["linux.pslist"], 1)  # warm: profile cache, kernel location
@@ -95,16 +104,17 @@ def bench_pslist(vm: str, runs: int = 3) -> list[dict[str, Any]]:
     vol = shutil.which("vol", path=os.path.dirname(sys.executable)) or shutil.which("vol")
     if vol:
         with tempfile.TemporaryDirectory(prefix="shadowvol-bench-", dir="/var/tmp") as tmp:
-            dump = Path(tmp) / "web01.raw"
-            # A consistent raw copy of guest RAM: pause, copy the shared file, resume.
-            from .qemu.qmp import QMPClient
-
-            with QMPClient(entry.qmp) as q:
-                q.execute("stop")
-                try:
-                    atomic_copy(entry.ram_file, dump, mode=0o600)
-                finally:
-                    q.execute("cont")
+            dump = Path(tmp) / "guest.raw"
+            t = open_target(vm=vm)
+            try:
+                if t.endpoints.qmp is None:
+                    raise ShadowvolError(f"{t.description} has no QMP socket: cannot pause it for a "
+                                         "consistent copy")
+                with fidelity.paused(t.endpoints.qmp):  # a consistent raw copy of guest RAM
+                    fidelity.raw_copy(t.memory, dump)
+                profile = t.profile_path
+            finally:
+                t.close()
             symdir = Path(tmp) / "symbols" / "linux"
             symdir.mkdir(parents=True)
             atomic_copy(profile, symdir / profile.name, mode=0o600)
@@ -173,7 +183,7 @@ OVERHEAD_WORKLOADS: tuple[Workload, ...] = (
 EMPTY = "true"
 
 
-def _run_monitored(vm: str, monitor: str, cmd: str, target: Any) -> tuple[float, int]:
+def _run_monitored(monitor: str, cmd: str, target: Any) -> tuple[float, int]:
     """Host wall-clock seconds of ``cmd`` in the guest while ``monitor`` runs, and its event count.
 
     Host time, not the guest's: a VM stopped at a breakpoint does not see
@@ -181,18 +191,16 @@ def _run_monitored(vm: str, monitor: str, cmd: str, target: Any) -> tuple[float,
     """
     import threading
 
-    from .errors import ShadowvolError
     from .vm.console import vm_exec
-    from .vm.registry import get_vm
 
-    entry = get_vm(vm)
+    entry = _registry_vm(target, "bench overhead")
     stop = threading.Event()
     result: dict[str, Any] = {}
     mon = None
     if monitor == "libvmi":
         from .trace.breakpoint import BreakpointMonitor
 
-        mon = BreakpointMonitor(vm, target=target)
+        mon = BreakpointMonitor(target)
         mon.add_kind("syscall")
         mon.add_kind("switch")
         mon.attach()  # halts the VM until run() resumes it
@@ -201,7 +209,7 @@ def _run_monitored(vm: str, monitor: str, cmd: str, target: Any) -> tuple[float,
         from .trace.shadow import trace_shadow
 
         work = lambda: result.update(trace_shadow(  # noqa: E731
-            vm, syscalls=True, sched=True, duration=3600.0, target=target, should_stop=stop.is_set))
+            target, syscalls=True, sched=True, duration=3600.0, should_stop=stop.is_set))
     else:
         work = None
     th = None
@@ -231,6 +239,26 @@ def _run_monitored(vm: str, monitor: str, cmd: str, target: Any) -> tuple[float,
     return secs, int(result.get("events", 0))
 
 
+def _registry_vm(target: Any, what: str) -> Any:
+    """The registry entry of ``target``: benchmarks that run workloads in the guest need
+    its control channel, which only a VM started by ``shadowvol vm start`` has."""
+    if target.vm is None:
+        raise ShadowvolError(f"{what} runs workloads in the guest through its control channel: it needs a "
+                             f"VM started by 'shadowvol vm start', not {target.description}")
+    return target.vm
+
+
+def _vm_entry(vm: str, what: str) -> Any:
+    """The registry entry of ``-vm vm``, through the resolver (see :func:`_registry_vm`)."""
+    from .target import open_target
+
+    t = open_target(vm=vm)
+    try:
+        return _registry_vm(t, what)
+    finally:
+        t.close()
+
+
 STUB_KO = "/lib/shadowvol/shadow_stub.ko"
 #: What the shadow monitor records in bench overhead: syscalls and context switches (the paper's set).
 STUB_EVENTS = 0x3
@@ -245,7 +273,6 @@ def _stub_loaded(entry: Any) -> bool:
 
 def _set_stub(entry: Any, load: bool, events: int = STUB_EVENTS) -> None:
     """Load (with ``events``) or unload the guest stub; the baseline runs without it."""
-    from .errors import ShadowvolError
     from .vm.console import vm_exec
 
     if _stub_loaded(entry) == load:
@@ -272,17 +299,19 @@ def bench_overhead(vm: str, runs: int = 3, libvmi_runs: int = 1,
     time times ``n_native``. Rows also carry the events per run, and the cost
     per event: (time per iteration - no-monitor time) / events per iteration.
     """
-    from .errors import ShadowvolError
     from .target import open_target
     from .vm.console import vm_exec
-    from .vm.registry import get_vm
 
-    entry = get_vm(vm)
     chosen = [w for w in OVERHEAD_WORKLOADS if workloads is None or w.name in workloads]
     rows: list[dict[str, Any]] = []
+    t = open_target(vm=vm)
+    try:
+        entry = _registry_vm(t, "bench overhead")
+    except BaseException:
+        t.close()
+        raise
     had_stub = _stub_loaded(entry)
     has_stub_ko = vm_exec(entry, f"test -f {STUB_KO}", timeout=30.0)[0] == 0
-    t = open_target(vm=vm)
     try:
         for w in chosen:
             if w.setup:
@@ -299,12 +328,12 @@ def bench_overhead(vm: str, runs: int = 3, libvmi_runs: int = 1,
             n_runs = libvmi_runs if monitor == "libvmi" else runs
             if n_runs < 1:
                 continue
-            empty = [_run_monitored(vm, monitor, EMPTY, t) for _ in range(max(n_runs, 2))]
+            empty = [_run_monitored(monitor, EMPTY, t) for _ in range(max(n_runs, 2))]
             e_secs = statistics.median(x[0] for x in empty)
             e_events = statistics.median(x[1] for x in empty)
             for w in chosen:
                 n = w.n_libvmi if monitor == "libvmi" else w.n_native
-                res = [_run_monitored(vm, monitor, w.cmd.format(n=n), t) for _ in range(n_runs)]
+                res = [_run_monitored(monitor, w.cmd.format(n=n), t) for _ in range(n_runs)]
                 raw = statistics.median(x[0] for x in res)
                 per_iter = max(raw - e_secs, 0.0) / n
                 row: dict[str, Any] = {"workload": w.name, "monitor": monitor,
@@ -460,10 +489,9 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
     drgn --qemu (when installed and given a debug vmlinux); side by side, VM paused."""
     from . import fidelity
     from .target import open_target
-    from .vm.registry import get_vm
 
     say = progress or (lambda msg: None)
-    entry = get_vm(vm)
+    entry = _vm_entry(vm, "bench scale")
     me = [sys.executable, "-m", "shadowvol", "-vm", vm, "-r", "json"]
     vol = shutil.which("vol", path=os.path.dirname(sys.executable)) or shutil.which("vol")
     drgn = shutil.which("drgn", path=os.path.dirname(sys.executable)) or shutil.which("drgn")
@@ -582,11 +610,9 @@ def bench_watch(vm: str, tasks: list[int] | None = None, runs: int = 5, plugin: 
     try:
         for n in (tasks if tasks is not None else [None]):
             if n is not None:
-                from .vm.registry import get_vm
-
                 _set_vm_running(qmp, True)
                 say(f"{n} idle tasks: starting them in the guest")
-                _set_idle_tasks(get_vm(vm), n)
+                _set_idle_tasks(_vm_entry(vm, "bench watch --tasks"), n)
             for state in ("running", "paused"):
                 _set_vm_running(qmp, state == "running")
                 say(f"{n if n is not None else 'as is'}: {state}: watch ticks")
@@ -621,10 +647,8 @@ def bench_watch(vm: str, tasks: list[int] | None = None, runs: int = 5, plugin: 
                              "cpu_ms": "", "min_ms": "", "runs": runs})
     finally:
         if tasks is not None:
-            from .vm.registry import get_vm
-
             _set_vm_running(qmp, True)
-            _set_idle_tasks(get_vm(vm), 0)
+            _set_idle_tasks(_vm_entry(vm, "bench watch --tasks"), 0)
         _set_vm_running(qmp, was_running)
     return rows
 

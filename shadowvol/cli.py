@@ -138,7 +138,7 @@ def cmd_vm_banner(args: argparse.Namespace) -> int:
 
     t = open_target(vm=args.name)
     try:
-        va = t.isf["symbols"]["linux_banner"]["address"] + t.location.virt_shift
+        va = t.symbol_address("linux_banner")
         paddr = t.kernel.translate(va)[0]
         text = t.kernel.read(va, 512).split(b"\0")[0].decode(errors="replace").rstrip("\n")
     finally:
@@ -182,7 +182,7 @@ def cmd_read(args: argparse.Namespace) -> int:
 
     if not 0 < args.length <= 1 << 20:
         raise ShadowvolError("length must be between 1 and 1 MiB")
-    t = open_target(vm=args.vm, dump=args.dump, backend=args.backend)
+    t = open_target(vm=args.vm, dump=args.dump, backend=args.backend, profile=args.profile)
     try:
         data = t.memory.read(args.address, args.length) if args.physical else \
             t.kernel.read(args.address, args.length)
@@ -226,11 +226,6 @@ def cmd_profile_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def typed_symbols(isf: dict) -> set[str]:
-    """Names of the symbols of an ISF that carry a type."""
-    return {n for n, v in isf.get("symbols", {}).items() if isinstance(v, dict) and v.get("type")}
-
-
 def _refuse_degrading(stored: Path, isf: dict, force: bool) -> None:
     """``profile build`` into the store never replaces a profile with more
     typed symbols (e.g. one built with --headers) unless --force."""
@@ -239,10 +234,10 @@ def _refuse_degrading(stored: Path, isf: dict, force: bool) -> None:
     if force or not stored.exists():
         return
     try:
-        old = typed_symbols(profiles.load_profile(stored))
+        old = profiles.typed_symbols(profiles.load_profile(stored))
     except ShadowvolError:
         return  # an unreadable stored profile is no loss
-    new = typed_symbols(isf)
+    new = profiles.typed_symbols(isf)
     lost = sorted(old - new)
     if len(new) < len(old) or lost:
         sample = ", ".join(lost[:5]) + (", ..." if len(lost) > 5 else "")
@@ -416,8 +411,13 @@ def cmd_trace_check(args: argparse.Namespace) -> int:
     import json as _json
 
     from .integrity import check_integrity, render_report
+    from .target import open_target
 
-    rep = check_integrity(args.vm)
+    target = open_target(vm=args.vm, profile=args.profile)
+    try:
+        rep = check_integrity(target)
+    finally:
+        target.close()
     if args.renderer == "json":
         print(_json.dumps(rep.to_json(), indent=1))
     else:
@@ -429,8 +429,10 @@ def _add_trace_check_parsers(sub: argparse._SubParsersAction, bench_parser: argp
     bench_parser.add_argument("--libvmi-runs", type=int, default=1, help="bench overhead: breakpoint runs")
     bench_parser.add_argument("--workload", action="append",
                               help="bench overhead: only these (getppid, forkexec, filecopy, gzip, httpd)")
+    from .target import add_source_options
+
     tc = sub.add_parser("trace-check", help="verify the guest stub's code, hooks and rings from outside")
-    tc.add_argument("-vm", dest="vm", required=True, metavar="NAME", help="VM name")
+    add_source_options(tc, dump=False, backend=False)
     tc.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
     tc.set_defaults(func=cmd_trace_check)
 
@@ -469,8 +471,16 @@ def cmd_trace(args: argparse.Namespace) -> int:
         else:
             out.write(format_event(ev) + "\n")
 
-    stats = tracer(args.vm, syscalls=syscalls, sched=sched, proc=proc, at=args.at or None,
-                   duration=args.duration, on_event=on_event)
+    from .target import open_target
+
+    # Both tracers read guest memory through the shadow layer; --backend picks how
+    # events are intercepted (the stub's rings, or gdbstub breakpoints).
+    target = open_target(vm=args.vm, profile=args.profile)
+    try:
+        stats = tracer(target, syscalls=syscalls, sched=sched, proc=proc, at=args.at or None,
+                       duration=args.duration, on_event=on_event)
+    finally:
+        target.close()
     out.flush()
     for w in stats.get("warnings", []):
         _say(f"shadowvol: warning: {w}")
@@ -483,8 +493,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _add_trace_parser(sub: argparse._SubParsersAction) -> None:
+    from .target import add_source_options
+
     tr = sub.add_parser("trace", help="stream guest events (syscalls, switches, fork/exec/exit, probes)")
-    tr.add_argument("-vm", dest="vm", required=True, help="VM name")
+    add_source_options(tr, dump=False, backend_help="shadow: the in-guest stub's rings; libvmi: gdbstub "
+                       "breakpoints (guest memory is read through the shadow layer either way)")
     tr.add_argument("--syscalls", action="store_true", help="system call entries (the default)")
     tr.add_argument("--sched", action="store_true", help="context switches")
     tr.add_argument("--proc", action="store_true", help="fork, exec and exit")
@@ -494,8 +507,6 @@ def _add_trace_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--pid", type=int, help="only events of this pid or tgid")
     tr.add_argument("--comm", help="only events of tasks with this comm")
     tr.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
-    tr.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"],
-                    help="shadow: the in-guest stub's rings; libvmi: gdbstub breakpoints")
     tr.set_defaults(func=cmd_trace)
 
 
@@ -629,30 +640,27 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("-r", dest="renderer", default="text", choices=["text", "json"])
     pd.add_argument("--limit", type=int, default=40, help="differences listed per category (text)")
     pd.set_defaults(func=cmd_profile_diff)
+    from .target import add_source_options
+
     rd = sub.add_parser("read", help="hex dump of guest memory (kernel virtual, or --physical)")
-    src = rd.add_mutually_exclusive_group(required=True)
-    src.add_argument("-vm", dest="vm")
-    src.add_argument("-f", dest="dump")
-    rd.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"])
+    add_source_options(rd)
     rd.add_argument("--physical", action="store_true")
     rd.add_argument("address", type=_int)
     rd.add_argument("length", type=_int, nargs="?", default=64)
-    rd.set_defaults(func=cmd_read, dump=None)
+    rd.set_defaults(func=cmd_read)
     pl = sub.add_parser("plugins", help="list every plugin (stock volatility3 and ours)")
     pl.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
     pl.set_defaults(func=cmd_plugins)
     be = sub.add_parser("bench", help="benchmarks: read latency, end-to-end pslist, plugin sweep")
     be.add_argument("what", choices=["reads", "pslist", "overhead", "sweep", "scan", "scale", "profiles",
                                      "watch", "diff", "profile-load"])
-    be.add_argument("-f", dest="dump", help="profiles: a raw copy of guest RAM for stock vol")
     be.add_argument("--reference", help="profiles: the reference ISF (e.g. from DWARF)")
     be.add_argument("--candidate", help="profiles: the ISF checked against it (e.g. zero-config)")
     be.add_argument("--tasks", default=None,
                     help="scale (default 0,500,1000,2000), watch (default: the guest as it is): "
                          "idle tasks to add, per step")
     be.add_argument("--vmlinux", help="scale: debug vmlinux for drgn --qemu (from linux-image-*-dbg)")
-    be.add_argument("-vm", dest="vm", help="the VM to measure (every benchmark but 'profiles')")
-    be.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"], help="sweep: backend")
+    add_source_options(be, required=False, profile=False, backend_help="sweep: the backend of the live runs")
     be.add_argument("--plugins", help="sweep: comma-separated plugins (default: every stock Linux plugin)")
     be.add_argument("--workdir", default="/var/tmp", help="sweep: where the raw copy is written")
     be.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])

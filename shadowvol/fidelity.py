@@ -279,18 +279,17 @@ def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str
     bytes) and is resumed afterwards if it was running. Stock vol gets a cache
     of its own in ``workdir`` (its shared cache is not safe for concurrent runs).
     """
-    from .target import open_target
-    from .vm.registry import get_vm
+    from .target import open_target, qmp_endpoint
 
     say = progress or (lambda msg: None)
-    entry = get_vm(vm)
-    if not entry.qmp:
+    qmp = qmp_endpoint(vm)  # paused before the target opens: a libvmi target halts the VM itself
+    if not qmp:
         raise VMError(f"{vm} has no QMP socket: cannot pause it for a consistent copy")
     names = plugins or [p.name for p in stock_plugins() if not p.error]
     vol = vol_command()
     workdir = Path(workdir)
     rows: list[SweepRow] = []
-    with paused(entry.qmp):
+    with paused(qmp):
         target = open_target(vm=vm, backend=backend)
         try:
             raw = workdir / "guest.raw"

@@ -127,18 +127,15 @@ def _core_text(target: Any, mod: int) -> tuple[int, int, int]:
     ``mem[MOD_TEXT]`` (a ``struct module_memory``) from 6.4, commit
     ac3b43283923 ("module: replace module_layout with module_memory").
     """
-    ut = target.isf["user_types"]
-    mf = ut["module"]["fields"]
-    if "core_layout" in mf:
-        lf = ut["module_layout"]["fields"]
-        lay = mod + mf["core_layout"]["offset"]
-        return (_u64(target, lay + lf["base"]["offset"]), _u32(target, lay + lf["size"]["offset"]),
-                _u32(target, lay + lf["text_size"]["offset"]))
-    if "mem" in mf:
-        mm = ut["module_memory"]
-        mem = mod + mf["mem"]["offset"]  # mem[MOD_TEXT], MOD_TEXT == 0
-        size = _u32(target, mem + mm["fields"]["size"]["offset"])
-        return _u64(target, mem + mm["fields"]["base"]["offset"]), size, size
+    off = target.member_offset
+    if target.has_member("module", "core_layout"):
+        lay = mod + off("module", "core_layout")
+        return (_u64(target, lay + off("module_layout", "base")), _u32(target, lay + off("module_layout", "size")),
+                _u32(target, lay + off("module_layout", "text_size")))
+    if target.has_member("module", "mem"):
+        mem = mod + off("module", "mem")  # mem[MOD_TEXT], MOD_TEXT == 0
+        size = _u32(target, mem + off("module_memory", "size"))
+        return _u64(target, mem + off("module_memory", "base")), size, size
     raise ShadowvolError("struct module has neither core_layout nor mem[] in the profile")
 
 
@@ -152,10 +149,8 @@ def find_module(target: Any, name: str) -> StubModule | None:
 
 def list_modules(target: Any) -> list[StubModule]:
     """Every module on the ``modules`` list; a cycle or too long a list raises."""
-    sym = target.isf["symbols"]
-    mf = target.isf["user_types"]["module"]["fields"]
-    head = sym["modules"]["address"] + target.location.virt_shift
-    off_list, off_name = mf["list"]["offset"], mf["name"]["offset"]
+    head = target.symbol_address("modules")
+    off_list, off_name = target.member_offset("module", "list"), target.member_offset("module", "name")
     out: list[StubModule] = []
     seen = {head}
     node = _u64(target, head)
@@ -309,13 +304,10 @@ def _symbolize(target: Any, addr: int, mods: list[StubModule], text: TextSymbols
     for m in mods:
         if m.core_base <= addr < m.core_base + m.core_size:
             return f"{m.name}+{addr - m.core_base:#x}"
-    link = addr - target.location.virt_shift
-    found = text.enclosing(link)
-    if found is not None:
-        sym = target.isf["symbols"]
-        lo, hi = sym["_stext"]["address"], sym["_etext"]["address"]
-        if lo <= link < hi:
-            return f"{found[1]}+{link - found[0]:#x}"
+    if target.symbol_address("_stext") <= addr < target.symbol_address("_etext"):
+        found = text.enclosing(addr - target.location.virt_shift)
+        if found is not None:
+            return f"{found[1]}+{addr - target.location.virt_shift - found[0]:#x}"
     return f"{addr:#x} (outside kernel text and modules)"
 
 
@@ -323,15 +315,12 @@ def _check_hooks(target: Any, rep: IntegrityReport, mod: StubModule, header: Any
                  mods: list[StubModule], ko: KoText | None) -> None:
     from .trace.compartment import HOOK_NAMES
 
-    sym = target.isf["symbols"]
-    ut = target.isf["user_types"]
-    shift = target.location.virt_shift
     text = TextSymbols(target.isf)  # names hook targets; built on the first lookup
     in_stub = lambda a: mod.core_base <= a < mod.core_base + mod.text_size  # noqa: E731
-    tpf = ut["tracepoint"]["fields"]
-    key_off = tpf["key"]["offset"] + ut["static_key"]["fields"]["enabled"]["offset"]
-    fn_size = ut["tracepoint_func"]["size"]
-    fn_off = ut["tracepoint_func"]["fields"]["func"]["offset"]
+    funcs_off = target.member_offset("tracepoint", "funcs")
+    key_off = target.member_offset("tracepoint", "key") + target.member_offset("static_key", "enabled")
+    fn_size = target.type_size("tracepoint_func")
+    fn_off = target.member_offset("tracepoint_func", "func")
     for i, hook in enumerate(HOOK_NAMES):
         fn = header.hook_fn[i]
         active = bool(header.hooks_active & (1 << i))
@@ -349,12 +338,12 @@ def _check_hooks(target: Any, rep: IntegrityReport, mod: StubModule, header: Any
             _check_kprobes(target, rep, mod, header, mods, fn, text)
             continue
         tp = header.tracepoint[i]
-        want = sym.get(f"__tracepoint_{hook}", {}).get("address")
-        if want is not None and tp != want + shift:
+        want = target.symbol_address(f"__tracepoint_{hook}") if target.has_symbol(f"__tracepoint_{hook}") else None
+        if want is not None and tp != want:
             rep.add(f"hook.{hook}", "TAMPERED", f"the header names tracepoint {tp:#x}, the profile's "
-                    f"__tracepoint_{hook} is at {want + shift:#x}")
+                    f"__tracepoint_{hook} is at {want:#x}")
             continue
-        funcs = _u64(target, tp + tpf["funcs"]["offset"])
+        funcs = _u64(target, tp + funcs_off)
         probes: list[int] = []
         if funcs:
             for k in range(MAX_TP_FUNCS):
@@ -383,7 +372,7 @@ def _check_hooks(target: Any, rep: IntegrityReport, mod: StubModule, header: Any
 
 def _check_kprobes(target: Any, rep: IntegrityReport, mod: StubModule, header: Any,
                    mods: list[StubModule], handler: int, text: TextSymbols) -> None:
-    kf = {k: v["offset"] for k, v in target.isf["user_types"]["kprobe"]["fields"].items()}
+    kf = {m: target.member_offset("kprobe", m) for m in ("addr", "pre_handler")}
     for p in header.points:
         if p.status != 0 or not p.kprobe:
             continue
@@ -441,66 +430,64 @@ def _check_rings(target: Any, rep: IntegrityReport, header: Any, state: dict[str
                 f"valid, heads {h2} monotonic")
 
 
-def check_integrity(vm: str, target: Any | None = None, ko: Path | None = None,
-                    state_file: Path | None = None) -> IntegrityReport:
-    """Run every check on ``vm``'s stub; reads guest memory only."""
+def check_integrity(target: Any, ko: Path | None = None, state_file: Path | None = None) -> IntegrityReport:
+    """Run every check on the stub of ``target`` (a :class:`shadowvol.target.Target`,
+    opened and closed by the caller); reads guest memory only.
+
+    ``ko`` (default: the stub built for the VM's image) and ``state_file``
+    (default: ``integrity.json`` in the VM's private directory, where the
+    first-sight hashes are kept) must be given for a target that is not a VM
+    started by ``shadowvol vm start``."""
     from .trace.compartment import CompartmentError, find_compartment
-    from .vm.registry import get_vm
 
-    entry = get_vm(vm)
-    own = target is None
-    if own:
-        from .target import open_target
-
-        target = open_target(vm=vm)
-    rep = IntegrityReport(vm)
+    entry = target.vm
+    if entry is None and (ko is None or state_file is None):
+        raise ShadowvolError(f"trace-check on {target.description}: only a VM started by 'shadowvol vm "
+                             "start' has a stub .ko and a private directory for the first-sight hashes")
+    rep = IntegrityReport(entry.name if entry is not None else target.description)
     try:
-        try:
-            header = find_compartment(target.memory)
-        except CompartmentError as exc:
-            rep.add("compartment", "TAMPERED" if entry.stub else "warn", str(exc))
-            return rep
-        rep.add("compartment", "ok", f"header at physical {header.paddr:#x}, CRC {header.crc:#010x}, "
-                f"{header.total_size:#x} bytes")
-        rep.facts["compartment"] = header.paddr
-        mods = list_modules(target)
-        mod = next((m for m in mods if m.name == STUB_MODULE), None)
-        if mod is None:
-            owner = next((m for m in mods if m.core_base <= header.module_core < m.core_base + m.core_size),
-                         None)
-            rep.add("module", "TAMPERED", f"{STUB_MODULE} is not on the modules list (hidden or unloaded "
-                    f"while its compartment remains; header says core {header.module_core:#x}"
-                    + (f", which is {owner.name}'s" if owner else "") + ")")
-            return rep
-        if (mod.core_base, mod.text_size) != (header.module_core, header.module_text_size):
-            rep.add("module", "TAMPERED", f"the modules list puts {STUB_MODULE} at {mod.core_base:#x} "
-                    f"(text {mod.text_size:#x}), the compartment header at {header.module_core:#x} "
-                    f"(text {header.module_text_size:#x})")
-        else:
-            rep.add("module", "ok", f"{STUB_MODULE} core at {mod.core_base:#x}, text {mod.text_size:#x} bytes")
-        rep.facts["module_core"] = mod.core_base
-        ko_path = ko or stub_ko_path(entry.release)
-        kot = None
-        if ko_path.exists():
-            kot = ko_text_layout(ko_path)
-        else:
-            rep.add("code.ko", "warn", f"{ko_path} not found: only the trust-on-first-use comparison runs")
-        path = state_file or Path(entry.dir) / "integrity.json"
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
-            state = {}
-        key = f"{header.nonce:x}:{header.load_time_ns}:{mod.core_base:x}"
-        _check_code(target, rep, mod, kot, state, key)
-        _check_hooks(target, rep, mod, header, mods, kot)
-        _check_rings(target, rep, header, state, key)
-        from .safeio import atomic_write
-
-        atomic_write(path, json.dumps(state).encode(), mode=0o600)
+        header = find_compartment(target.memory)
+    except CompartmentError as exc:
+        rep.add("compartment", "TAMPERED" if entry is not None and entry.stub else "warn", str(exc))
         return rep
-    finally:
-        if own:
-            target.close()
+    rep.add("compartment", "ok", f"header at physical {header.paddr:#x}, CRC {header.crc:#010x}, "
+            f"{header.total_size:#x} bytes")
+    rep.facts["compartment"] = header.paddr
+    mods = list_modules(target)
+    mod = next((m for m in mods if m.name == STUB_MODULE), None)
+    if mod is None:
+        owner = next((m for m in mods if m.core_base <= header.module_core < m.core_base + m.core_size),
+                     None)
+        rep.add("module", "TAMPERED", f"{STUB_MODULE} is not on the modules list (hidden or unloaded "
+                f"while its compartment remains; header says core {header.module_core:#x}"
+                + (f", which is {owner.name}'s" if owner else "") + ")")
+        return rep
+    if (mod.core_base, mod.text_size) != (header.module_core, header.module_text_size):
+        rep.add("module", "TAMPERED", f"the modules list puts {STUB_MODULE} at {mod.core_base:#x} "
+                f"(text {mod.text_size:#x}), the compartment header at {header.module_core:#x} "
+                f"(text {header.module_text_size:#x})")
+    else:
+        rep.add("module", "ok", f"{STUB_MODULE} core at {mod.core_base:#x}, text {mod.text_size:#x} bytes")
+    rep.facts["module_core"] = mod.core_base
+    ko_path = ko or stub_ko_path(entry.release)
+    kot = None
+    if ko_path.exists():
+        kot = ko_text_layout(ko_path)
+    else:
+        rep.add("code.ko", "warn", f"{ko_path} not found: only the trust-on-first-use comparison runs")
+    path = state_file or Path(entry.dir) / "integrity.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        state = {}
+    key = f"{header.nonce:x}:{header.load_time_ns}:{mod.core_base:x}"
+    _check_code(target, rep, mod, kot, state, key)
+    _check_hooks(target, rep, mod, header, mods, kot)
+    _check_rings(target, rep, header, state, key)
+    from .safeio import atomic_write
+
+    atomic_write(path, json.dumps(state).encode(), mode=0o600)
+    return rep
 
 
 def render_report(rep: IntegrityReport) -> str:

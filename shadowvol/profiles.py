@@ -14,6 +14,7 @@ stays the interchange format that stock volatility3 reads.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import json
 import lzma
@@ -121,6 +122,41 @@ class SymbolAddresses(Mapping[str, int]):
 
 def profile_addresses(isf: dict[str, Any]) -> SymbolAddresses:
     return SymbolAddresses(isf)
+
+
+def typed_symbols(isf: dict[str, Any]) -> set[str]:
+    """Names of the symbols of an ISF that carry a type."""
+    return {n for n, v in isf.get("symbols", {}).items() if isinstance(v, dict) and v.get("type")}
+
+
+class TextSymbols:
+    """Kernel-text symbols of one profile, sorted by link-time address.
+
+    Built from the profile alone (no guest memory is read), on the first
+    lookup. Whoever needs several lookups makes one and keeps it for as long
+    as it uses that profile (one trace, one integrity check); nothing is
+    cached on the target.
+    """
+
+    def __init__(self, isf: Any) -> None:
+        self._isf = isf
+        self._addrs: list[int] | None = None
+        self._names: list[str] = []
+
+    def _build(self) -> list[int]:
+        if self._addrs is None:
+            sym = self._isf["symbols"]
+            lo, hi = sym["_stext"]["address"], sym["_etext"]["address"]
+            pairs = sorted((v["address"], k) for k, v in sym.items()
+                           if v.get("address") is not None and lo <= v["address"] < hi)
+            self._addrs, self._names = [a for a, _ in pairs], [n for _, n in pairs]
+        return self._addrs
+
+    def enclosing(self, link_addr: int) -> tuple[int, str] | None:
+        """(link-time start, name) of the text symbol at or before ``link_addr``, or None."""
+        addrs = self._build()
+        i = bisect.bisect_right(addrs, link_addr) - 1
+        return (addrs[i], self._names[i]) if i >= 0 else None
 
 
 def _index_path() -> Path:

@@ -27,14 +27,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _top_parser() -> argparse.ArgumentParser:
+    from .target import add_source_options
+
     p = _Parser(prog="shadowvol", description="Run a Volatility 3 plugin on a live VM or a dump.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("-vm", dest="vm", metavar="SPEC", help="NAME, qmp:/path/qmp.sock or pid:NNN")
-    src.add_argument("-f", dest="dump", metavar="DUMP", help="raw, LiME or QEMU ELF dump")
-    p.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"],
-                   help="-vm: shadow (the RAM file, read-only; default) or libvmi (the hypervisor's debug interfaces)")
+    add_source_options(p)
     p.add_argument("-r", "--renderer", default="quick", choices=sorted(RENDERERS), help="default: quick")
-    p.add_argument("--profile", help="ISF profile to use instead of the store's")
     p.add_argument("-o", "--output-dir", default=".", metavar="DIR",
                    help="where plugins write the files they extract (as vol -o; default: here)")
     p.add_argument("-v", "--verbose", action="store_true", help="show volatility3 warnings")

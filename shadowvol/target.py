@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import kaslr, profiles
 from .backends.base import PhysicalMemory
@@ -24,18 +25,44 @@ from .errors import BackendError, ProfileError, ShadowvolError, TruncatedError, 
 from .kaslr import KernelLocation
 from .paging import PagedMemory, TranslationCache
 
+if TYPE_CHECKING:
+    from .vm.registry import VMEntry
+
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """The hypervisor interfaces behind a target; None where its source has none.
+
+    ``qmp``: QEMU's QMP socket (``-vm NAME``, ``qmp:PATH``, and ``pid:N`` when
+    its command line names one); ``gdb``: its gdbstub (``-vm NAME``);
+    ``control``: the guest agent's control socket (``-vm NAME``, tests and
+    demos only). A dump has none.
+    """
+
+    qmp: str | None = None
+    gdb: str | None = None
+    control: str | None = None
 
 
 @dataclass
 class Target:
-    """A kernel to introspect: physical memory, where the kernel is, its profile."""
+    """A kernel to introspect: physical memory, where the kernel is, its profile, its endpoints.
+
+    The symbol API (:meth:`symbol_address`, :meth:`type_size`,
+    :meth:`member_offset`...) answers from the profile with KASLR applied;
+    nothing outside this module and the profile code indexes the ISF by hand.
+    """
 
     memory: PhysicalMemory
     location: KernelLocation
     isf: dict[str, Any]
     profile_path: Path
     description: str
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    #: The registry entry of a VM we started (``-vm NAME``); None for qmp:, pid: and dumps.
+    vm: VMEntry | None = None
     #: One-line warnings for the user (a dump opened with --partial...).
     warnings: list[str] = field(default_factory=list)
     cache: TranslationCache = field(init=False)
@@ -52,6 +79,72 @@ class Target:
     def close(self) -> None:
         self.memory.close()
 
+    # -- symbols and types (the profile, KASLR applied) ------------------------
+
+    def _symbol(self, name: str) -> dict[str, Any] | None:
+        syms = self.isf.get("symbols") if isinstance(self.isf, Mapping) else None
+        sym = syms.get(name) if isinstance(syms, Mapping) else None
+        return sym if isinstance(sym, Mapping) and isinstance(sym.get("address"), int) else None
+
+    def has_symbol(self, name: str) -> bool:
+        """True when the profile gives ``name`` an address."""
+        return self._symbol(name) is not None
+
+    def symbol_address(self, name: str) -> int:
+        """Runtime virtual address of kernel symbol ``name`` (link address + KASLR shift)."""
+        sym = self._symbol(name)
+        if sym is None:
+            raise ProfileError(f"the profile {self.profile_path.name} has no symbol {name!r}")
+        return sym["address"] + self.location.virt_shift
+
+    def symbol_addresses(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """(name, runtime address) of every symbol whose name starts with ``prefix``.
+
+        Names are selected before anything is decoded: a lazily loaded profile
+        decodes only the symbols asked for."""
+        syms = self.isf.get("symbols", {})
+        for name in [n for n in syms if n.startswith(prefix)]:
+            sym = self._symbol(name)
+            if sym is not None:
+                yield name, sym["address"] + self.location.virt_shift
+
+    def array_length(self, name: str) -> int | None:
+        """Element count of symbol ``name`` when the profile types it as an array, else None."""
+        sym = self._symbol(name)
+        typ = sym.get("type") if sym is not None else None
+        count = typ.get("count") if isinstance(typ, Mapping) and typ.get("kind") == "array" else None
+        return count if isinstance(count, int) else None
+
+    def _type(self, name: str) -> dict[str, Any]:
+        types = self.isf.get("user_types", {})
+        typ = types.get(name) if isinstance(types, Mapping) else None
+        if not isinstance(typ, Mapping):
+            raise ProfileError(f"the profile {self.profile_path.name} has no struct {name!r}")
+        return typ
+
+    def has_type(self, name: str) -> bool:
+        types = self.isf.get("user_types", {})
+        return isinstance(types, Mapping) and isinstance(types.get(name), Mapping)
+
+    def type_size(self, name: str) -> int:
+        """``sizeof(struct name)``."""
+        size = self._type(name).get("size")
+        if not isinstance(size, int):
+            raise ProfileError(f"the profile {self.profile_path.name} gives struct {name!r} no size")
+        return size
+
+    def has_member(self, type_name: str, member: str) -> bool:
+        """True when the profile's ``struct type_name`` has ``member`` (feature detection)."""
+        return self.has_type(type_name) and member in self._type(type_name).get("fields", {})
+
+    def member_offset(self, type_name: str, member: str) -> int:
+        """``offsetof(struct type_name, member)``."""
+        field_ = self._type(type_name).get("fields", {}).get(member)
+        if not isinstance(field_, Mapping) or not isinstance(field_.get("offset"), int):
+            raise ProfileError(f"the profile {self.profile_path.name} has no member {member!r} "
+                               f"in struct {type_name!r}")
+        return field_["offset"]
+
 
 @dataclass
 class _Source:
@@ -59,9 +152,44 @@ class _Source:
     description: str
     state_dir: Path | None = None
     boot_key: str | None = None
-    qmp: str | None = None
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    vm: VMEntry | None = None
     vmcoreinfo: Callable[[], dict[str, str] | None] = lambda: None
     registers: Callable[[], tuple[int, int] | None] = lambda: None
+
+
+#: What ``-vm`` accepts, said once for every command that takes it.
+VM_HELP = "NAME (shadowvol vm list), qmp:/path/qmp.sock or pid:NNN"
+BACKENDS = ("shadow", "libvmi")
+BACKEND_HELP = ("shadow (the RAM file or /proc/PID/mem, read-only; default) or libvmi (the "
+                "hypervisor's debug interfaces: gdbstub, QMP xp)")
+
+
+def add_source_options(parser: Any, *, dump: bool = True, backend: bool = True, profile: bool = True,
+                       required: bool = True, backend_help: str | None = None) -> None:
+    """Add the source options to an argparse parser: ``-vm SPEC`` (never a default), and as
+    asked ``-f DUMP`` (exclusive with ``-vm``), ``--backend`` and ``--profile``.
+
+    Every command that opens a target defines them here, so they mean the same
+    everywhere; :func:`open_target` takes what they parse (``vm``, ``dump``,
+    ``backend``, ``profile``)."""
+    group = parser.add_mutually_exclusive_group(required=required) if dump else parser
+    group.add_argument("-vm", dest="vm", metavar="SPEC", default=None, required=required and not dump,
+                       help=VM_HELP)
+    if dump:
+        group.add_argument("-f", dest="dump", metavar="DUMP", default=None,
+                           help="raw, LiME or QEMU ELF dump, or a snapshot folder")
+    else:
+        parser.set_defaults(dump=None)
+    if backend:
+        parser.add_argument("--backend", default="shadow", choices=BACKENDS, help=backend_help or BACKEND_HELP)
+    else:
+        parser.set_defaults(backend="shadow")
+    if profile:
+        parser.add_argument("--profile", metavar="ISF", default=None,
+                            help="ISF profile to use instead of the store's")
+    else:
+        parser.set_defaults(profile=None)
 
 
 def _qmp_vmcoreinfo(qmp_path: str) -> dict[str, str] | None:
@@ -94,11 +222,17 @@ def _qmp_registers(qmp_path: str) -> tuple[int, int] | None:
 
 
 def qmp_endpoint(spec: str) -> str | None:
-    """The QMP socket of ``-vm SPEC`` (a registry name or ``qmp:PATH``); None for ``pid:``."""
+    """The QMP socket of ``-vm SPEC`` without opening its memory: a registry name's,
+    ``qmp:PATH``'s, or the one named on a ``pid:N`` QEMU's command line (None if none)."""
     if spec.startswith("qmp:"):
         return spec[4:]
     if spec.startswith("pid:"):
-        return None
+        from .qemu.process import qmp_socket_of
+
+        try:
+            return qmp_socket_of(int(spec[4:]))
+        except (ValueError, BackendError):
+            return None
     from .vm import registry
 
     return registry.get_vm(spec).qmp
@@ -113,7 +247,7 @@ def _open_vm(spec: str, backend: str) -> _Source:
         if not os.path.exists(qmp):
             raise VMError(f"QMP socket {qmp} does not exist")
         mem = shadow.open_shadow(qmp_path=qmp) if backend == "shadow" else libvmi.open_libvmi(None, qmp)
-        return _Source(mem, f"qmp:{qmp}", qmp=qmp, vmcoreinfo=lambda: _qmp_vmcoreinfo(qmp),
+        return _Source(mem, f"qmp:{qmp}", endpoints=Endpoints(qmp=qmp), vmcoreinfo=lambda: _qmp_vmcoreinfo(qmp),
                        registers=lambda: _qmp_registers(qmp))
     if spec.startswith("pid:"):
         try:
@@ -128,7 +262,7 @@ def _open_vm(spec: str, backend: str) -> _Source:
         mem = shadow.ShadowProcess.open_pid(pid, qmp_path=qmp)
         if qmp is None:
             return _Source(mem, f"pid:{pid}")
-        return _Source(mem, f"pid:{pid}", qmp=qmp, vmcoreinfo=lambda: _qmp_vmcoreinfo(qmp),
+        return _Source(mem, f"pid:{pid}", endpoints=Endpoints(qmp=qmp), vmcoreinfo=lambda: _qmp_vmcoreinfo(qmp),
                        registers=lambda: _qmp_registers(qmp))
     entry = registry.get_vm(spec)
     if backend == "shadow" and entry.ram_file:
@@ -137,7 +271,8 @@ def _open_vm(spec: str, backend: str) -> _Source:
         mem = shadow.ShadowProcess.open_qmp(entry.qmp)
     else:
         mem = libvmi.open_libvmi(entry.gdb, entry.qmp)
-    return _Source(mem, f"vm:{entry.name}", state_dir=Path(entry.dir), qmp=entry.qmp,
+    return _Source(mem, f"vm:{entry.name}", state_dir=Path(entry.dir), vm=entry,
+                   endpoints=Endpoints(qmp=entry.qmp, gdb=entry.gdb, control=entry.ctl),
                    boot_key=f"{entry.pid}:{entry.started}",
                    vmcoreinfo=lambda: _qmp_vmcoreinfo(entry.qmp),
                    registers=lambda: _qmp_registers(entry.qmp))
@@ -198,7 +333,7 @@ def open_target(vm: str | None = None, dump: str | None = None, backend: str = "
     kernel's own ``max_pfn``) raises BackendError; with ``partial`` it opens
     and the shortfall is in ``Target.warnings``."""
     say = progress or (lambda msg: None)
-    if backend not in ("shadow", "libvmi"):
+    if backend not in BACKENDS:
         raise ShadowvolError(f"unknown backend {backend!r}: shadow or libvmi")
     if (vm is None) == (dump is None):
         raise ShadowvolError("give exactly one of -vm NAME or -f DUMP")
@@ -239,11 +374,10 @@ def open_target(vm: str | None = None, dump: str | None = None, backend: str = "
 def _raw_shortfall(target: Target) -> str | None:
     """Why a dump holds less RAM than the kernel in it has, from the kernel's
     ``max_pfn`` (last page frame + 1); None when it holds all of it."""
-    sym = target.isf["symbols"].get("max_pfn") if isinstance(target.isf.get("symbols"), dict) else None
-    if not isinstance(sym, dict) or not isinstance(sym.get("address"), int):
+    if not target.has_symbol("max_pfn"):
         return None
     try:
-        raw = target.kernel.read(sym["address"] + target.location.virt_shift, 8)
+        raw = target.kernel.read(target.symbol_address("max_pfn"), 8)
     except ShadowvolError:
         return f"{target.description}: the kernel's max_pfn is not readable: truncated dump?"
     ram_end = int.from_bytes(raw, "little") << 12
@@ -328,12 +462,10 @@ def verify_guest_profile(target: Target) -> bool:
     want = guest_btf_hash(target.isf)
     if want is None:
         return True
-    syms = target.isf["symbols"]
-    shift = target.location.virt_shift
     try:
         for name in ("_text", "linux_banner"):
-            target.kernel.read(syms[name]["address"] + shift, 8)
-        start = syms["__start_BTF"]["address"] + shift
+            target.kernel.read(target.symbol_address(name), 8)
+        start = target.symbol_address("__start_BTF")
         size = btf_size(target.kernel.read(start, 24))
         if not 24 < size <= 64 << 20:
             return False
@@ -363,7 +495,7 @@ def _stored_profile(src: _Source, banner: bytes, info: dict[str, str] | None,
             loc = _locate(src, profiles.profile_addresses(isf), banner, say, info)
         except ShadowvolError:
             continue
-        if verify_guest_profile(Target(src.memory, loc, isf, p, src.description)):
+        if verify_guest_profile(_target(src, loc, isf, p)):
             return p, isf
     if guest:
         say("no stored profile from guest memory matches this guest's BTF")
@@ -403,7 +535,7 @@ def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
                 loc = KernelLocation.from_json(cached["location"])
                 if kaslr.verify_location(src.memory, loc, profiles.profile_addresses(isf), banner) and \
                         _runs_there(src, loc, profiles.profile_addresses(isf), banner):
-                    t = Target(src.memory, loc, isf, path, src.description)
+                    t = _target(src, loc, isf, path)
                     if verify_guest_profile(t):
                         return t
         except (KeyError, TypeError, ValueError, ShadowvolError):
@@ -433,4 +565,8 @@ def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
 
         atomic_write(state, json.dumps({"boot": src.boot_key, "profile": str(path),
                                         "location": loc.to_json()}).encode(), mode=0o600)
-    return Target(src.memory, loc, isf, path, src.description)
+    return _target(src, loc, isf, path)
+
+
+def _target(src: _Source, loc: KernelLocation, isf: dict[str, Any], path: Path) -> Target:
+    return Target(src.memory, loc, isf, path, src.description, endpoints=src.endpoints, vm=src.vm)

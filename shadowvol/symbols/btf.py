@@ -212,124 +212,146 @@ def _check_anonymous(types: list[CType], first: int, chained: frozenset[Kind] | 
             raise ProfileError(f"corrupt BTF: anonymous types nested more than {MAX_NESTING} deep")
 
 
-def _parse_btf(blob: bytes | memoryview, base: TypeGraph | None) -> TypeGraph:
-    order, _hdr_len, type_start, type_len, str_start, str_len = _header(blob)
+def _type_words(blob: bytes | memoryview, order: str, type_start: int, type_len: int) -> memoryview:
+    """The type section as native u32 words (byte-swapped for a big-endian blob)."""
     raw = bytes(blob[type_start:type_start + type_len])
-    strings = bytes(blob[str_start:str_start + str_len])
     if type_len % 4:
         raise ProfileError("BTF type section length is not a multiple of 4")
-    words = memoryview(raw).cast("I")
-    if order == ">":
-        import array
-        arr = array.array("I", raw)
-        arr.byteswap()
-        words = memoryview(arr.tobytes()).cast("I")
+    if order != ">":
+        return memoryview(raw).cast("I")
+    import array
 
-    base_str_len = base.btf_str_len if base is not None else 0
-    name_cache: dict[int, str] = {}
+    arr = array.array("I", raw)
+    arr.byteswap()
+    return memoryview(arr.tobytes()).cast("I")
 
-    def name_at(off: int) -> str:
+
+class _Names:
+    """``name_off`` -> name in this blob's string section, continuing a split base's (cached)."""
+
+    def __init__(self, strings: bytes, base: TypeGraph | None) -> None:
+        self.strings = strings
+        self.base = base
+        self.base_len = base.btf_str_len if base is not None else 0
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, off: int) -> str:
         if off == 0:
             return ""
-        got = name_cache.get(off)
+        got = self.cache.get(off)
         if got is None:
-            if off < base_str_len:
-                got = base.btf_name_at(off)  # type: ignore[union-attr,misc]
+            if off < self.base_len:
+                got = self.base.btf_name_at(off)  # type: ignore[union-attr,misc]
             else:
-                local = off - base_str_len
-                end = strings.find(b"\0", local)
-                if local >= len(strings) or end < 0:
+                local = off - self.base_len
+                end = self.strings.find(b"\0", local)
+                if local >= len(self.strings) or end < 0:
                     raise ProfileError(f"corrupt BTF: name offset {off:#x} is past the string section")
-                got = strings[local:end].decode("utf-8", "replace")
-            name_cache[off] = got
+                got = self.strings[local:end].decode("utf-8", "replace")
+            self.cache[off] = got
         return got
 
+
+def _read_members(t: CType, words: memoryview, i: int, vlen: int, name_at: _Names) -> int:
+    """``struct btf_member[vlen]`` of a struct or union (bitfield offsets when kflag)."""
+    members = []
+    for _ in range(vlen):
+        m_name, m_type, m_off = words[i], words[i + 1], words[i + 2]
+        i += 3
+        if t.flag:
+            members.append(Member(name_at(m_name), m_type, m_off & 0xFFFFFF, m_off >> 24))
+        else:
+            members.append(Member(name_at(m_name), m_type, m_off, 0))
+    t.members = members
+    return i
+
+
+def _read_enumerators(t: CType, words: memoryview, i: int, vlen: int, name_at: _Names) -> int:
+    """``struct btf_enum[vlen]`` (raw u32 values: signs fixed later) or ``struct btf_enum64[vlen]``."""
+    enums = []
+    for _ in range(vlen):
+        if t.kind == Kind.ENUM:
+            e_name, val = words[i], words[i + 1]
+            i += 2
+        else:
+            e_name, val = words[i], (words[i + 2] << 32) | words[i + 1]
+            i += 3
+            if t.flag and val >= 1 << 63:
+                val -= 1 << 64
+        enums.append((name_at(e_name), val))
+    t.enumerators = enums
+    return i
+
+
+def _read_type(t: CType, words: memoryview, i: int, size_type: int, vlen: int, name_at: _Names) -> int:
+    """Fill ``t`` from the data after its ``struct btf_type`` at ``words[i]``; the index after it."""
+    kind = t.kind
+    if kind == Kind.INT:
+        enc = words[i]
+        t.size = size_type
+        t.encoding = (enc >> 24) & 0x0F
+        t.bits = enc & 0xFF
+        t.vlen = (enc >> 16) & 0xFF  # BTF_INT_OFFSET
+        return i + 1
+    if kind == Kind.ARRAY:
+        t.type_id, t.vlen, t.nelems = words[i], words[i + 1], words[i + 2]  # vlen = index type
+        return i + 3
+    if kind in (Kind.STRUCT, Kind.UNION):
+        t.size = size_type
+        return _read_members(t, words, i, vlen, name_at)
+    if kind in (Kind.ENUM, Kind.ENUM64):
+        t.size = size_type
+        t.encoding = int(t.flag)
+        return _read_enumerators(t, words, i, vlen, name_at)
+    if kind == Kind.FUNC_PROTO:
+        t.type_id = size_type
+        t.members = [Member(name_at(words[i + 2 * k]), words[i + 2 * k + 1]) for k in range(vlen)]
+        return i + 2 * vlen
+    if kind == Kind.VAR:
+        t.type_id = size_type
+        t.vlen = words[i]  # linkage
+        return i + 1
+    if kind == Kind.DATASEC:
+        t.size = size_type
+        t.members = [Member("", words[i + 3 * k], words[i + 3 * k + 1], words[i + 3 * k + 2])
+                     for k in range(vlen)]
+        return i + 3 * vlen
+    if kind == Kind.FLOAT:
+        t.size = size_type
+    elif kind == Kind.DECL_TAG:
+        t.type_id = size_type
+        comp = words[i]
+        t.vlen = comp - (1 << 32) if comp >= 0x80000000 else comp
+        return i + 1
+    elif kind == Kind.FUNC:
+        t.type_id = size_type
+        t.vlen = vlen  # linkage
+    else:  # PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG
+        t.type_id = size_type
+    return i
+
+
+def _parse_btf(blob: bytes | memoryview, base: TypeGraph | None) -> TypeGraph:
+    order, _hdr_len, type_start, type_len, str_start, str_len = _header(blob)
+    words = _type_words(blob, order, type_start, type_len)
+    strings = bytes(blob[str_start:str_start + str_len])
+    name_at = _Names(strings, base)
     types: list[CType] = list(base.types) if base is not None else [CType(Kind.UNKN, "void")]
     n = len(words)
     i = 0
     while i < n:
         if len(types) > MAX_TYPES:
             raise ProfileError(f"BTF declares more than {MAX_TYPES} types")
+        if i + 3 > n:
+            break
         name_off, info, size_type = words[i], words[i + 1], words[i + 2]
-        i += 3
         kind_no = (info >> 24) & 0x1F
-        vlen = info & 0xFFFF
-        kflag = bool(info >> 31)
         try:
             kind = Kind(kind_no)
         except ValueError:
             raise ProfileError(f"unknown BTF kind {kind_no} at type {len(types)}") from None
-        t = CType(kind, name_at(name_off), flag=kflag)
-        if kind == Kind.INT:
-            enc = words[i]
-            i += 1
-            t.size = size_type
-            t.encoding = (enc >> 24) & 0x0F
-            t.bits = enc & 0xFF
-            t.vlen = (enc >> 16) & 0xFF  # BTF_INT_OFFSET
-        elif kind == Kind.ARRAY:
-            t.type_id, t.vlen, t.nelems = words[i], words[i + 1], words[i + 2]  # vlen = index type
-            i += 3
-        elif kind in (Kind.STRUCT, Kind.UNION):
-            t.size = size_type
-            members = []
-            for _ in range(vlen):
-                m_name, m_type, m_off = words[i], words[i + 1], words[i + 2]
-                i += 3
-                if kflag:
-                    members.append(Member(name_at(m_name), m_type, m_off & 0xFFFFFF, m_off >> 24))
-                else:
-                    members.append(Member(name_at(m_name), m_type, m_off, 0))
-            t.members = members
-        elif kind == Kind.ENUM:
-            t.size = size_type
-            t.encoding = int(kflag)
-            enums = []
-            for _ in range(vlen):
-                e_name, val = words[i], words[i + 1]
-                i += 2
-                enums.append((name_at(e_name), val))  # raw u32: sign fixed below
-            t.enumerators = enums
-        elif kind == Kind.ENUM64:
-            t.size = size_type
-            t.encoding = int(kflag)
-            enums = []
-            for _ in range(vlen):
-                e_name, lo, hi = words[i], words[i + 1], words[i + 2]
-                i += 3
-                val = (hi << 32) | lo
-                if kflag and val >= 1 << 63:
-                    val -= 1 << 64
-                enums.append((name_at(e_name), val))
-            t.enumerators = enums
-        elif kind == Kind.FUNC_PROTO:
-            t.type_id = size_type
-            t.members = []
-            for _ in range(vlen):
-                t.members.append(Member(name_at(words[i]), words[i + 1]))
-                i += 2
-        elif kind == Kind.VAR:
-            t.type_id = size_type
-            t.vlen = words[i]  # linkage
-            i += 1
-        elif kind == Kind.DATASEC:
-            t.size = size_type
-            t.members = []
-            for _ in range(vlen):
-                t.members.append(Member("", words[i], words[i + 1], words[i + 2]))
-                i += 3
-        elif kind == Kind.FLOAT:
-            t.size = size_type
-        elif kind == Kind.DECL_TAG:
-            t.type_id = size_type
-            comp = words[i]
-            t.vlen = comp - (1 << 32) if comp >= 0x80000000 else comp
-            i += 1
-        elif kind == Kind.FUNC:
-            t.type_id = size_type
-            t.vlen = vlen  # linkage
-        else:  # PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG
-            t.type_id = size_type
+        t = CType(kind, name_at(name_off), flag=bool(info >> 31))
+        i = _read_type(t, words, i + 3, size_type, info & 0xFFFF, name_at)
         types.append(t)
     if i != n:
         raise ProfileError("BTF type section ends inside a type")
@@ -337,7 +359,7 @@ def _parse_btf(blob: bytes | memoryview, base: TypeGraph | None) -> TypeGraph:
     first_new = len(base.types) if base is not None else 0
     _sign_enums(types[first_new:], any(t.kind == Kind.ENUM and t.encoding for t in types))
     graph = TypeGraph(types)
-    graph.btf_str_len = base_str_len + len(strings)
+    graph.btf_str_len = name_at.base_len + len(strings)
     graph.btf_name_at = name_at
     return graph
 

@@ -224,18 +224,37 @@ def _compare_keys(a: Iterable[str], b: Iterable[str], only: set[str] | None
     return sorted(sa & sb), sorted(sa - sb), sorted(sb - sa)
 
 
-def diff_profiles(a: Mapping[str, Any], b: Mapping[str, Any],
-                  only: tuple[set[str], set[str]] | None = None) -> ProfileDiff:
-    """Compares ISF ``a`` (reference) with ``b``.
+def _diff_fields(result: Any, fc: Any, a: Mapping[str, Any], b: Mapping[str, Any], name: str) -> list[str]:
+    """Compare the (flattened) fields of user type ``name``; what differs, for the type's note."""
+    differs = []
+    fa, fb = flat_fields(a, name), flat_fields(b, name)
+    for f in sorted(set(fa) | set(fb)):
+        if f not in fb:
+            fc.only_a += 1
+            result.note("fields_only_in_a", f"{name}.{f}", _fmt(shape(a, fa[f][1])))
+            differs.append(f"no field {f}")
+        elif f not in fa:
+            fc.only_b += 1
+            result.note("fields_only_in_b", f"{name}.{f}", _fmt(shape(b, fb[f][1])))
+            differs.append(f"extra field {f}")
+        else:
+            (oa, sa), (ob, sb) = placed(a, *fa[f]), placed(b, *fb[f])
+            if oa == ob and sa == sb:
+                fc.identical += 1
+                continue
+            fc.differing += 1
+            what = []
+            if oa != ob:
+                what.append(f"offset {_bits(oa)} vs {_bits(ob)}")
+            if sa != sb:
+                what.append(f"type {_fmt(sa)} vs {_fmt(sb)}")
+            result.note("fields_differing", f"{name}.{f}", ", ".join(what))
+            differs.append(f"field {f}")
+    return differs
 
-    :param only: (type names, symbol names) to restrict to; None compares all.
-    """
-    result = ProfileDiff(restricted=only is not None)
-    types_only, syms_only = only if only is not None else (None, None)
-    if types_only is not None:
-        types_only = {t for t in types_only if not _anonymous(t)}
 
-    # User types and their fields.
+def _diff_user_types(result: Any, a: Mapping[str, Any], b: Mapping[str, Any], types_only: set[str] | None) -> None:
+    """User types: kind, size and every field (counts ``types`` and ``fields``)."""
     tc, fc = Counts(), Counts()
     named = lambda isf: (n for n in isf["user_types"] if not _anonymous(n))  # noqa: E731
     common, only_a, only_b = _compare_keys(named(a), named(b), types_only)
@@ -246,29 +265,7 @@ def diff_profiles(a: Mapping[str, Any], b: Mapping[str, Any],
             differs.append(f"kind {ta.get('kind')} vs {tb.get('kind')}")
         if ta.get("size") != tb.get("size"):
             differs.append(f"size {ta.get('size')} vs {tb.get('size')}")
-        fa, fb = flat_fields(a, name), flat_fields(b, name)
-        for f in sorted(set(fa) | set(fb)):
-            if f not in fb:
-                fc.only_a += 1
-                result.note("fields_only_in_a", f"{name}.{f}", _fmt(shape(a, fa[f][1])))
-                differs.append(f"no field {f}")
-            elif f not in fa:
-                fc.only_b += 1
-                result.note("fields_only_in_b", f"{name}.{f}", _fmt(shape(b, fb[f][1])))
-                differs.append(f"extra field {f}")
-            else:
-                (oa, sa), (ob, sb) = placed(a, *fa[f]), placed(b, *fb[f])
-                if oa == ob and sa == sb:
-                    fc.identical += 1
-                    continue
-                fc.differing += 1
-                what = []
-                if oa != ob:
-                    what.append(f"offset {_bits(oa)} vs {_bits(ob)}")
-                if sa != sb:
-                    what.append(f"type {_fmt(sa)} vs {_fmt(sb)}")
-                result.note("fields_differing", f"{name}.{f}", ", ".join(what))
-                differs.append(f"field {f}")
+        differs += _diff_fields(result, fc, a, b, name)
         if differs:
             tc.differing += 1
             result.note("types_differing", name, "; ".join(differs[:6]) + (" ..." if len(differs) > 6 else ""))
@@ -283,7 +280,9 @@ def diff_profiles(a: Mapping[str, Any], b: Mapping[str, Any],
     result.counts["types"] = tc
     result.counts["fields"] = fc
 
-    # Enums.
+
+def _diff_enums(result: Any, a: Mapping[str, Any], b: Mapping[str, Any], types_only: set[str] | None) -> None:
+    """Named enums: size and constants."""
     ec = Counts()
     common, only_a, only_b = _compare_keys((n for n in a["enums"] if not _anonymous(n)),
                                            (n for n in b["enums"] if not _anonymous(n)), types_only)
@@ -302,7 +301,9 @@ def diff_profiles(a: Mapping[str, Any], b: Mapping[str, Any],
         result.note("enums_differing", name, "; ".join(what))
     _record_one_sided(result, "enums", ec, only_a, only_b)
 
-    # Base types: compared whole (a handful); pointer and void always.
+
+def _diff_base_types(result: Any, a: Mapping[str, Any], b: Mapping[str, Any]) -> None:
+    """Base types, compared whole (a handful); pointer and void always."""
     bc = Counts()
     common, only_a, only_b = _compare_keys(a["base_types"], b["base_types"], None)
     for name in common:
@@ -318,7 +319,9 @@ def diff_profiles(a: Mapping[str, Any], b: Mapping[str, Any],
     # it shows up as a differing field or symbol.
     _record_one_sided(result, "base_types", bc, only_a, only_b)
 
-    # Symbols.
+
+def _diff_symbols(result: Any, a: Mapping[str, Any], b: Mapping[str, Any], syms_only: set[str] | None) -> None:
+    """Symbols: address and type (a type or a length only B knows is noted, not a failure)."""
     sc = Counts()
     common, only_a, only_b = _compare_keys(a["symbols"], b["symbols"], syms_only)
     for name in common:
@@ -349,6 +352,21 @@ def diff_profiles(a: Mapping[str, Any], b: Mapping[str, Any],
         result.note("symbols_only_in_b", name, _fmt(shape(b, b["symbols"][name].get("type"))))
     result.counts["symbols"] = sc
 
+
+def diff_profiles(a: Mapping[str, Any], b: Mapping[str, Any],
+                  only: tuple[set[str], set[str]] | None = None) -> ProfileDiff:
+    """Compares ISF ``a`` (reference) with ``b``.
+
+    :param only: (type names, symbol names) to restrict to; None compares all.
+    """
+    result = ProfileDiff(restricted=only is not None)
+    types_only, syms_only = only if only is not None else (None, None)
+    if types_only is not None:
+        types_only = {t for t in types_only if not _anonymous(t)}
+    _diff_user_types(result, a, b, types_only)
+    _diff_enums(result, a, b, types_only)
+    _diff_base_types(result, a, b)
+    _diff_symbols(result, a, b, syms_only)
     if only is not None:
         every = set(a["symbols"]) | set(b["symbols"]) | set(a["user_types"]) | set(b["user_types"]) \
             | set(a["enums"]) | set(b["enums"]) | set(a["base_types"]) | set(b["base_types"])

@@ -37,6 +37,13 @@ _QUAL_TAGS = {
     "DW_TAG_restrict_type": Kind.RESTRICT,
     "DW_TAG_atomic_type": Kind.VOLATILE,
 }
+#: Aggregate type tags and the kind each becomes (a C++ class is a struct).
+_AGGREGATE_KINDS = {
+    "DW_TAG_structure_type": Kind.STRUCT,
+    "DW_TAG_class_type": Kind.STRUCT,
+    "DW_TAG_union_type": Kind.UNION,
+    "DW_TAG_enumeration_type": Kind.ENUM,
+}
 
 
 def open_elf(source: Path | bytes) -> Any:
@@ -121,121 +128,30 @@ class DwarfImporter:
         if got is not None:
             return got
         tag = die.tag
-        name = die_name(die)
-        g = self.graph
         if tag == "DW_TAG_base_type":
-            enc = _attr(die, "DW_AT_encoding", 0)
-            size = _attr(die, "DW_AT_byte_size", 0)
-            kind = Kind.FLOAT if enc == _ATE_FLOAT else Kind.INT
-            found = self._existing(kind, name)
-            if found is not None:
-                self._done[key] = found
-                return found
-            flags = 0
-            if enc in (_ATE_SIGNED, _ATE_SIGNED_CHAR):
-                flags |= INT_SIGNED
-            if enc in (_ATE_SIGNED_CHAR, _ATE_UNSIGNED_CHAR):
-                flags |= INT_CHAR
-            if enc == _ATE_BOOLEAN:
-                flags |= INT_BOOL
-            tid = g.add(CType(kind, name, size=size, encoding=flags, bits=size * 8))
-            self._done[key] = tid
-            return tid
-        if tag in ("DW_TAG_structure_type", "DW_TAG_union_type", "DW_TAG_class_type",
-                   "DW_TAG_enumeration_type"):
-            kind = {"DW_TAG_union_type": Kind.UNION, "DW_TAG_enumeration_type": Kind.ENUM}.get(tag, Kind.STRUCT)
-            declaration = bool(_attr(die, "DW_AT_declaration", False))
-            found = self._existing(kind, name)
-            if found is not None and (declaration or (g[found].kind != Kind.FWD
-                                                      and found not in self._enum_decls)):
-                self._done[key] = found
-                return found
-            if declaration and kind == Kind.ENUM:
-                # A declared-only enum (GNU C forward enum) is still an enum,
-                # int-sized, without constants; a later definition replaces it.
-                tid = g.add(CType(Kind.ENUM, name, size=_attr(die, "DW_AT_byte_size", 0) or 4))
-                self._enum_decls.add(tid)
-                self._done[key] = tid
-                return tid
-            if declaration:
-                tid = g.add(CType(Kind.FWD, name, flag=kind == Kind.UNION))
-                self._done[key] = tid
-                return tid
-            t = CType(kind, name, size=_attr(die, "DW_AT_byte_size", 0))
-            tid = g.add(t)
-            self._done[key] = tid  # before members: self-references
-            if kind == Kind.ENUM:
-                for child in die.iter_children():
-                    if child.tag == "DW_TAG_enumerator":
-                        t.enumerators.append((die_name(child), int(_attr(child, "DW_AT_const_value", 0))))
-                t.encoding = int(any(v < 0 for _, v in t.enumerators))
-                return tid
-            for child in die.iter_children():
-                if child.tag != "DW_TAG_member":
-                    continue
-                m_type = self.import_type(child.get_DIE_from_attribute("DW_AT_type")
-                                          if "DW_AT_type" in child.attributes else None)
-                bit_size = _attr(child, "DW_AT_bit_size", 0)
-                if "DW_AT_data_bit_offset" in child.attributes:
-                    bit_off = _attr(child, "DW_AT_data_bit_offset")
-                elif bit_size and "DW_AT_bit_offset" in child.attributes:
-                    # DWARF 2/3: offset of the MSB within the storage unit.
-                    unit = _attr(child, "DW_AT_byte_size") or (g.sizeof(m_type) or 4)
-                    bit_off = (_member_location(child) * 8 + unit * 8
-                               - _attr(child, "DW_AT_bit_offset") - bit_size)
-                else:
-                    bit_off = _member_location(child) * 8
-                t.members.append(Member(die_name(child), m_type, bit_off, bit_size))
-                if bit_size:
-                    t.flag = True
-            return tid
+            return self._import_base(die, key)
+        if tag in _AGGREGATE_KINDS:
+            return self._import_aggregate(die, key, _AGGREGATE_KINDS[tag])
         if tag == "DW_TAG_typedef":
-            found = self._existing(Kind.TYPEDEF, name)
+            found = self._existing(Kind.TYPEDEF, die_name(die))
             if found is not None:
                 self._done[key] = found
                 return found
-            t = CType(Kind.TYPEDEF, name)
-            tid = g.add(t)
-            self._done[key] = tid
+            t = CType(Kind.TYPEDEF, die_name(die))
+            tid = self._done[key] = self.graph.add(t)
             t.type_id = self._import_ref(die)
             return tid
         if tag == "DW_TAG_pointer_type" or tag == "DW_TAG_reference_type":
-            target = self._import_ref(die)
-            tid = g.pointer_to(target)
-            self._done[key] = tid
+            tid = self._done[key] = self.graph.pointer_to(self._import_ref(die))
             return tid
         if tag in _QUAL_TAGS:
-            tid = self._import_ref(die)  # ISF has no qualifiers: look through
-            self._done[key] = tid
+            tid = self._done[key] = self._import_ref(die)  # ISF has no qualifiers: look through
             return tid
         if tag == "DW_TAG_array_type":
-            elem = self._import_ref(die)
-            counts = []
-            for child in die.iter_children():
-                if child.tag == "DW_TAG_subrange_type":
-                    if "DW_AT_count" in child.attributes:
-                        counts.append(int(_attr(child, "DW_AT_count")))
-                    elif "DW_AT_upper_bound" in child.attributes and isinstance(
-                            _attr(child, "DW_AT_upper_bound"), int):
-                        counts.append(int(_attr(child, "DW_AT_upper_bound")) + 1)
-                    else:
-                        counts.append(-1)
-            if not counts:
-                counts = [-1]
-            tid = elem
-            for i, count in enumerate(reversed(counts)):
-                if count < 0:
-                    outer = i == len(counts) - 1
-                    elem_size = g.sizeof(tid) or 0
-                    count = array_count(elem_size) if (outer and array_count and elem_size) else 0
-                tid = g.array_of(tid, count)
-            if -1 not in counts:
-                self._done[key] = tid
-            return tid
+            return self._import_array(die, key, array_count)
         if tag == "DW_TAG_subroutine_type":
             t = CType(Kind.FUNC_PROTO, type_id=self._import_ref(die))
-            tid = g.add(t)
-            self._done[key] = tid
+            tid = self._done[key] = self.graph.add(t)
             for child in die.iter_children():
                 if child.tag == "DW_TAG_formal_parameter":
                     t.members.append(Member(die_name(child), self._import_ref(child)))
@@ -243,6 +159,103 @@ class DwarfImporter:
         if tag == "DW_TAG_unspecified_type":
             return 0
         raise ProfileError(f"unsupported DWARF type tag {tag} at {die.offset:#x}")
+
+    def _import_base(self, die: Any, key: tuple[int, int]) -> int:
+        """``DW_TAG_base_type``: an integer, char, bool or float (one per name)."""
+        name = die_name(die)
+        enc = _attr(die, "DW_AT_encoding", 0)
+        size = _attr(die, "DW_AT_byte_size", 0)
+        kind = Kind.FLOAT if enc == _ATE_FLOAT else Kind.INT
+        found = self._existing(kind, name)
+        if found is not None:
+            self._done[key] = found
+            return found
+        flags = 0
+        if enc in (_ATE_SIGNED, _ATE_SIGNED_CHAR):
+            flags |= INT_SIGNED
+        if enc in (_ATE_SIGNED_CHAR, _ATE_UNSIGNED_CHAR):
+            flags |= INT_CHAR
+        if enc == _ATE_BOOLEAN:
+            flags |= INT_BOOL
+        tid = self._done[key] = self.graph.add(CType(kind, name, size=size, encoding=flags, bits=size * 8))
+        return tid
+
+    def _import_aggregate(self, die: Any, key: tuple[int, int], kind: Kind) -> int:
+        """A struct, union, class or enum: declarations, then the definition and its members."""
+        g = self.graph
+        name = die_name(die)
+        declaration = bool(_attr(die, "DW_AT_declaration", False))
+        found = self._existing(kind, name)
+        if found is not None and (declaration or (g[found].kind != Kind.FWD and found not in self._enum_decls)):
+            self._done[key] = found
+            return found
+        if declaration and kind == Kind.ENUM:
+            # A declared-only enum (GNU C forward enum) is still an enum,
+            # int-sized, without constants; a later definition replaces it.
+            tid = self._done[key] = g.add(CType(Kind.ENUM, name, size=_attr(die, "DW_AT_byte_size", 0) or 4))
+            self._enum_decls.add(tid)
+            return tid
+        if declaration:
+            tid = self._done[key] = g.add(CType(Kind.FWD, name, flag=kind == Kind.UNION))
+            return tid
+        t = CType(kind, name, size=_attr(die, "DW_AT_byte_size", 0))
+        tid = self._done[key] = g.add(t)  # before members: self-references
+        if kind == Kind.ENUM:
+            for child in die.iter_children():
+                if child.tag == "DW_TAG_enumerator":
+                    t.enumerators.append((die_name(child), int(_attr(child, "DW_AT_const_value", 0))))
+            t.encoding = int(any(v < 0 for _, v in t.enumerators))
+            return tid
+        for child in die.iter_children():
+            if child.tag == "DW_TAG_member":
+                self._import_member(t, child)
+        return tid
+
+    def _import_member(self, t: CType, child: Any) -> None:
+        """A ``DW_TAG_member`` of ``t``, with its bit offset (DWARF 4+ or DWARF 2/3 bitfields)."""
+        m_type = self.import_type(child.get_DIE_from_attribute("DW_AT_type")
+                                  if "DW_AT_type" in child.attributes else None)
+        bit_size = _attr(child, "DW_AT_bit_size", 0)
+        if "DW_AT_data_bit_offset" in child.attributes:
+            bit_off = _attr(child, "DW_AT_data_bit_offset")
+        elif bit_size and "DW_AT_bit_offset" in child.attributes:
+            # DWARF 2/3: offset of the MSB within the storage unit.
+            unit = _attr(child, "DW_AT_byte_size") or (self.graph.sizeof(m_type) or 4)
+            bit_off = (_member_location(child) * 8 + unit * 8
+                       - _attr(child, "DW_AT_bit_offset") - bit_size)
+        else:
+            bit_off = _member_location(child) * 8
+        t.members.append(Member(die_name(child), m_type, bit_off, bit_size))
+        if bit_size:
+            t.flag = True
+
+    def _import_array(self, die: Any, key: tuple[int, int], array_count: Callable[[int], int] | None) -> int:
+        """``DW_TAG_array_type``: nested arrays, one per subrange; an unbounded outermost one
+        sized by ``array_count`` (not cached: its count depends on the symbol)."""
+        g = self.graph
+        elem = self._import_ref(die)
+        counts = []
+        for child in die.iter_children():
+            if child.tag == "DW_TAG_subrange_type":
+                if "DW_AT_count" in child.attributes:
+                    counts.append(int(_attr(child, "DW_AT_count")))
+                elif "DW_AT_upper_bound" in child.attributes and isinstance(
+                        _attr(child, "DW_AT_upper_bound"), int):
+                    counts.append(int(_attr(child, "DW_AT_upper_bound")) + 1)
+                else:
+                    counts.append(-1)
+        if not counts:
+            counts = [-1]
+        tid = elem
+        for i, count in enumerate(reversed(counts)):
+            if count < 0:
+                outer = i == len(counts) - 1
+                elem_size = g.sizeof(tid) or 0
+                count = array_count(elem_size) if (outer and array_count and elem_size) else 0
+            tid = g.array_of(tid, count)
+        if -1 not in counts:
+            self._done[key] = tid
+        return tid
 
     def _import_ref(self, die: Any) -> int:
         if "DW_AT_type" not in die.attributes:

@@ -65,31 +65,38 @@ def _make_event(**kw: Any) -> Event:
     return Event(**kw)
 
 
+def _percpu_offset(target: Any, name: str) -> int:
+    """Offset of per-CPU variable ``name`` from a CPU's per-CPU base (its kernel GS base).
+
+    Per-CPU symbols are linked at their offset in the per-CPU section and are
+    not relocated by KASLR, so the profile's link address is the offset."""
+    return target.symbol_address(name) - target.location.virt_shift
+
+
 class _Kernel:
     """Offsets and helpers to read tasks and pt_regs from a stopped guest."""
 
     def __init__(self, target: Any) -> None:
         self.t = target
-        ut = target.isf["user_types"]
-        sym = target.isf["symbols"]
-        self.shift = target.location.virt_shift
-        ts = ut["task_struct"]["fields"]
-        self.off_pid = ts["pid"]["offset"]
-        self.off_tgid = ts["tgid"]["offset"]
-        self.off_comm = ts["comm"]["offset"]
-        self.regs = {n: f["offset"] for n, f in ut["pt_regs"]["fields"].items()}
-        bprm = ut.get("linux_binprm", {}).get("fields", {})
-        self.off_filename = bprm.get("filename", {}).get("offset")
-        # Per-CPU current task: `current_task` (<= 6.1) or pcpu_hot.current_task (6.2+).
-        if "current_task" in sym:
-            self.current_off = sym["current_task"]["address"]
-        elif "pcpu_hot" in sym and "pcpu_hot" in ut:
-            self.current_off = sym["pcpu_hot"]["address"] + ut["pcpu_hot"]["fields"]["current_task"]["offset"]
+        self.off_pid = target.member_offset("task_struct", "pid")
+        self.off_tgid = target.member_offset("task_struct", "tgid")
+        self.off_comm = target.member_offset("task_struct", "comm")
+        self.regs = {r: target.member_offset("pt_regs", r) for r in _SYSCALL_ARGS}
+        self.off_filename = (target.member_offset("linux_binprm", "filename")
+                             if target.has_member("linux_binprm", "filename") else None)
+        # Per-CPU current task: `current_task` (<= 6.1) or pcpu_hot.current_task (6.2+,
+        # commit 7443b296e699 "x86/percpu: Move current_task to percpu hot section").
+        if target.has_symbol("current_task"):
+            self.current_off = _percpu_offset(target, "current_task")
+        elif target.has_symbol("pcpu_hot") and target.has_member("pcpu_hot", "current_task"):
+            self.current_off = _percpu_offset(target, "pcpu_hot") + target.member_offset("pcpu_hot", "current_task")
         else:
             raise ShadowvolError("the profile has neither current_task nor pcpu_hot: cannot find the "
                                  "current task")
-        self.off_state = ts.get("__state", ts.get("state", {})).get("offset")
-        self._names = syscall_names(target)
+        # task_struct.state became __state in 5.14 (commit 2f064a59a11f "sched: Change task_struct::state").
+        state = next((m for m in ("__state", "state") if target.has_member("task_struct", m)), None)
+        self.off_state = target.member_offset("task_struct", state) if state else None
+        self._names = syscall_names(target)  # read once, at the start of the trace
 
     def syscall_name(self, nr: int) -> str:
         return self._names.get(nr, f"syscall_{nr}")
@@ -123,15 +130,16 @@ class _Point:
 
 
 class BreakpointMonitor:
-    """Breakpoints on a VM's kernel through its gdbstub; :meth:`close` always removes them."""
+    """Breakpoints on a target's kernel through its gdbstub; :meth:`close` always removes them.
 
-    def __init__(self, vm: str, target: Any | None = None) -> None:
-        from ..target import open_target
-        from ..vm.registry import get_vm
+    The target (a :class:`shadowvol.target.Target`, opened and closed by the
+    caller) gives the gdbstub endpoint and the guest memory read at each stop."""
 
-        self.entry = get_vm(vm)
-        self._own_target = target is None
-        self.target = target or open_target(vm=vm)
+    def __init__(self, target: Any) -> None:
+        if target.endpoints.gdb is None:
+            raise ShadowvolError(f"{target.description} has no gdbstub: breakpoints (--backend libvmi) "
+                                 "need a VM started by 'shadowvol vm start'")
+        self.target = target
         self.k = _Kernel(self.target)
         self.points: dict[int, _Point] = {}
         self.warnings: list[str] = []
@@ -142,10 +150,9 @@ class BreakpointMonitor:
     # -- set-up --------------------------------------------------------------
 
     def add_kind(self, kind: str) -> None:
-        sym = self.target.isf["symbols"]
         for name in HOOKS[kind]:
-            if name in sym:
-                self._add(kind, sym[name]["address"] + self.k.shift, name)
+            if self.target.has_symbol(name):
+                self._add(kind, self.target.symbol_address(name), name)
                 return
         raise ShadowvolError(f"no hook for {kind} events: none of {', '.join(HOOKS[kind])} in the profile")
 
@@ -161,7 +168,7 @@ class BreakpointMonitor:
 
     def attach(self) -> None:
         """Connect (halts the VM) and insert every breakpoint."""
-        self.stub = GdbStub(self.entry.gdb)
+        self.stub = GdbStub(self.target.endpoints.gdb)
         for addr in self.points:
             self.stub.insert_breakpoint(addr)
             self._inserted.add(addr)
@@ -185,8 +192,6 @@ class BreakpointMonitor:
                 self._inserted.clear()
             finally:
                 stub.close()  # detach: QEMU resumes the guest
-        if self._own_target:
-            self.target.close()
 
     _running = False
 
@@ -239,6 +244,9 @@ class BreakpointMonitor:
                 continue  # a single-step trap of someone else; just resume
             m = _THREAD_RE.search(stop)
             cpu = int(m.group(1), 16) - 1 if m else 0
+            # The guest ran since the last stop: translations cached then may be stale.
+            # Each stop is one epoch; nothing else is cached across events (the syscall
+            # names and text symbols are the tracer's own, read once at its start).
             self.target.new_epoch()
             try:
                 ev = self._decode(point, regs, cpu)
@@ -308,18 +316,18 @@ class BreakpointMonitor:
                                   "regs": {r: regs[r] for r in (*_PROBE_ARGS, "rsp", "rax")}}, **base)
 
 
-def trace_breakpoints(vm: str, *, syscalls: bool = True, sched: bool = False, proc: bool = False,
+def trace_breakpoints(target: Any, *, syscalls: bool = True, sched: bool = False, proc: bool = False,
                       at: list[str] | None = None, duration: float = 5.0,
                       on_event: Callable[[Event], None] = lambda e: None,
-                      target: Any | None = None,
                       should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Trace ``vm`` with gdbstub breakpoints for ``duration`` seconds; returns statistics.
+    """Trace ``target`` (a :class:`shadowvol.target.Target`, opened and closed by the
+    caller) with gdbstub breakpoints for ``duration`` seconds; returns statistics.
 
     ``should_stop`` (polled about every 0.25 s while the guest runs) ends the
     trace early. Every breakpoint is removed and the gdbstub detached on return, on error
     and on KeyboardInterrupt; the guest keeps running.
     """
-    mon = BreakpointMonitor(vm, target=target)
+    mon = BreakpointMonitor(target)
     try:
         if syscalls:
             mon.add_kind("syscall")

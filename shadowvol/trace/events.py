@@ -50,26 +50,20 @@ class Event:
 def syscall_names(target: Any) -> dict[int, str]:
     """Syscall number -> name, from the guest's ``sys_call_table`` and the ``__x64_sys_*`` symbols.
 
-    Read from the guest on each call: a tracer calls it once and keeps the
-    result for its run (nothing is cached on the target).
+    Read from the guest on each call: a tracer calls it once, at its start,
+    and keeps the result for its run (an explicit cache its owner holds;
+    nothing is cached on the target).
     """
-    sym = target.isf["symbols"]
-    shift = target.location.virt_shift
-    # Select by name first: profiles decode symbols lazily, and only ~350 of
-    # ~80,000 are syscall handlers.
-    handlers = [k for k in sym if k.startswith("__x64_sys_")]
-    by_addr = {sym[k]["address"]: k[len("__x64_sys_"):] for k in handlers
-               if sym[k].get("address") is not None}
+    by_addr = {addr: name[len("__x64_sys_"):] for name, addr in target.symbol_addresses("__x64_sys_")}
     names: dict[int, str] = {}
-    table = sym.get("sys_call_table")
-    if table is not None and table.get("address") is not None:
-        n = (table.get("type") or {}).get("count", 451)
+    if target.has_symbol("sys_call_table"):
+        n = target.array_length("sys_call_table") or 451
         try:
-            raw = target.kernel.read(table["address"] + shift, 8 * n)
+            raw = target.kernel.read(target.symbol_address("sys_call_table"), 8 * n)
         except ShadowvolError:
             raw = b""
         for i in range(len(raw) // 8):
-            name = by_addr.get(int.from_bytes(raw[8 * i:8 * i + 8], "little") - shift)
+            name = by_addr.get(int.from_bytes(raw[8 * i:8 * i + 8], "little"))
             if name and name != "ni_syscall":
                 names[i] = name
     return names

@@ -13,11 +13,11 @@ in .rodata).
 
 from __future__ import annotations
 
-import bisect
 import re
 from typing import Any
 
 from ..errors import ShadowvolError
+from ..profiles import TextSymbols
 
 __all__ = ["MonitorPointError", "TextSymbols", "resolve_point", "check_monitor_point"]
 
@@ -27,36 +27,6 @@ MAX_SWEEP = 1 << 16
 
 class MonitorPointError(ShadowvolError):
     """A monitor point is not a usable kernel instruction address."""
-
-
-class TextSymbols:
-    """Kernel-text symbols of one profile, sorted by link-time address.
-
-    Built from the profile alone (no guest memory is read), on the first
-    lookup. Whoever needs several lookups makes one and keeps it for as long
-    as it uses that profile (one trace, one integrity check); nothing is
-    cached on the target.
-    """
-
-    def __init__(self, isf: Any) -> None:
-        self._isf = isf
-        self._addrs: list[int] | None = None
-        self._names: list[str] = []
-
-    def _build(self) -> list[int]:
-        if self._addrs is None:
-            sym = self._isf["symbols"]
-            lo, hi = sym["_stext"]["address"], sym["_etext"]["address"]
-            pairs = sorted((v["address"], k) for k, v in sym.items()
-                           if v.get("address") is not None and lo <= v["address"] < hi)
-            self._addrs, self._names = [a for a, _ in pairs], [n for _, n in pairs]
-        return self._addrs
-
-    def enclosing(self, link_addr: int) -> tuple[int, str] | None:
-        """(link-time start, name) of the text symbol at or before ``link_addr``, or None."""
-        addrs = self._build()
-        i = bisect.bisect_right(addrs, link_addr) - 1
-        return (addrs[i], self._names[i]) if i >= 0 else None
 
 
 def resolve_point(target: Any, point: str | int) -> int:
@@ -69,10 +39,9 @@ def resolve_point(target: Any, point: str | int) -> int:
     m = re.fullmatch(r"([A-Za-z_.$][\w.$]*)(?:\s*\+\s*(0x[0-9a-fA-F]+|\d+))?", text)
     if not m:
         raise MonitorPointError(f"monitor point {point!r}: expected SYMBOL, SYMBOL+OFFSET or an address")
-    sym = target.isf["symbols"].get(m.group(1))
-    if sym is None or sym.get("address") is None:
+    if not target.has_symbol(m.group(1)):
         raise MonitorPointError(f"monitor point {point!r}: no symbol {m.group(1)!r} in the profile")
-    return sym["address"] + target.location.virt_shift + (int(m.group(2), 0) if m.group(2) else 0)
+    return target.symbol_address(m.group(1)) + (int(m.group(2), 0) if m.group(2) else 0)
 
 
 def check_monitor_point(target: Any, point: str | int,
@@ -87,8 +56,7 @@ def check_monitor_point(target: Any, point: str | int,
 
     addr = resolve_point(target, point)
     shift = target.location.virt_shift
-    sym = target.isf["symbols"]
-    lo, hi = sym["_stext"]["address"] + shift, sym["_etext"]["address"] + shift
+    lo, hi = target.symbol_address("_stext"), target.symbol_address("_etext")
     if not lo <= addr < hi:
         raise MonitorPointError(f"monitor point {point!r} ({addr:#x}) is outside kernel text "
                                 f"[{lo:#x}, {hi:#x})")

@@ -15,6 +15,8 @@ import struct
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from ..errors import ShadowvolError
@@ -52,18 +54,18 @@ class ShadowTracer:
         self.warnings: list[str] = []
         self.compartment = Compartment.open(target.memory, from_start=from_start)
         h = self.compartment.header
-        sched = target.isf["symbols"].get("schedule", {}).get("address")
-        if sched is not None and sched + target.location.virt_shift != h.ref_schedule:
+        sched = target.symbol_address("schedule") if target.has_symbol("schedule") else None
+        if sched is not None and sched != h.ref_schedule:
             raise CompartmentError(
                 f"the compartment at {h.paddr:#x} was made by another kernel (schedule at "
-                f"{h.ref_schedule:#x}, the profile says {sched + target.location.virt_shift:#x})")
+                f"{h.ref_schedule:#x}, the profile says {sched:#x})")
         missing = [k for k in kinds if k != "probe" and not h.hooks_active & (1 << (_KIND_TYPE[k] - 1))]
         if missing:
             raise CompartmentError(f"the stub does not record {', '.join(sorted(missing))} events "
                                    f"(loaded with events={h.event_mask:#x})")
         self.names = syscall_names(target)
         self.points: dict[int, str] = {}
-        text = TextSymbols(target.isf)
+        text = TextSymbols(target.isf)  # the tracer's own, for as long as it checks points
         for spec in at or ():
             self.points[self._arm_check(spec, text)] = spec
         self._types = {_KIND_TYPE[k] for k in kinds}
@@ -114,16 +116,18 @@ class ShadowTracer:
         return self.compartment.drops() - self._drops0
 
 
-def _stub_unavailable(vm: str) -> str | None:
+def _stub_unavailable(target: Any) -> str | None:
     """Why a VM started by ``vm start`` has no stub: its image could not
-    build or load it on that kernel (None when that is not the reason)."""
+    build or load it on that kernel (None when that is not the reason, or
+    the target is not such a VM)."""
     from pathlib import Path
 
-    from ..vm import registry
     from ..vm.image import Image
 
+    entry = target.vm
+    if entry is None:
+        return None
     try:
-        entry = registry.get_vm(vm)
         if entry.stub:  # asked for at boot: the guest's rcS says when insmod failed
             log = Path(entry.console_log).read_bytes()
             if b"shadowvol: the guest stub failed to load" in log:
@@ -137,13 +141,104 @@ def _stub_unavailable(vm: str) -> str | None:
         return None
 
 
-def trace_shadow(vm: str, *, syscalls: bool = True, sched: bool = False, proc: bool = False,
+@contextmanager
+def _quiet_poller(nice: int) -> Iterator[None]:
+    """The polling thread runs ``nice`` steps below normal priority and without the
+    garbage collector (a full collection over many live events can pause us for
+    longer than a ring lasts); both are restored on exit."""
+    gc_was_on = gc.isenabled()
+    tid = threading.get_native_id()
+    prio_was = os.getpriority(os.PRIO_PROCESS, tid)
+    gc.disable()
+    if nice:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, prio_was + nice))
+    try:
+        yield
+    finally:
+        if gc_was_on:
+            gc.enable()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, prio_was)
+        except PermissionError:  # raising priority back needs CAP_SYS_NICE
+            pass
+
+
+class _Drain:
+    """Copies records out of the rings as fast as the guest writes them and decodes
+    them in between, in bounded slices (copying is cheap, decoding is slow)."""
+
+    def __init__(self, tracer: ShadowTracer, on_event: Callable[[Event], None]) -> None:
+        self.tracer = tracer
+        self.on_event = on_event
+        self.counts: Counter[str] = Counter()
+        self.backlog: deque[tuple[bytes, int]] = deque()
+        self.records = self.polls = 0
+        self.stub_gone = False
+
+    def copy(self) -> int:
+        raw = self.tracer.copy()
+        self.polls += 1
+        self.records += len(raw)
+        self.backlog.extend(raw)
+        return len(raw)
+
+    def deliver(self, budget_s: float | None) -> None:
+        """Decode copied records, for at most ``budget_s`` (None: all of them)."""
+        end = None if budget_s is None else time.monotonic() + budget_s
+        while self.backlog:
+            batch = [self.backlog.popleft() for _ in range(min(256, len(self.backlog)))]
+            for ev in self.tracer.decode(batch):
+                self.counts[ev.kind] += 1
+                self.on_event(ev)
+            if end is not None and time.monotonic() >= end:
+                return
+
+    def run(self, duration: float, should_stop: Callable[[], bool] | None, interval: float,
+            decode_slice: float) -> float:
+        """Poll until ``duration`` is over, the stub is gone or ``should_stop()``; the seconds polled."""
+        t0 = time.monotonic()
+        deadline, next_check = t0 + duration, t0 + 0.25
+        while True:
+            copied = self.copy()
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if now >= next_check:
+                next_check = now + 0.25
+                if not self.tracer.compartment.alive():
+                    self.stub_gone = True
+                    self.tracer.warnings.append("the stub was unloaded during the trace")
+                    break
+                if should_stop is not None and should_stop():
+                    break
+            if self.backlog:
+                self.deliver(decode_slice)
+            elif not copied:
+                time.sleep(interval)
+        return time.monotonic() - t0
+
+
+def _open_tracer(target: Any, kinds: set[str], at: list[str] | None, from_start: bool) -> ShadowTracer:
+    """A tracer on ``target``'s compartment; a missing stub says why when the VM's image knows."""
+    if not kinds:
+        raise ShadowvolError("nothing to trace: give --syscalls, --sched, --proc or --at SYMBOL")
+    try:
+        return ShadowTracer(target, kinds, at, from_start=from_start)
+    except CompartmentError as exc:
+        why = _stub_unavailable(target)
+        if why is None:
+            raise
+        raise CompartmentError(f"{why}; use --backend libvmi (breakpoints) on this VM") from exc
+
+
+def trace_shadow(target: Any, *, syscalls: bool = True, sched: bool = False, proc: bool = False,
                  at: list[str] | None = None, duration: float = 5.0,
-                 on_event: Callable[[Event], None] = lambda e: None, target: Any | None = None,
+                 on_event: Callable[[Event], None] = lambda e: None,
                  should_stop: Callable[[], bool] | None = None, interval: float = 0.0005,
                  decode_slice: float = 0.002, from_start: bool = False,
                  nice: int = 10) -> dict[str, Any]:
-    """Trace ``vm`` from its shadow compartment for ``duration`` seconds; returns statistics.
+    """Trace ``target`` (a :class:`shadowvol.target.Target`, opened and closed by the
+    caller) from its shadow compartment for ``duration`` seconds; returns statistics.
 
     Same call shape as :func:`shadowvol.trace.breakpoint.trace_breakpoints`.
     ``interval`` is the idle sleep between empty polls, ``decode_slice`` the
@@ -155,96 +250,26 @@ def trace_shadow(vm: str, *, syscalls: bool = True, sched: bool = False, proc: b
     must not take CPU time from the guest's vCPU threads (the monitor's cost
     would show up as guest slowdown).
     """
-    own = target is None
-    if own:
-        from ..target import open_target
-
-        target = open_target(vm=vm)
-    gc_was_on = gc.isenabled()
-    tid = threading.get_native_id()
-    prio_was = os.getpriority(os.PRIO_PROCESS, tid)
-    try:
-        kinds = wanted_kinds(syscalls, sched, proc, at)
-        if not kinds:
-            raise ShadowvolError("nothing to trace: give --syscalls, --sched, --proc or --at SYMBOL")
-        try:
-            tr = ShadowTracer(target, kinds, at, from_start=from_start)
-        except CompartmentError as exc:
-            why = _stub_unavailable(vm)
-            if why is None:
-                raise
-            raise CompartmentError(f"{why}; use --backend libvmi (breakpoints) on this VM") from exc
-        counts: Counter[str] = Counter()
-        backlog: deque[tuple[bytes, int]] = deque()
-
-        def deliver(budget_s: float | None) -> None:
-            """Decode copied records, for at most ``budget_s`` (None: all of them)."""
-            end = None if budget_s is None else time.monotonic() + budget_s
-            while backlog:
-                batch = [backlog.popleft() for _ in range(min(256, len(backlog)))]
-                for ev in tr.decode(batch):
-                    counts[ev.kind] += 1
-                    on_event(ev)
-                if end is not None and time.monotonic() >= end:
-                    return
-
-        # Copying out of the rings is cheap and must keep up with the guest;
-        # decoding is slow, so it is done between copies, in bounded slices.
-        # A full garbage collection over many live events can pause us for
-        # longer than a ring lasts, so the collector is off while we poll.
-        gc.disable()
-        if nice:
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, prio_was + nice))
-        records = polls = 0
-        stub_gone = False
-        t0 = time.monotonic()
-        deadline, next_check = t0 + duration, t0 + 0.25
-        while True:
-            raw = tr.copy()
-            polls += 1
-            records += len(raw)
-            backlog.extend(raw)
-            now = time.monotonic()
-            if now >= deadline:
-                break
-            if now >= next_check:
-                next_check = now + 0.25
-                if not tr.compartment.alive():
-                    stub_gone = True
-                    tr.warnings.append("the stub was unloaded during the trace")
-                    break
-                if should_stop is not None and should_stop():
-                    break
-            if backlog:
-                deliver(decode_slice)
-            elif not raw:
-                time.sleep(interval)
-        seconds = time.monotonic() - t0
+    tr = _open_tracer(target, wanted_kinds(syscalls, sched, proc, at), at, from_start)
+    drain = _Drain(tr, on_event)
+    with _quiet_poller(nice):
+        seconds = drain.run(duration, should_stop, interval, decode_slice)
         lost = tr.lost()
-        drops = 0 if stub_gone else tr.drops()
-        deliver(None)
-        h = tr.compartment.header
-        events = sum(counts.values())
-        return {
-            "backend": "shadow",
-            "events": events,
-            "records": records,
-            "seconds": round(seconds, 3),
-            "events_per_s": round(events / seconds, 1) if seconds else 0.0,
-            "records_per_s": round(records / seconds, 1) if seconds else 0.0,
-            "kinds": dict(counts),
-            "lost": lost,
-            "stub_drops": drops,
-            "polls": polls,
-            "compartment": {"paddr": h.paddr, "rings": h.nr_rings, "ring_records": h.ring_records},
-            "warnings": tr.warnings[:20],
-        }
-    finally:
-        if gc_was_on:
-            gc.enable()
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, prio_was)
-        except PermissionError:  # raising priority back needs CAP_SYS_NICE
-            pass
-        if own:
-            target.close()
+        drops = 0 if drain.stub_gone else tr.drops()
+        drain.deliver(None)
+    h = tr.compartment.header
+    events, records = sum(drain.counts.values()), drain.records
+    return {
+        "backend": "shadow",
+        "events": events,
+        "records": records,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(events / seconds, 1) if seconds else 0.0,
+        "records_per_s": round(records / seconds, 1) if seconds else 0.0,
+        "kinds": dict(drain.counts),
+        "lost": lost,
+        "stub_drops": drops,
+        "polls": drain.polls,
+        "compartment": {"paddr": h.paddr, "rings": h.nr_rings, "ring_records": h.ring_records},
+        "warnings": tr.warnings[:20],
+    }

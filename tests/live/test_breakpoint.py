@@ -16,13 +16,20 @@ from shadowvol.trace.points import MonitorPointError, check_monitor_point
 GETPPID = 110  # x86-64
 
 
+@pytest.fixture
+def web01_target(web01):
+    t = open_target(vm=web01.name)
+    yield t
+    t.close()
+
+
 def _start_in_guest(guest, cmd: str, delay: float = 1.5) -> int:
     """Start ``cmd`` in the background after ``delay`` s, with a known pid (exec keeps it)."""
     out = guest(f"sh -c 'sleep {delay}; exec {cmd}' >/dev/null 2>&1 </dev/null & echo $!")
     return int(out.split()[-1])
 
 
-def test_libvmi_sees_syscall_of_started_program(web01, guest):
+def test_libvmi_sees_syscall_of_started_program(web01_target, guest):
     # The loop runs until killed, so it is still running whenever the monitor
     # has attached (the first attach of a session may take a while).
     pid = _start_in_guest(guest, "/usr/bin/sv-syscall-loop 4000000000", delay=0.2)
@@ -33,7 +40,7 @@ def test_libvmi_sees_syscall_of_started_program(web01, guest):
             seen.append(ev)
 
     try:
-        stats = trace_breakpoints(web01.name, syscalls=True, duration=40.0, on_event=on_event,
+        stats = trace_breakpoints(web01_target, syscalls=True, duration=40.0, on_event=on_event,
                                   should_stop=lambda: sum(e.nr == GETPPID for e in seen) >= 5)
     finally:
         guest(f"kill {pid} 2>/dev/null; true")
@@ -45,11 +52,11 @@ def test_libvmi_sees_syscall_of_started_program(web01, guest):
     assert hits[0].comm.startswith("sv-syscall-lo")
 
 
-def test_guest_runs_after_detach(web01, guest):
+def test_guest_runs_after_detach(web01_target, guest):
     # Sched + proc + a probe on the syscall loop's own handler, while a loop runs.
     pid = _start_in_guest(guest, "/usr/bin/sv-syscall-loop 200", delay=0.5)
     kinds = set()
-    stats = trace_breakpoints(web01.name, syscalls=True, sched=True, proc=True,
+    stats = trace_breakpoints(web01_target, syscalls=True, sched=True, proc=True,
                               at=["__x64_sys_getppid"], duration=6.0,
                               on_event=lambda e: kinds.add(e.kind))
     assert "switch" in kinds and "syscall" in kinds, stats
@@ -63,7 +70,7 @@ def test_guest_runs_after_detach(web01, guest):
         assert bad not in dmesg, dmesg[-2000:]
 
 
-def test_breakpoints_removed_when_handler_raises(web01, guest):
+def test_breakpoints_removed_when_handler_raises(web01_target, guest):
     class Boom(Exception):
         pass
 
@@ -71,16 +78,15 @@ def test_breakpoints_removed_when_handler_raises(web01, guest):
         raise Boom()
 
     with pytest.raises(Boom):
-        trace_breakpoints(web01.name, syscalls=True, sched=True, duration=10.0, on_event=on_event)
+        trace_breakpoints(web01_target, syscalls=True, sched=True, duration=10.0, on_event=on_event)
     assert guest("/usr/bin/sv-syscall-loop 1000; echo ok").strip().endswith("ok")
 
 
 def test_monitor_point_checks(web01):
     t = open_target(vm=web01.name)
     try:
-        sym = t.isf["symbols"]
         addr, warnings = check_monitor_point(t, "x64_sys_call")
-        assert addr == sym["x64_sys_call"]["address"] + t.location.virt_shift
+        assert addr == t.symbol_address("x64_sys_call")
         assert warnings == []
         # The ftrace nop at function entry is 5 bytes long: +2 is inside it.
         assert t.kernel.read(addr, 5) == bytes.fromhex("0f1f440000")
@@ -97,6 +103,6 @@ def test_monitor_point_checks(web01):
         t.close()
 
 
-def test_nothing_to_trace_is_an_error(web01):
+def test_nothing_to_trace_is_an_error(web01_target):
     with pytest.raises(ShadowvolError, match="nothing to trace"):
-        trace_breakpoints(web01.name, syscalls=False, duration=1.0)
+        trace_breakpoints(web01_target, syscalls=False, duration=1.0)

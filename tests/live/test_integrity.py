@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from shadowvol.integrity import check_integrity, find_module, ko_text_layout, stub_ko_path
+from shadowvol.target import open_target
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,17 +42,26 @@ def _sh(entry, cmd: str, check: bool = True) -> str:
     return text
 
 
+def check(entry):
+    """``shadowvol trace-check -vm NAME`` as a function: open the target, check, close."""
+    t = open_target(vm=entry.name)
+    try:
+        return check_integrity(t)
+    finally:
+        t.close()
+
+
 def _statuses(rep) -> dict[str, str]:
     return {f.check: f.status for f in rep.findings}
 
 
 def test_intact_stub_passes(stubvm):
-    rep = check_integrity(stubvm.name)
+    rep = check(stubvm)
     assert rep.ok, rep.to_json()
     st = _statuses(rep)
     assert st["code.ko"] == "ok" and st["hook.sys_enter"] == "ok" and st["rings"] == "ok"
     assert rep.facts["code_bytes_compared"] > 100
-    rep2 = check_integrity(stubvm.name)  # trust-on-first-use: now compares against the first sight
+    rep2 = check(stubvm)  # trust-on-first-use: now compares against the first sight
     assert rep2.ok and "unchanged" in next(f.detail for f in rep2.findings if f.check == "code.tofu")
 
 
@@ -60,25 +70,23 @@ def test_foreign_probe_before_stub_detected(stubvm, kit):
 
     vm_cp(stubvm, kit, "/tmp/rk_stubtamper.ko")
     _sh(stubvm, "insmod /tmp/rk_stubtamper.ko mode=probe")
-    rep = check_integrity(stubvm.name)
+    rep = check(stubvm)
     assert not rep.ok
     f = next(f for f in rep.findings if f.check == "hook.sys_enter")
     assert f.status == "TAMPERED" and "foreign" in f.detail and "rk_stubtamper" in f.detail, f
     _sh(stubvm, "rmmod rk_stubtamper")
-    assert check_integrity(stubvm.name).ok
+    assert check(stubvm).ok
 
 
 def test_unhooked_stub_detected(stubvm, kit):
     _sh(stubvm, "insmod /tmp/rk_stubtamper.ko mode=unhook")
-    rep = check_integrity(stubvm.name)
+    rep = check(stubvm)
     f = next(f for f in rep.findings if f.check == "hook.sys_enter")
     assert f.status == "TAMPERED" and "not registered" in f.detail, f
     _sh(stubvm, "rmmod rk_stubtamper")
 
 
 def test_code_byte_patch_detected(stubvm, image):
-    from shadowvol.target import open_target
-
     # A byte the loader never rewrites, inside the stub's exit function (cold code).
     ko = ko_text_layout(stub_ko_path(image.release))
     t = open_target(vm=stubvm.name)
@@ -92,7 +100,7 @@ def test_code_byte_patch_detected(stubvm, image):
     i = next(i for i in range(off - base + 8, len(ko.masks[sec])) if not ko.masks[sec][i])
     addr = mod.core_base + base + i
     _sh(stubvm, f"insmod /tmp/rk_stubtamper.ko mode=code addr={addr}")
-    rep = check_integrity(stubvm.name)
+    rep = check(stubvm)
     st = _statuses(rep)
     assert st["code.ko"] == "TAMPERED" and st["code.tofu"] == "TAMPERED", rep.to_json()
     assert "cleanup_module" in next(f.detail for f in rep.findings if f.check == "code.ko")

@@ -58,7 +58,7 @@ def traced(entry, target, cmd: str, **kw) -> tuple[list, dict, str]:
     done = threading.Event()
 
     def run() -> None:
-        stats.update(trace_shadow(entry.name, target=target, duration=120, on_event=evs.append,
+        stats.update(trace_shadow(target, duration=120, on_event=evs.append,
                                   should_stop=done.is_set, **kw))
 
     th = threading.Thread(target=run)
@@ -79,8 +79,7 @@ def test_compartment_found_and_valid(stubvm, target):
     h = find_compartment(target.memory)
     assert time.monotonic() - t0 < 1.0
     assert h.nr_rings == stubvm.cpus and h.ring_records >= 16 and h.hooks_active & 0x1F == 0x1F
-    sym = target.isf["symbols"]
-    assert h.ref_schedule == sym["schedule"]["address"] + target.location.virt_shift
+    assert h.ref_schedule == target.symbol_address("schedule")
     mods = sh(stubvm, "cat /proc/modules")
     assert "shadow_stub" in mods
     assert [p.spec for p in h.points] == ["__x64_sys_getppid"] and h.points[0].status == 0
@@ -123,11 +122,11 @@ def test_monitor_point_kprobe(stubvm, target):
 
 def test_unarmed_or_bad_monitor_point_is_refused(stubvm, target):
     with pytest.raises(CompartmentError, match="not armed"):
-        trace_shadow(stubvm.name, target=target, at=["__x64_sys_getpid"], duration=0.1)
+        trace_shadow(target, at=["__x64_sys_getpid"], duration=0.1)
     from shadowvol.trace.points import MonitorPointError
 
     with pytest.raises(MonitorPointError, match="instruction boundary"):
-        trace_shadow(stubvm.name, target=target, at=["__x64_sys_getppid+1"], duration=0.1)
+        trace_shadow(target, at=["__x64_sys_getppid+1"], duration=0.1)
 
 
 def test_cli_trace_json(stubvm):
@@ -172,7 +171,7 @@ def test_no_silent_loss_at_syscall_loop_rate(stubvm, target):
     stats: dict = {}
     done = threading.Event()
     th = threading.Thread(target=lambda: stats.update(trace_shadow(
-        stubvm.name, target=target, syscalls=True, sched=True, duration=300, on_event=count,
+        target, syscalls=True, sched=True, duration=300, on_event=count,
         should_stop=done.is_set)))
     th.start()
     time.sleep(0.5)

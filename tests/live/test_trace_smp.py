@@ -46,7 +46,7 @@ def test_each_cpu_ring_delivers_its_loop(smp):
 
     target = open_target(vm=smp.name)  # opened here: the trace must start before the loops
     th = threading.Thread(target=lambda: stats.update(trace_shadow(
-        smp.name, syscalls=True, duration=300, on_event=count, should_stop=done.is_set, target=target)))
+        target, syscalls=True, duration=300, on_event=count, should_stop=done.is_set)))
     th.start()
     time.sleep(1.0)
     try:
@@ -69,10 +69,14 @@ def test_breakpoints_on_both_vcpus_then_guest_healthy(smp):
     sh(smp, "taskset -c 0 sv-syscall-loop 4000000000 >/dev/null 2>&1 & "
             "taskset -c 1 sv-syscall-loop 4000000000 >/dev/null 2>&1 & true")
     cpus = collections.Counter()
+    from shadowvol.target import open_target
+
+    target = open_target(vm=smp.name)
     try:
-        trace_breakpoints(smp.name, syscalls=True, sched=True, duration=5.0,
+        trace_breakpoints(target, syscalls=True, sched=True, duration=5.0,
                           on_event=lambda e: cpus.update([e.cpu]) if e.comm == "sv-syscall-loop" else None)
     finally:
+        target.close()
         sh(smp, "killall sv-syscall-loop; true")
     assert cpus[0] > 0 and cpus[1] > 0
     assert float(sh(smp, "sv-syscall-loop 100000").split()[-1]) < 5.0

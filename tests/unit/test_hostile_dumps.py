@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -53,18 +54,25 @@ MAX_PFN_VA = 0xffffffff82000000
 SHIFT = 0x1a000000
 
 
-def _target(max_pfn: int | None, dump_end: int, readable: bool = True) -> SimpleNamespace:
+def _target(max_pfn: int | None, dump_end: int, readable: bool = True) -> Any:
     def read(addr: int, length: int) -> bytes:
         assert addr == MAX_PFN_VA + SHIFT and length == 8
         if not readable:
             raise ShadowvolError("kernel: invalid address")
         return (max_pfn or 0).to_bytes(8, "little")
 
+    from shadowvol.kaslr import KernelLocation
+    from shadowvol.target import Target
+
+    class SyntheticTarget(Target):  # the real symbol API; kernel reads answered by read()
+        def __post_init__(self) -> None:
+            self.kernel = SimpleNamespace(read=read)  # type: ignore[assignment]
+
     syms = {} if max_pfn is None else {"max_pfn": {"address": MAX_PFN_VA,
                                                    "type": {"kind": "base", "name": "long unsigned int"}}}
-    return SimpleNamespace(isf={"symbols": syms}, kernel=SimpleNamespace(read=read),
-                           location=SimpleNamespace(virt_shift=SHIFT), description="dump:x.raw",
-                           memory=SimpleNamespace(ranges=lambda: [(0, dump_end)]))
+    loc = KernelLocation(dtb=0, virt_shift=SHIFT, phys_base=0, la57=False, source="test")
+    return SyntheticTarget(SimpleNamespace(ranges=lambda: [(0, dump_end)]), loc,  # type: ignore[arg-type]
+                           {"symbols": syms}, Path("synthetic.json"), "dump:x.raw")
 
 
 @pytest.mark.parametrize("cut_mib", [160, 256, 511])

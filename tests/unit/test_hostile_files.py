@@ -269,9 +269,14 @@ def test_guest_profile_is_reused_only_for_a_guest_with_the_same_btf(private: Pat
 
     seen: list[bytes] = []
 
-    class FakeTarget:
-        def __init__(self, memory, loc, isf, path, desc):  # noqa: ANN001
-            self.kernel, self.isf, self.location = memory, isf, SimpleNamespace(virt_shift=0)
+    from shadowvol.kaslr import KernelLocation
+
+    class FakeTarget(tg.Target):
+        """The real Target (its symbol API), guest memory read as the kernel's, no KASLR shift."""
+
+        def __post_init__(self) -> None:
+            self.kernel = self.memory
+            self.location = KernelLocation(0, 0, 0, False, "test")
 
     monkeypatch.setattr(tg, "Target", FakeTarget)
     monkeypatch.setattr(tg, "_locate", lambda *a, **k: seen.append(b"located") or None)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 
+from shadowvol.kaslr import KernelLocation
+from shadowvol.target import Target
 from shadowvol.trace.points import MonitorPointError, TextSymbols, check_monitor_point
 
 SHIFT = 0x1000_0000
@@ -13,18 +15,28 @@ STEXT = 0xFFFF_FFFF_8100_0000
 CODE = bytes.fromhex("55" "4889e5" "e800000000" "c3") + b"\x90" * 32  # push; mov; call; ret
 
 
-def _target() -> SimpleNamespace:
+class _Kernel:
+    """Kernel-virtual reads of the synthetic text: CODE at f, nops elsewhere."""
+
+    def read(self, addr: int, length: int) -> bytes:
+        off = addr - (STEXT + 0x10 + SHIFT)
+        data = CODE[max(off, 0):]
+        return data[:length].ljust(length, b"\x90")
+
+
+class _SyntheticTarget(Target):
+    """The real Target (its symbol API) on a synthetic profile, with kernel reads from CODE."""
+
+    def __post_init__(self) -> None:
+        self.kernel = _Kernel()  # type: ignore[assignment]
+
+
+def _target() -> Target:
     isf = {"symbols": {"_stext": {"address": STEXT}, "_etext": {"address": STEXT + 0x1000},
                        "f": {"address": STEXT + 0x10}, "g": {"address": STEXT + 0x20},
                        "init_task": {"address": STEXT + 0x2000}, "nosym": {}}}
-
-    class Kernel:
-        def read(self, addr: int, length: int) -> bytes:
-            off = addr - (STEXT + 0x10 + SHIFT)
-            data = CODE[max(off, 0):]
-            return data[:length].ljust(length, b"\x90")
-
-    return SimpleNamespace(isf=isf, kernel=Kernel(), location=SimpleNamespace(virt_shift=SHIFT))
+    loc = KernelLocation(dtb=0, virt_shift=SHIFT, phys_base=0, la57=False, source="test")
+    return _SyntheticTarget(None, loc, isf, Path("synthetic.json"), "synthetic")  # type: ignore[arg-type]
 
 
 def test_text_symbols_enclosing() -> None:
@@ -46,4 +58,8 @@ def test_check_monitor_point_shares_one_table() -> None:
         check_monitor_point(t, "f+2", text)
     with pytest.raises(MonitorPointError, match="outside kernel text"):
         check_monitor_point(t, "init_task")
-    assert not [k for k in vars(t) if k.startswith("_")]  # nothing hung on the target
+    before = dict(vars(t))
+    check_monitor_point(t, "g")
+    assert vars(t) == before  # nothing hung on the target
+    with pytest.raises(MonitorPointError, match="no symbol"):
+        check_monitor_point(t, "nosym")
