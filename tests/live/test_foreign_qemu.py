@@ -51,3 +51,20 @@ def test_bad_foreign_targets(anon):
         assert r.returncode != 0
         err = r.stderr.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err and needle in err, err
+
+
+@pytest.mark.parametrize("spec", ["qmp", "pid", "name"])
+def test_target_keeps_the_endpoints_it_found(anon, spec):
+    """pid: finds the QMP socket on QEMU's command line and keeps it: the kernel is then
+    located from VMCOREINFO or CR3, never by scanning all of guest memory."""
+    from shadowvol.target import open_target
+
+    t = open_target(vm={"qmp": f"qmp:{anon.qmp}", "pid": f"pid:{anon.pid}", "name": "anon1"}[spec])
+    try:
+        assert t.endpoints.qmp == anon.qmp
+        assert t.location.source != "scan", t.location
+        assert (t.vm is not None) == (spec == "name")
+        assert t.endpoints.gdb == (anon.gdb if spec == "name" else None)
+        assert t.memory.metadata()["backend"] == "shadow-process"
+    finally:
+        t.close()
