@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -26,6 +27,7 @@ from .kaslr import KernelLocation
 from .paging import PagedMemory, TranslationCache
 
 if TYPE_CHECKING:
+    from .qemu.qmp import QMPClient
     from .vm.registry import VMEntry
 
 Progress = Callable[[str], None]
@@ -192,16 +194,28 @@ def add_source_options(parser: Any, *, dump: bool = True, backend: bool = True, 
         parser.set_defaults(profile=None)
 
 
-def _qmp_vmcoreinfo(qmp_path: str) -> dict[str, str] | None:
+@contextmanager
+def _monitor(qmp: str | QMPClient) -> Iterator[QMPClient]:
+    """A QMP client for ``qmp``: the one given (QEMU serves one QMP client at a time, and a
+    backend reading through ``xp`` holds it), or a new connection to the socket path."""
+    from .qemu.qmp import QMPClient
+
+    if isinstance(qmp, QMPClient):
+        yield qmp
+        return
+    with QMPClient(qmp, timeout=5.0) as client:
+        yield client
+
+
+def _qmp_vmcoreinfo(qmp: str | QMPClient) -> dict[str, str] | None:
     """VMCOREINFO from the ELF notes of a one-page ``dump-guest-memory`` (~1 ms)."""
     from .backends.dump import open_dump
     from .qemu.monitor import dump_first_page
-    from .qemu.qmp import QMPClient
 
     with tempfile.TemporaryDirectory(prefix="shadowvol-vmci-") as tmp:
         out = Path(tmp) / "notes.elf"
         try:
-            with QMPClient(qmp_path, timeout=5.0) as q:
+            with _monitor(qmp) as q:
                 dump_first_page(q, out)
             with open_dump(out) as d:
                 return d.vmcoreinfo()
@@ -209,13 +223,12 @@ def _qmp_vmcoreinfo(qmp_path: str) -> dict[str, str] | None:
             return None
 
 
-def _qmp_registers(qmp_path: str) -> tuple[int, int] | None:
+def _qmp_registers(qmp: str | QMPClient) -> tuple[int, int] | None:
     """(CR3, CR4) from ``info registers``; None when the monitor does not answer."""
     from .qemu.monitor import control_registers
-    from .qemu.qmp import QMPClient
 
     try:
-        with QMPClient(qmp_path, timeout=5.0) as q:
+        with _monitor(qmp) as q:
             return control_registers(q)
     except VMError:
         return None
@@ -247,8 +260,10 @@ def _open_vm(spec: str, backend: str) -> _Source:
         if not os.path.exists(qmp):
             raise VMError(f"QMP socket {qmp} does not exist")
         mem = shadow.open_shadow(qmp_path=qmp) if backend == "shadow" else libvmi.open_libvmi(None, qmp)
-        return _Source(mem, f"qmp:{qmp}", endpoints=Endpoints(qmp=qmp), vmcoreinfo=lambda: _qmp_vmcoreinfo(qmp),
-                       registers=lambda: _qmp_registers(qmp))
+        # Reading through xp, the backend holds QEMU's one QMP connection: ask through it.
+        monitor: str | QMPClient = mem.qmp if isinstance(mem, libvmi.QmpPhysicalMemory) else qmp
+        return _Source(mem, f"qmp:{qmp}", endpoints=Endpoints(qmp=qmp),
+                       vmcoreinfo=lambda: _qmp_vmcoreinfo(monitor), registers=lambda: _qmp_registers(monitor))
     if spec.startswith("pid:"):
         try:
             pid = int(spec[4:])
@@ -516,6 +531,30 @@ def _runs_there(src: _Source, loc: KernelLocation, symbols: Any, banner: bytes) 
     return now is not None and (now.dtb, now.virt_shift) == (loc.dtb, loc.virt_shift)
 
 
+def _banner_from_vmcoreinfo(src: _Source, info: dict[str, str] | None) -> bytes | None:
+    """The stored banner of the kernel's release (VMCOREINFO's OSRELEASE) that reads back at
+    ``linux_banner`` through the page tables VMCOREINFO locates; None when none does.
+
+    No scan of all memory: through the libvmi backend a scan is one QMP or
+    gdbstub round trip per page. The check is the scan's own (the banner's
+    bytes in guest memory), at the one address the kernel says it is."""
+    release = (info or {}).get("OSRELEASE", "").strip()
+    if not release:
+        return None
+    prefix = f"Linux version {release} ".encode()
+    for banner in profiles.known_banners():
+        path = profiles.find_profile(banner) if banner.startswith(prefix) else None
+        if path is None:
+            continue
+        try:
+            isf = profiles.load_profile(path)
+            if kaslr.locate_from_vmcoreinfo(info or {}, src.memory, profiles.profile_addresses(isf), banner):
+                return banner
+        except ShadowvolError:
+            continue
+    return None
+
+
 def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
     state = src.state_dir / "kernel.json" if src.state_dir else None
     cached = None
@@ -548,7 +587,7 @@ def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
     else:
         path = None
         say("identifying the kernel")
-        banner = scan_banners(src.memory, profiles.known_banners())
+        banner = _banner_from_vmcoreinfo(src, info) or scan_banners(src.memory, profiles.known_banners())
         found = _stored_profile(src, banner, info, say) if banner is not None else None
         if found is not None:
             path, isf = found
