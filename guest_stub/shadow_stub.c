@@ -444,12 +444,18 @@ static void sv_unregister_all(void)
 #define SV_MODULE_TEXT_SIZE (THIS_MODULE->core_layout.text_size)
 #endif
 
-static int __init sv_init(void)
+/*
+ * The compartment's geometry: 2^order pages in all, a header of hsize bytes
+ * (static part and the per-CPU ring controls), then nr rings of recs records.
+ */
+struct sv_geometry {
+	int order;
+	u64 total, hsize, recs;
+};
+
+static int __init sv_plan(unsigned int nr, struct sv_geometry *g)
 {
-	unsigned int nr = nr_cpu_ids, i;
-	u64 total, hsize, per_ring, recs;
-	struct sv_header *h;
-	int order, err;
+	u64 per_ring;
 
 	if (size_kb == 0 || size_kb > SV_MAX_ALLOC / 1024) {
 		pr_err("shadow_stub: size_kb must be 1..%lu\n", (unsigned long)(SV_MAX_ALLOC / 1024));
@@ -459,51 +465,44 @@ static int __init sv_init(void)
 		pr_err("shadow_stub: too many CPUs (%u)\n", nr);
 		return -EINVAL;
 	}
-	sv = kzalloc(sizeof(*sv), GFP_KERNEL);
-	if (!sv)
-		return -ENOMEM;
-	order = get_order((u64)size_kb * 1024);
-	total = PAGE_SIZE << order;
-	hsize = PAGE_ALIGN(SV_RINGCTL_OFF + nr * SV_RINGCTL_SIZE);
-	per_ring = (total - hsize) / nr;
-	recs = per_ring / SV_RECORD_SIZE;
-	if (recs < 16) {
+	g->order = get_order((u64)size_kb * 1024);
+	g->total = PAGE_SIZE << g->order;
+	g->hsize = PAGE_ALIGN(SV_RINGCTL_OFF + nr * SV_RINGCTL_SIZE);
+	per_ring = (g->total - g->hsize) / nr;
+	g->recs = per_ring / SV_RECORD_SIZE;
+	if (g->recs < 16) {
 		pr_err("shadow_stub: compartment too small for %u CPUs\n", nr);
-		err = -EINVAL;
-		goto free_state;
+		return -EINVAL;
 	}
-	if (recs > U32_MAX)
-		recs = U32_MAX;
+	if (g->recs > U32_MAX)
+		g->recs = U32_MAX;
 	if (ring_records) {
-		if (ring_records < 16 || ring_records > recs) {
-			pr_err("shadow_stub: ring_records must be in 16..%llu\n", recs);
-			err = -EINVAL;
-			goto free_state;
+		if (ring_records < 16 || ring_records > g->recs) {
+			pr_err("shadow_stub: ring_records must be in 16..%llu\n", g->recs);
+			return -EINVAL;
 		}
-		recs = ring_records;
+		g->recs = ring_records;
 	}
-	sv->pages = alloc_pages(GFP_KERNEL | __GFP_ZERO | __GFP_NOWARN, order);
-	if (!sv->pages) {
-		pr_err("shadow_stub: cannot allocate %llu contiguous bytes\n", total);
-		err = -ENOMEM;
-		goto free_state;
-	}
-	sv->order = order;
-	sv->hdr = h = page_address(sv->pages);
-	sv->nrec = recs;
+	return 0;
+}
+
+/* Everything the host reads to find and check the compartment, but the magic and CRC. */
+static void __init sv_fill_header(struct sv_header *h, unsigned int nr, const struct sv_geometry *g)
+{
+	unsigned int i;
 
 	h->version = SV_VERSION;
-	h->header_size = hsize;
-	h->total_size = total;
+	h->header_size = g->hsize;
+	h->total_size = g->total;
 	h->phys_base = page_to_phys(sv->pages);
 	h->virt_base = (unsigned long)h;
 	h->nonce = get_random_u64();
 	h->load_time_ns = ktime_get_real_ns();
 	h->nr_rings = nr;
 	h->record_size = SV_RECORD_SIZE;
-	h->ring_base = hsize;
-	h->ring_bytes = recs * SV_RECORD_SIZE;
-	h->ring_records = recs;
+	h->ring_base = g->hsize;
+	h->ring_bytes = g->recs * SV_RECORD_SIZE;
+	h->ring_records = g->recs;
 	h->event_mask = events & SV_MASK_ALL;
 	h->module_core = SV_MODULE_TEXT_BASE;
 	h->module_core_size = SV_MODULE_CORE_SIZE;
@@ -517,6 +516,13 @@ static int __init sv_init(void)
 	h->ringctl_size = SV_RINGCTL_SIZE;
 	for (i = 0; i < nr; i++)
 		local64_set(&sv_ctl(i)->head, 0);
+}
+
+/* Register on the tracepoints the events= mask asks for; on failure the caller unregisters. */
+static int __init sv_register_tracepoints(struct sv_header *h)
+{
+	unsigned int i;
+	int err;
 
 	for_each_kernel_tracepoint(sv_find_tp, sv);
 	for (i = 0; i < 5; i++) {
@@ -524,18 +530,46 @@ static int __init sv_init(void)
 			continue;
 		if (!sv->tp[i]) {
 			pr_err("shadow_stub: tracepoint %s not found\n", sv_tp_names[i]);
-			err = -ENOENT;
-			goto unregister;
+			return -ENOENT;
 		}
 		h->tracepoint[i] = (unsigned long)sv->tp[i];
 		err = tracepoint_probe_register(sv->tp[i], sv_tp_fn[i], NULL);
 		if (err) {
 			pr_err("shadow_stub: registering on %s: %d\n", sv_tp_names[i], err);
-			goto unregister;
+			return err;
 		}
 		sv->tp_on[i] = true;
 		h->hooks_active |= 1u << i;
 	}
+	return 0;
+}
+
+static int __init sv_init(void)
+{
+	unsigned int nr = nr_cpu_ids;
+	struct sv_geometry g;
+	struct sv_header *h;
+	int err;
+
+	err = sv_plan(nr, &g);
+	if (err)
+		return err;
+	sv = kzalloc(sizeof(*sv), GFP_KERNEL);
+	if (!sv)
+		return -ENOMEM;
+	sv->pages = alloc_pages(GFP_KERNEL | __GFP_ZERO | __GFP_NOWARN, g.order);
+	if (!sv->pages) {
+		pr_err("shadow_stub: cannot allocate %llu contiguous bytes\n", g.total);
+		err = -ENOMEM;
+		goto free_state;
+	}
+	sv->order = g.order;
+	sv->hdr = h = page_address(sv->pages);
+	sv->nrec = g.recs;
+	sv_fill_header(h, nr, &g);
+	err = sv_register_tracepoints(h);
+	if (err)
+		goto unregister;
 	sv_parse_points(h);
 
 	/* Publish: magic and checksum last, so the host never sees a half header. */
@@ -544,7 +578,7 @@ static int __init sv_init(void)
 	h->crc = 0;
 	h->crc = crc32_le(~0U, (const u8 *)h, SV_STATIC_SIZE) ^ ~0U;
 	pr_info("shadow_stub: compartment at phys %#llx, %llu bytes, %u rings x %llu records, events %#x, %u points\n",
-		h->phys_base, total, nr, recs, h->hooks_active, h->nr_points);
+		h->phys_base, g.total, nr, g.recs, h->hooks_active, h->nr_points);
 	return 0;
 
 unregister:
