@@ -6,6 +6,9 @@
 - ``bench pslist``: end-to-end ``shadowvol -vm NAME linux.pslist`` against
   stock ``vol -f <raw dump of the same guest> linux.pslist`` with the same ISF,
   warm, and the libvmi backend.
+- ``bench watch``, ``bench diff``, ``bench profile-load`` (issue 13): a watch
+  tick against a new context per tick and the whole command; ``diff`` of two
+  snapshots; loading a profile in a new process.
 """
 
 from __future__ import annotations
