@@ -117,9 +117,8 @@ def kernel_text_hashes(target: Any) -> list[dict[str, Any]]:
     once and its pages hashed from a view of it (no read per page)."""
     import hashlib
 
-    sym = target.isf["symbols"]
-    lo, hi = sym["_stext"]["address"], sym["_etext"]["address"]
     shift = target.location.virt_shift
+    lo, hi = target.symbol_address("_stext") - shift, target.symbol_address("_etext") - shift
     digests: dict[int, str] = {}
     for vaddr, n, paddr in target.kernel.mapping(lo + shift, hi - lo, ignore_errors=True):
         try:
@@ -140,9 +139,9 @@ def kernel_text_hashes(target: Any) -> list[dict[str, Any]]:
 def name_text_rows(isf: Any, rows: list[dict[str, Any]], column: str = "Offset") -> None:
     """Set ``Symbol`` in text rows: the text symbol at or before the page start
     (``name+0xoff``), from the profile alone."""
-    from .trace.points import TextSymbols
+    from .profiles import TextSymbols, profile_addresses
 
-    lo = isf["symbols"]["_stext"]["address"]
+    lo = profile_addresses(isf)["_stext"]
     text = TextSymbols(isf)
     for row in rows:
         start = lo + row[column]
@@ -286,9 +285,11 @@ def cmd_diff(args: Any) -> int:
 
 def add_parser(sub: Any) -> None:
     """``shadowvol diff``."""
+    from .target import add_source_options
+
     dp = sub.add_parser("diff", help="what changed between two snapshots (or a snapshot and the VM now)")
     dp.add_argument("sides", nargs="*", metavar="A B", help="snapshot folders")
-    dp.add_argument("-vm", dest="vm", help="the live VM now as the second side (A -vm NAME)")
+    add_source_options(dp, dump=False, backend=False, profile=False, required=False)  # -vm: the VM now, as B
     dp.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
                     help=f"comma-separated, of: {', '.join(KINDS)} (default: all)")
     dp.add_argument("-r", dest="renderer", default="text", choices=["text", "json"])

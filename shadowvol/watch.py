@@ -272,6 +272,68 @@ def _relocate(vm: str, backend: str, old: _Boot | None, state: VMState) -> _Boot
     return new
 
 
+class _Kernel:
+    """The kernel watch reads, followed across reboots of the guest (one :class:`_Boot` each)."""
+
+    def __init__(self, vm: str, backend: str, err: TextIO) -> None:
+        from .target import open_target
+
+        self.vm, self.backend, self.err = vm, backend, err
+        self.boot: _Boot | None = _Boot(open_target(vm=vm, backend=backend))
+        self.last = self.boot  # the boot whose memory is closed at the end
+        self.lost = False  # said that the kernel is gone, not yet that it is back
+        self.was = 0  # the KASLR shift of the kernel that went away
+
+    def at(self, tick: int, state: VMState) -> _Boot | None:
+        """The boot to read at this tick; None while no kernel is found (a reboot under way)."""
+        if self.boot is not None and not self.boot.is_current(state.registers):
+            self.err.write(f"shadowvol: tick {tick}: the kernel of {self.vm} is no longer at KASLR shift "
+                           f"{self.boot.target.location.virt_shift:#x} (reboot?): locating it again\n")
+            self.was, self.boot, self.lost = self.boot.target.location.virt_shift, None, True
+        if self.boot is None:
+            try:
+                self.boot = self.last = _relocate(self.vm, self.backend, self.last, state)
+            except ShadowvolError as exc:  # still booting: try again next tick
+                if self.lost:
+                    self.err.write(f"shadowvol: tick {tick}: no kernel found yet ({exc})\n")
+                    self.lost = False  # once per outage, not every tick
+                return None
+            self.lost = False
+            self.err.write(f"shadowvol: tick {tick}: the guest rebooted: kernel located again (KASLR shift "
+                           f"{self.was:#x} -> {self.boot.target.location.virt_shift:#x}), going on\n")
+        return self.boot
+
+    def close(self) -> None:
+        if self.last is not None:
+            self.last.target.close()
+
+
+class _Changes:
+    """What watch prints: the rows that appeared (+) or went (-) since the last whole tick."""
+
+    def __init__(self, out: TextIO, renderer: str) -> None:
+        self.out, self.renderer = out, renderer
+        self.previous: list[dict[str, Any]] | None = None
+        self.header = False
+
+    def show(self, tick: int, look: Look, partial: bool) -> None:
+        """Print a tick's changes; a partial tick's are marked so, and it does not become the
+        baseline: the next whole tick is compared with the last whole one."""
+        rows = look.rows
+        if self.renderer == "text" and not self.header and rows:
+            self.out.write("  " + "\t".join(rows[0].keys()) + "\n")
+            self.header = True
+        if self.previous is not None:
+            appeared, disappeared = diff_rows(self.previous, rows)
+            for row in disappeared:
+                _emit(self.out, self.renderer, "-", tick, row, look.hexed, partial)
+            for row in appeared:
+                _emit(self.out, self.renderer, "+", tick, row, look.hexed, partial)
+        self.out.flush()
+        if not partial:
+            self.previous = rows
+
+
 def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval: float = 2.0,
           count: int | None = None, renderer: str = "text", backend: str = "shadow",
           out: TextIO = sys.stdout, err: TextIO = sys.stderr, stats: bool = False,
@@ -282,7 +344,6 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
     ``costs`` (if given) gets each whole tick's (wall, CPU) time in ms, from its VM
     check to its output (``shadowvol bench watch``)."""
     from . import volbridge
-    from .target import open_target
 
     plugin_cls = volbridge.load_plugin(plugin)
     options = options or {}
@@ -293,47 +354,32 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
         qmp = qmp_endpoint(vm)
         if qmp is None:
             raise ShadowvolError(f"watch: --pause-ms needs the VM's QMP socket ({vm} has none)")
-    boot: _Boot | None = _Boot(open_target(vm=vm, backend=backend))
-    last = boot  # the boot whose memory is closed at the end
     pauses: list[_TickPause] = []
 
     def pause() -> _TickPause:
         pauses.append(_TickPause(qmp, pause_ms))
         return pauses[-1]
 
+    def stopped(tick: int) -> int:
+        err.write(f"shadowvol: VM {vm} has stopped: watch ends after {tick} ticks\n")
+        return 0
+
+    kernel = _Kernel(vm, backend, err)
+    changes = _Changes(out, renderer)
     try:
-        previous: list[dict[str, Any]] | None = None
-        header = False
-        lost = False  # said that the kernel is gone, not yet that it is back
-        was = 0  # the KASLR shift of the kernel that went away
         tick = 0
         next_at = time.monotonic()
         while count is None or tick < count:
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            time.sleep(max(0.0, next_at - time.monotonic()))
             next_at = max(next_at + interval, time.monotonic())
             t0, c0 = time.perf_counter(), time.process_time()
             state = vm_state(vm)
             if not state.alive:
-                err.write(f"shadowvol: VM {vm} has stopped: watch ends after {tick} ticks\n")
-                return 0
-            if boot is not None and not boot.is_current(state.registers):
-                err.write(f"shadowvol: tick {tick}: the kernel of {vm} is no longer at KASLR shift "
-                          f"{boot.target.location.virt_shift:#x} (reboot?): locating it again\n")
-                was, boot, lost = boot.target.location.virt_shift, None, True
+                return stopped(tick)
+            boot = kernel.at(tick, state)
             if boot is None:
-                try:
-                    boot = last = _relocate(vm, backend, last, state)
-                except ShadowvolError as exc:  # still booting: try again next tick
-                    if lost:
-                        err.write(f"shadowvol: tick {tick}: no kernel found yet ({exc})\n")
-                        lost = False  # once per outage, not every tick
-                    tick += 1
-                    continue
-                lost = False
-                err.write(f"shadowvol: tick {tick}: the guest rebooted: kernel located again "
-                          f"(KASLR shift {was:#x} -> {boot.target.location.virt_shift:#x}), going on\n")
+                tick += 1
+                continue
             pauses.clear()
             result, partial = look_twice(lambda: boot.look(plugin_cls, options, pause if qmp else None),
                                          boot.context.new_epoch)
@@ -342,38 +388,23 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
                           "the VM ran again before the tick ended\n")
             if result is None:
                 if not vm_state(vm).alive:
-                    err.write(f"shadowvol: VM {vm} has stopped: watch ends after {tick} ticks\n")
-                    return 0
+                    return stopped(tick)
                 err.write(f"shadowvol: tick {tick}: partial, the plugin failed twice ({partial})\n")
                 tick += 1
                 continue
-            rows, hexed = result.rows, result.hexed
-            if renderer == "text" and not header and rows:
-                out.write("  " + "\t".join(rows[0].keys()) + "\n")
-                header = True
-            if previous is not None:
-                appeared, disappeared = diff_rows(previous, rows)
-                for row in disappeared:
-                    _emit(out, renderer, "-", tick, row, hexed, partial is not None)
-                for row in appeared:
-                    _emit(out, renderer, "+", tick, row, hexed, partial is not None)
-            out.flush()
+            changes.show(tick, result, partial is not None)
             cost_ms = (time.perf_counter() - t0) * 1000.0
             if costs is not None:
                 costs.append((cost_ms, (time.process_time() - c0) * 1000.0))
             if partial is not None:
-                # Its rows are provisional: the next whole tick is compared with the last whole one.
                 err.write(f"shadowvol: tick {tick}: partial, smeared twice by the running guest ({partial}); "
                           "its changes are marked partial\n")
-            else:
-                previous = rows
             if stats:
-                err.write(f"shadowvol: tick {tick}: {len(rows)} rows, {cost_ms:.1f} ms\n")
+                err.write(f"shadowvol: tick {tick}: {len(result.rows)} rows, {cost_ms:.1f} ms\n")
             tick += 1
         return 0
     finally:
-        if last is not None:
-            last.target.close()
+        kernel.close()
 
 
 def cmd_watch(args: Any) -> int:
@@ -395,12 +426,13 @@ def add_parser(sub: Any) -> None:
     """``shadowvol watch``."""
     import argparse
 
+    from .target import add_source_options
+
     wp = sub.add_parser("watch", help="run a plugin every few seconds, print rows that appear (+) or go (-)")
-    wp.add_argument("-vm", dest="vm", required=True, help="VM name, qmp:/path/qmp.sock or pid:NNN")
+    add_source_options(wp, dump=False, profile=False)
     wp.add_argument("--interval", type=float, default=2.0, help="seconds between ticks (default 2)")
     wp.add_argument("--count", type=int, help="stop after N ticks (the first is the baseline)")
     wp.add_argument("-r", dest="renderer", default="text", choices=["text", "jsonl"])
-    wp.add_argument("--backend", default="shadow", choices=["shadow", "libvmi"])
     wp.add_argument("--pause-ms", type=float, metavar="N",
                     help="pause a running VM during each tick, for at most N ms (a consistent view)")
     wp.add_argument("--stats", action="store_true", help="rows and cost of each tick, on stderr")

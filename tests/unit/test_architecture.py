@@ -254,8 +254,8 @@ def test_only_the_resolver_looks_up_vms(mod: str) -> None:
 #     member_offset...): nothing outside the profile code, target.py and the bridge that hands
 #     the ISF to volatility3 indexes an ISF by hand.
 ISF_SECTIONS = ("symbols", "user_types", "base_types", "enums")
-#: diff.py's kernel_text_rows still indexes the ISF: the module belongs to issue 13, in flight.
-ISF_PENDING = ("shadowvol.diff",)
+#: Modules still indexing an ISF by hand (none).
+ISF_PENDING: tuple[str, ...] = ()
 
 
 def _is_isf(node: ast.AST) -> bool:
@@ -282,8 +282,8 @@ def test_no_isf_indexed_by_hand(mod: str) -> None:
 # 11. The source options (-vm, -f, --backend, --profile) are defined once, in target.py
 #     (add_source_options), so they mean the same in every command.
 SOURCE_OPTIONS = ("-vm", "-f", "--backend", "--profile")
-#: snapshot, watch and diff still define -vm themselves: issue 13's modules, in flight.
-OPTIONS_PENDING = ("shadowvol.snapshot", "shadowvol.watch", "shadowvol.diff")
+#: Modules still defining a source option themselves (none).
+OPTIONS_PENDING: tuple[str, ...] = ()
 
 
 @pytest.mark.parametrize("mod", [m for m in _modules() if not _in(m, "shadowvol.target", *OPTIONS_PENDING)])
@@ -296,8 +296,8 @@ def test_source_options_defined_once(mod: str) -> None:
 
 
 # 12. No function longer than 100 lines: long ones are split by the concepts inside them.
-#: watch.py's watch() (102 lines) belongs to issue 13, whose engineer is changing it now.
-LONG_PENDING = ("shadowvol.watch.watch",)
+#: Functions still over 100 lines (none).
+LONG_PENDING: tuple[str, ...] = ()
 
 
 def test_no_function_over_100_lines() -> None:

@@ -94,6 +94,9 @@ class _Target:
         self.kernel = _Kernel(0x1000 + shift)
         self.memory = _Memory(text)
 
+    def symbol_address(self, name: str) -> int:
+        return self.isf["symbols"][name]["address"] + self.location.virt_shift
+
 
 def test_kernel_text_pages_are_hashed_and_named() -> None:
     from shadowvol.diff import KINDS, kernel_text_rows, kind_changes
