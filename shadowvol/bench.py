@@ -132,6 +132,29 @@ def bench_pslist(vm: str, runs: int = 3) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_libvirt(vm: str, domain: str, runs: int = 5, connect: str | None = None) -> list[dict[str, Any]]:
+    """``-vm libvirt:DOMAIN linux.pslist`` against ``-vm VM linux.pslist`` (one of ours), per
+    backend, runs interleaved so both see the same host load; warm (profile, kernel location)."""
+    base = [sys.executable, "-m", "shadowvol"]
+    sides = {"ours": ["-vm", vm], "libvirt": ["-vm", f"libvirt:{domain}", *(["--connect", connect] if connect else [])]}
+    rows = []
+    for backend in ("shadow", "libvmi"):
+        times: dict[str, list[float]] = {k: [] for k in sides}
+        procs: dict[str, int] = {}
+        for side, spec in sides.items():
+            _time_cmd(base + spec + ["--backend", backend, "linux.pslist"], 1)  # warm
+        for _ in range(runs):
+            for side, spec in sides.items():
+                secs, out = _time_cmd(base + spec + ["--backend", backend, "linux.pslist"], 1)
+                times[side].append(secs)
+                procs[side] = max(0, len(out.splitlines()) - 2)
+        ours, theirs = statistics.median(times["ours"]), statistics.median(times["libvirt"])
+        rows.append({"backend": backend, "ours_s": round(ours, 3), "libvirt_s": round(theirs, 3),
+                     "ratio": round(theirs / ours, 2), "processes_ours": procs["ours"],
+                     "processes_libvirt": procs["libvirt"]})
+    return rows
+
+
 def render(rows: list[dict[str, Any]], fmt: str) -> None:
     if fmt == "json":
         print(json.dumps(rows, indent=1))

@@ -8,6 +8,7 @@ The main job (``shadowvol.run``), then the commands::
     shadowvol vm build|start|list|stop|exec|cp|banner ...
     shadowvol demo
     shadowvol profile build --vmlinuz FILE ...
+    shadowvol stub build --kernel-package P -o shadow_stub.ko
     shadowvol bench reads|pslist -vm NAME
     shadowvol trace -vm NAME [--syscalls] [--sched] [--proc] [--at SYMBOL] [--duration S] [-r json]
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from .errors import ShadowvolError
 
 SUBCOMMANDS = ("vm", "demo", "profile", "bench", "trace", "trace-check", "read", "plugins",
-               "snapshot", "watch", "diff")
+               "snapshot", "watch", "diff", "stub")
 
 
 def _say(msg: str) -> None:
@@ -93,11 +94,31 @@ def cmd_vm_list(args: argparse.Namespace) -> int:
 
     rows = [(e.name, str(e.pid), vm_state(e), f"{e.memory_mb}M", e.release, e.accel,
              f"qmp={e.qmp} gdb={e.gdb} ctl={e.ctl} ram={e.ram_file}") for e in list_vms()]
+    rows += _libvirt_rows(args.connect)
     head = ("NAME", "PID", "STATE", "MEMORY", "KERNEL", "ACCEL", "ENDPOINTS")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
     for r in [head, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
     return 0
+
+
+def _libvirt_rows(uri: str | None) -> list[tuple[str, ...]]:
+    """libvirt domains for ``vm list``, marked read-only (we inspect them, libvirt runs them).
+    Without the libvirt binding or a reachable libvirtd the list has only our VMs, and says
+    why on stderr when a URI was asked for."""
+    from .vm import libvirt
+
+    try:
+        doms = libvirt.list_domains(uri)
+    except ShadowvolError as exc:
+        if uri:
+            raise
+        _say(f"shadowvol: note: {exc}")
+        return []
+    return [(f"libvirt:{d['name']}", str(d["pid"] or "-"), d["state"], f"{d['memory_mb']}M", "-",
+             d["type"] or "-", f"libvirt {uri or libvirt.DEFAULT_URI} (read-only) gdb={d['gdb'] or 'none'}"
+             f" vmcoreinfo={'yes' if d['vmcoreinfo'] else 'no'}")
+            for d in doms]
 
 
 def cmd_vm_stop(args: argparse.Namespace) -> int:
@@ -147,6 +168,39 @@ def cmd_vm_banner(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stub_build(args: argparse.Namespace) -> int:
+    """Build the guest stub (guest_stub/) for a Debian kernel package, to copy into a guest
+    that shadowvol did not boot (a libvirt domain): the guest loads it, trace reads it."""
+    from .safeio import atomic_copy
+    from .vm.image import _stub_dir, build_image
+    from .vm.kmod import build_module
+
+    src = _stub_dir()
+    if src is None:
+        raise ShadowvolError("the guest stub's source (guest_stub/) is not here: stub build runs "
+                             "from a shadowvol source checkout")
+    out = Path(args.output)
+    if out.exists() and not out.is_file():
+        raise ShadowvolError(f"{out} exists and is not a file")
+    if not out.resolve().parent.is_dir():
+        raise ShadowvolError(f"directory {out.resolve().parent} does not exist (-o FILE)")
+    update, stop = _progress()
+    try:
+        update(f"kernel headers of {args.kernel_package}")
+        img, _ = build_image(args.kernel_package, progress=update)
+        update(f"building the stub for {img.release}")
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="shadowvol-stub-") as tmp:
+            ko = build_module(img, src, out_dir=Path(tmp))[0]
+            atomic_copy(ko, out, mode=0o644)
+    finally:
+        stop()
+    print(f"built {out} for kernel {img.release}: copy it into the guest and load it with "
+          f"'insmod shadow_stub.ko' (then: shadowvol trace -vm NAME ...)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build the default image, boot web01 if needed, and list its processes from outside."""
     from .run import run_plugin_cli
@@ -182,7 +236,7 @@ def cmd_read(args: argparse.Namespace) -> int:
 
     if not 0 < args.length <= 1 << 20:
         raise ShadowvolError("length must be between 1 and 1 MiB")
-    t = open_target(vm=args.vm, dump=args.dump, backend=args.backend, profile=args.profile)
+    t = open_target(vm=args.vm, dump=args.dump, backend=args.backend, profile=args.profile, connect=args.connect)
     try:
         data = t.memory.read(args.address, args.length) if args.physical else \
             t.kernel.read(args.address, args.length)
@@ -304,6 +358,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bench.render(bench.summarize_reads(rows), args.renderer)
     elif args.what in ("sweep", "profiles"):
         return cmd_bench_sweep(args)
+    elif args.what == "libvirt":
+        if not args.domain:
+            raise ShadowvolError("bench libvirt needs --domain NAME (a libvirt domain) besides -vm NAME (ours)")
+        bench.render(bench.bench_libvirt(args.vm, args.domain, runs=args.runs, connect=args.connect),
+                     args.renderer)
     elif args.what == "scan":
         bench.render(bench.bench_scan(args.vm, runs=args.runs), args.renderer)
     elif args.what in ("watch", "diff", "profile-load"):
@@ -361,7 +420,7 @@ def cmd_bench_sweep(args: argparse.Namespace) -> int:
                 labels = ("candidate_s", "reference_s", "profiles give the same rows")
             else:
                 rows = fidelity.sweep(args.vm, Path(tmp), plugins=plugins, backend=args.backend,
-                                      progress=update)
+                                      progress=update, connect=args.connect)
                 labels = ("live_s", "dump_s", "live = stock vol on the copy")
     finally:
         stop()
@@ -413,7 +472,7 @@ def cmd_trace_check(args: argparse.Namespace) -> int:
     from .integrity import check_integrity, render_report
     from .target import open_target
 
-    target = open_target(vm=args.vm, profile=args.profile)
+    target = open_target(vm=args.vm, profile=args.profile, connect=args.connect)
     try:
         rep = check_integrity(target)
     finally:
@@ -475,7 +534,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     # Both tracers read guest memory through the shadow layer; --backend picks how
     # events are intercepted (the stub's rings, or gdbstub breakpoints).
-    target = open_target(vm=args.vm, profile=args.profile)
+    target = open_target(vm=args.vm, profile=args.profile, connect=args.connect)
     try:
         stats = tracer(target, syscalls=syscalls, sched=sched, proc=proc, at=args.at or None,
                        duration=args.duration, on_event=on_event)
@@ -605,7 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-stub", dest="stub", action="store_false", help="boot without the guest stub")
     s.add_argument("--timeout", type=float, default=120.0)
     s.set_defaults(func=cmd_vm_start)
-    vm.add_parser("list", help="list running guests").set_defaults(func=cmd_vm_list)
+    vl = vm.add_parser("list", help="list running guests (ours, then libvirt's, read-only)")
+    vl.add_argument("--connect", metavar="URI", help="libvirt URI (default qemu:///system)")
+    vl.set_defaults(func=cmd_vm_list)
     st = vm.add_parser("stop", help="stop a guest and remove its files")
     st.add_argument("name")
     st.set_defaults(func=cmd_vm_stop)
@@ -661,6 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "idle tasks to add, per step")
     be.add_argument("--vmlinux", help="scale: debug vmlinux for drgn --qemu (from linux-image-*-dbg)")
     add_source_options(be, required=False, profile=False, backend_help="sweep: the backend of the live runs")
+    be.add_argument("--domain", help="libvirt: the libvirt domain timed against -vm (one of ours)")
     be.add_argument("--plugins", help="sweep: comma-separated plugins (default: every stock Linux plugin)")
     be.add_argument("--workdir", default="/var/tmp", help="sweep: where the raw copy is written")
     be.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
@@ -673,6 +735,13 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_parser(sub)
     watch.add_parser(sub)
     diff.add_parser(sub)
+    st = sub.add_parser("stub", help="the guest stub for guests shadowvol did not boot").add_subparsers(
+        dest="stcmd", required=True)
+    sb = st.add_parser("build", help="build shadow_stub.ko against a Debian kernel package's headers")
+    sb.add_argument("--kernel-package", required=True, metavar="P",
+                    help="the guest's kernel package, e.g. linux-image-6.1.0-57-cloud-amd64")
+    sb.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the .ko")
+    sb.set_defaults(func=cmd_stub_build)
     d = sub.add_parser("demo", help="build and boot web01, then list its processes from outside")
     d.add_argument("name", nargs="?", default="web01")
     d.set_defaults(func=cmd_demo)

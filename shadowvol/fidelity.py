@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ShadowvolError, VMError
+from .errors import ShadowvolError
 from .safeio import atomic_copy
 
 __all__ = ["PluginInfo", "SweepRow", "stock_plugins", "our_plugins", "paused", "raw_copy",
@@ -272,25 +272,25 @@ def vol_command() -> str:
 
 
 def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str = "shadow",
-          timeout: float = 300.0, progress: Any = None, vol_cache: Path | None = None) -> list[SweepRow]:
+          timeout: float = 300.0, progress: Any = None, vol_cache: Path | None = None,
+          connect: str | None = None) -> list[SweepRow]:
     """Pause ``vm``, copy its RAM, run every plugin live and with stock vol on the copy.
 
     The VM stays paused for the whole sweep (live and dump then see the same
     bytes) and is resumed afterwards if it was running. Stock vol gets a cache
     of its own in ``workdir`` (its shared cache is not safe for concurrent runs).
     """
-    from .target import open_target, qmp_endpoint
+    from .target import open_target, vm_paused
 
     say = progress or (lambda msg: None)
-    qmp = qmp_endpoint(vm)  # paused before the target opens: a libvmi target halts the VM itself
-    if not qmp:
-        raise VMError(f"{vm} has no QMP socket: cannot pause it for a consistent copy")
     names = plugins or [p.name for p in stock_plugins() if not p.error]
     vol = vol_command()
     workdir = Path(workdir)
     rows: list[SweepRow] = []
-    with paused(qmp):
-        target = open_target(vm=vm, backend=backend)
+    # Paused before the target opens (a libvmi target on one of our VMs halts it itself); a
+    # libvirt domain through libvirt, so libvirt's view of its state stays right.
+    with vm_paused(vm, connect):
+        target = open_target(vm=vm, backend=backend, connect=connect)
         try:
             raw = workdir / "guest.raw"
             say(f"copying guest RAM to {raw}")
@@ -303,7 +303,8 @@ def sweep(vm: str, workdir: Path, plugins: list[str] | None = None, backend: str
             target.close()
         # --partial: a warning about a cut walk or an error cell must not stop the
         # rows from being compared (stock vol prints them and exits 0).
-        me = [sys.executable, "-m", "shadowvol", "-vm", vm, "--backend", backend, "-r", "json", "--partial"]
+        me = [sys.executable, "-m", "shadowvol", "-vm", vm, "--backend", backend, "-r", "json", "--partial",
+              *(["--connect", connect] if connect else [])]
         cache = Path(vol_cache) if vol_cache else workdir / "vol-cache"
         cache.mkdir(parents=True, exist_ok=True)  # vol does not create it
         stock = [vol, "-q", "--offline", "--cache-path", str(cache),

@@ -597,7 +597,7 @@ def run_plugin_cli(argv: list[str]) -> int:
     popts = {k: v for k, v in vars(_plugin_parser(plugin_cls, args.plugin).parse_args(args.args)).items()
              if v is not None}
     target = open_target(vm=args.vm, dump=args.dump, backend=args.backend, profile=args.profile,
-                         partial=args.partial)
+                         partial=args.partial, connect=args.connect)
     for warning in target.warnings:
         print(f"shadowvol: warning: {warning}", file=sys.stderr)
     try:

@@ -1,6 +1,7 @@
 """Resolve what the user points at into memory + kernel location + profile.
 
-``-vm NAME`` (a VM in our registry), ``-vm qmp:/path/qmp.sock`` or
+``-vm NAME`` (a VM in our registry, else a libvirt domain of that name),
+``-vm libvirt:NAME`` (a libvirt domain only), ``-vm qmp:/path/qmp.sock`` or
 ``-vm pid:NNN`` (a QEMU started by someone else), or ``-f DUMP``. This is the
 one place that turns those into a :class:`Target`.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import kaslr, profiles
-from .backends.base import PhysicalMemory
+from .backends.base import EpochPageCache, PhysicalMemory
 from .errors import BackendError, ProfileError, ShadowvolError, TruncatedError, VMError
 from .kaslr import KernelLocation
 from .paging import PagedMemory, TranslationCache
@@ -75,8 +76,11 @@ class Target:
         self.kernel = PagedMemory(self.memory, self.location.dtb, self.location.paging_format, self.cache)
 
     def new_epoch(self) -> None:
-        """Forget every cached translation (call between snapshots of a live guest)."""
+        """Forget every cached translation, and cached pages of a slow source (call between
+        snapshots of a live guest)."""
         self.cache.invalidate()
+        if isinstance(self.memory, EpochPageCache):
+            self.memory.invalidate()
 
     def close(self) -> None:
         self.memory.close()
@@ -158,10 +162,14 @@ class _Source:
     vm: VMEntry | None = None
     vmcoreinfo: Callable[[], dict[str, str] | None] = lambda: None
     registers: Callable[[], tuple[int, int] | None] = lambda: None
+    #: Reads are too slow to scan RAM (``xp`` through libvirt, ~6 ms each): the kernel is
+    #: identified from CR3 against the stored profiles instead of a banner scan.
+    slow: bool = False
 
 
 #: What ``-vm`` accepts, said once for every command that takes it.
-VM_HELP = "NAME (shadowvol vm list), qmp:/path/qmp.sock or pid:NNN"
+VM_HELP = ("NAME (shadowvol vm list: ours, else a libvirt domain), libvirt:NAME, qmp:/path/qmp.sock "
+           "or pid:NNN")
 BACKENDS = ("shadow", "libvmi")
 BACKEND_HELP = ("shadow (the RAM file or /proc/PID/mem, read-only; default) or libvmi (the "
                 "hypervisor's debug interfaces: gdbstub, QMP xp)")
@@ -174,10 +182,12 @@ def add_source_options(parser: Any, *, dump: bool = True, backend: bool = True, 
 
     Every command that opens a target defines them here, so they mean the same
     everywhere; :func:`open_target` takes what they parse (``vm``, ``dump``,
-    ``backend``, ``profile``)."""
+    ``backend``, ``profile``, and ``connect``, the libvirt URI)."""
     group = parser.add_mutually_exclusive_group(required=required) if dump else parser
     group.add_argument("-vm", dest="vm", metavar="SPEC", default=None, required=required and not dump,
                        help=VM_HELP)
+    parser.add_argument("--connect", metavar="URI", default=None,
+                        help="libvirt URI for a -vm that names a libvirt domain (default qemu:///system)")
     if dump:
         group.add_argument("-f", dest="dump", metavar="DUMP", default=None,
                            help="raw, LiME or QEMU ELF dump, or a snapshot folder")
@@ -251,10 +261,59 @@ def qmp_endpoint(spec: str) -> str | None:
     return registry.get_vm(spec).qmp
 
 
-def _open_vm(spec: str, backend: str) -> _Source:
+def _is_libvirt(spec: str) -> bool:
+    """``-vm SPEC`` names a libvirt domain: ``libvirt:NAME``, or a NAME our registry lacks."""
+    from .vm import registry
+
+    return spec.startswith("libvirt:") or not (spec.startswith(("qmp:", "pid:")) or registry.known(spec))
+
+
+@contextmanager
+def vm_paused(spec: str, connect: str | None = None) -> Iterator[bool]:
+    """Pause ``-vm SPEC`` for the block (yields whether it ran): our VMs through their QMP
+    socket, libvirt domains through libvirt (so libvirt's state stays right). A paused VM
+    stays paused; a running one is resumed, also when the block fails."""
+    if _is_libvirt(spec):
+        from .vm import libvirt
+
+        name = spec[len("libvirt:"):] if spec.startswith("libvirt:") else spec
+        dom = libvirt.lookup_domain(libvirt.check_name(name), connect)
+        try:
+            with dom.paused() as was_running:
+                yield was_running
+        finally:
+            dom.close()
+        return
+    qmp = qmp_endpoint(spec)
+    if not qmp:
+        raise VMError(f"{spec} has no QMP socket: cannot pause it for a consistent copy")
+    from .qemu.qmp import QMPClient
+
+    with QMPClient(qmp, timeout=10.0) as q:
+        was_running = bool(q.execute("query-status").get("running"))
+        if was_running:
+            q.execute("stop")
+    try:
+        yield was_running
+    finally:
+        if was_running:
+            with QMPClient(qmp, timeout=10.0) as q:
+                q.execute("cont")
+
+
+def _open_vm(spec: str, backend: str, connect: str | None = None) -> _Source:
     from .backends import libvmi, shadow
     from .vm import registry
 
+    if spec.startswith("libvirt:"):
+        return _open_libvirt(spec[len("libvirt:"):], backend, connect)
+    if _is_libvirt(spec):
+        # Not one of ours: a libvirt domain of that name, else one line saying neither has it.
+        try:
+            return _open_libvirt(spec, backend, connect)
+        except VMError as exc:
+            raise VMError(f"no VM named {spec!r} in shadowvol's registry (see 'shadowvol vm list'), "
+                          f"nor in libvirt: {exc}") from None
     if spec.startswith("qmp:"):
         qmp = spec[4:]
         if not os.path.exists(qmp):
@@ -291,6 +350,66 @@ def _open_vm(spec: str, backend: str) -> _Source:
                    boot_key=f"{entry.pid}:{entry.started}",
                    vmcoreinfo=lambda: _qmp_vmcoreinfo(entry.qmp),
                    registers=lambda: _qmp_registers(entry.qmp))
+
+
+def _open_libvirt(name: str, backend: str, connect: str | None) -> _Source:
+    """A running libvirt domain: RAM through /proc/PID/mem (or its shared RAM file) for
+    shadow, ``xp`` for libvmi; the monitor is libvirt's, reached through libvirt."""
+    from .backends import libvmi, shadow
+    from .vm import libvirt
+
+    dom = libvirt.lookup_domain(libvirt.check_name(name), connect)
+    try:
+        mon = dom.monitor()
+        if backend == "shadow":
+            mem: PhysicalMemory = shadow.open_shadow_monitor(mon)
+        else:
+            mem = EpochPageCache(libvmi.QmpPhysicalMemory(mon))
+    except BaseException:
+        dom.close()
+        raise
+    slow = backend != "shadow"
+    return _Source(mem, f"libvirt:{dom.name}", state_dir=libvirt.state_dir(dom), boot_key=libvirt.boot_key(dom),
+                   endpoints=Endpoints(gdb=dom.gdb),
+                   vmcoreinfo=lambda: None if slow or not dom.vmcoreinfo else vmcoreinfo_note(mem),
+                   registers=lambda: _monitor_registers(mon), slow=slow)
+
+
+#: The ELF note the kernel hands QEMU's vmcoreinfo device (kernel/crash_core.c): a page of
+#: its own, ``Elf64_Nhdr`` (namesz 11, descsz, type 0), "VMCOREINFO\0" padded to 12, then text.
+_VMCOREINFO_NOTE = b"VMCOREINFO\0\0OSRELEASE="
+
+
+def vmcoreinfo_note(memory: PhysicalMemory) -> dict[str, str] | None:
+    """VMCOREINFO read where the guest kernel keeps it: the page-aligned note whose address
+    it gives QEMU's vmcoreinfo device. Used for libvirt domains, where QEMU's own copy is
+    out of reach (a ``dump-guest-memory`` sent through libvirt 9.0 crashes libvirtd on its
+    DUMP_COMPLETED event). Like any VMCOREINFO it is only a hint: the location found from it
+    is verified through the page tables."""
+    from .backends.dump import parse_vmcoreinfo
+
+    for pa in memory.find(_VMCOREINFO_NOTE):
+        if pa % 4096 != 12:
+            continue
+        try:
+            head = memory.read(pa - 12, 12)
+            namesz, descsz = int.from_bytes(head[:4], "little"), int.from_bytes(head[4:8], "little")
+            if namesz != 11 or not 0 < descsz <= 4096 - 24:
+                continue
+            return parse_vmcoreinfo(memory.read(pa + 12, descsz))
+        except ShadowvolError:
+            continue
+    return None
+
+
+def _monitor_registers(mon: Any) -> tuple[int, int] | None:
+    """(CR3, CR4) through an open monitor; None when it does not answer."""
+    from .qemu.monitor import control_registers
+
+    try:
+        return control_registers(mon)
+    except VMError:
+        return None
 
 
 def _open_dump(path: str, partial: bool = False) -> _Source:
@@ -341,12 +460,13 @@ def _locate(src: _Source, symbols: dict[str, int], banner: bytes, progress: Prog
 
 def open_target(vm: str | None = None, dump: str | None = None, backend: str = "shadow",
                 profile: str | None = None, progress: Progress | None = None,
-                partial: bool = False) -> Target:
+                partial: bool = False, connect: str | None = None) -> Target:
     """Open ``-vm`` or ``-f`` and find the kernel and its profile.
 
     A dump shorter than its layout (LiME/ELF headers, or for a raw dump the
     kernel's own ``max_pfn``) raises BackendError; with ``partial`` it opens
-    and the shortfall is in ``Target.warnings``."""
+    and the shortfall is in ``Target.warnings``. ``connect``: the libvirt URI for a
+    ``-vm`` that names a libvirt domain (default ``qemu:///system``)."""
     say = progress or (lambda msg: None)
     if backend not in BACKENDS:
         raise ShadowvolError(f"unknown backend {backend!r}: shadow or libvmi")
@@ -363,7 +483,7 @@ def open_target(vm: str | None = None, dump: str | None = None, backend: str = "
         if is_bundle(dump):  # a snapshot folder: its memory image, profile, vmcoreinfo and registers
             bundle = open_bundle(dump)
             dump, profile = str(bundle.memory), profile or str(bundle.profile)
-    src = _open_vm(vm, backend) if vm is not None else _open_dump(dump, partial)
+    src = _open_vm(vm, backend, connect) if vm is not None else _open_dump(dump, partial)
     if bundle is not None:
         src.vmcoreinfo, src.registers = bundle.vmcoreinfo, bundle.registers
     try:
@@ -580,6 +700,10 @@ def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
         except (KeyError, TypeError, ValueError, ShadowvolError):
             pass  # a damaged cache is only a missed shortcut
     info = src.vmcoreinfo()  # once: it may cost a QMP dump-guest-memory
+    if profile is None and src.slow:
+        found = _identify_by_registers(src, say)
+        if found is not None:
+            return _remember(state, src, *found)
     if profile is not None:
         path = Path(profile)
         isf = profiles.load_profile(path)
@@ -597,9 +721,16 @@ def _resolve(src: _Source, profile: str | None, say: Progress) -> Target:
         banner = profiles.profile_banner(isf)
     symbols = profiles.profile_addresses(isf)
     loc = _locate(src, symbols, banner, say, info)
-    if state is not None and profile is None:
+    if profile is not None:
         # Only what was found without user flags is remembered for later runs:
         # a --profile applies to the run that passed it.
+        return _target(src, loc, isf, path)
+    return _remember(state, src, path, isf, loc)
+
+
+def _remember(state: Path | None, src: _Source, path: Path, isf: dict[str, Any], loc: KernelLocation) -> Target:
+    """The target, its profile and location saved in the per-boot cache when there is one."""
+    if state is not None:
         from .safeio import atomic_write
 
         atomic_write(state, json.dumps({"boot": src.boot_key, "profile": str(path),

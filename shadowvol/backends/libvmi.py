@@ -32,7 +32,7 @@ from typing import Any
 from ..errors import BackendError, InvalidAddressError, ShadowvolError
 from ..qemu.gdbstub import GdbStub
 from ..qemu.monitor import xp
-from ..qemu.qmp import QMPClient
+from ..qemu.qmp import Monitor, QMPClient
 from ..qemu.ramlayout import qemu_ram_layout
 from .base import PhysicalMemory, Segment, merge_ranges
 
@@ -126,9 +126,10 @@ class GdbPhysicalMemory(_CheckedMemory):
 class QmpPhysicalMemory(_CheckedMemory):
     """Guest-physical reads through HMP ``xp`` over QMP (VM keeps running unless ``pause``)."""
 
-    def __init__(self, qmp_path: str, pause: bool = False, name: str = "libvmi-qmp") -> None:
-        self.qmp = QMPClient(qmp_path)
-        self.source = qmp_path
+    def __init__(self, qmp_path: str | Monitor, pause: bool = False, name: str = "libvmi-qmp") -> None:
+        """``qmp_path``: a QMP socket, or an open monitor (QMP through libvirt), closed with us."""
+        self.qmp: Monitor = QMPClient(qmp_path) if isinstance(qmp_path, str) else qmp_path
+        self.source = self.qmp.path
         self._resume = False
         try:
             _block, _size, segs = qemu_ram_layout(self.qmp)

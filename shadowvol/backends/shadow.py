@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import BackendError, InvalidAddressError, ShadowvolError
 from ..qemu.monitor import xp
 from ..qemu.process import qmp_socket_of, ram_by_maps, ram_by_monitor
-from ..qemu.qmp import QMPClient
+from ..qemu.qmp import Monitor, QMPClient
 from ..qemu.ramlayout import q35_layout, qemu_ram_layout
 from .base import BufferMemory, PhysicalMemory, Segment, map_file_readonly, merge_ranges
 
@@ -32,6 +32,7 @@ __all__ = [
     "ShadowProcess",
     "NoSharedRamFile",
     "open_shadow",
+    "open_shadow_monitor",
 ]
 
 class ShadowFile(BufferMemory):
@@ -67,9 +68,14 @@ class ShadowFile(BufferMemory):
         object that holds the RAM block (it must have ``share=on``).
         """
         with QMPClient(qmp_path) as qmp:
-            block, _size, segs = qemu_ram_layout(qmp)
-            if path is None:
-                path = _backend_file(qmp, block)
+            return cls.open_monitor(qmp, path=path, name=name)
+
+    @classmethod
+    def open_monitor(cls, qmp: Monitor, path: str | None = None, name: str = "shadow") -> "ShadowFile":
+        """:meth:`open_qmp` on an open monitor (a QMP client, or QMP through libvirt)."""
+        block, _size, segs = qemu_ram_layout(qmp)
+        if path is None:
+            path = _backend_file(qmp, block)
         return cls(path, segs, name=name)
 
 
@@ -77,7 +83,7 @@ class NoSharedRamFile(BackendError):
     """The guest RAM is not a ``share=on`` memory-backend-file."""
 
 
-def _backend_file(qmp: QMPClient, block: str) -> str:
+def _backend_file(qmp: Monitor, block: str) -> str:
     """The shared mem-path behind RAM block ``block``, or BackendError."""
     objects = qmp.execute("qom-list", path="/objects")
     if not isinstance(objects, list) or not all(isinstance(o, dict) for o in objects):
@@ -90,6 +96,10 @@ def _backend_file(qmp: QMPClient, block: str) -> str:
     if not qmp.execute("qom-get", path=f"/objects/{block}", property="share"):
         raise NoSharedRamFile(f"memory backend {block!r} ({mem_path}) has share=off: the file does not "
                            "reflect guest RAM")
+    if not os.path.isfile(str(mem_path)):
+        # A mem-path directory: QEMU created an unlinked file in it (libvirt's
+        # memory_backing_dir); only the process's own mapping reaches it.
+        raise NoSharedRamFile(f"memory backend {block!r}: {mem_path} is not a file we can open")
     return str(mem_path)
 
 
@@ -170,14 +180,20 @@ class ShadowProcess(PhysicalMemory):
         """Guest RAM of the QEMU behind ``qmp_path`` where QEMU says it is (``gpa2hva``), checked
         against /proc/PID/maps and against QEMU's own ``xp``."""
         with QMPClient(qmp_path) as qmp:
-            pid, hva_segs = ram_by_monitor(qmp)
-            mem = cls(pid, hva_segs, name=name)
-            try:
-                _check_content(mem, qmp)
-            except BaseException:
-                mem.close()
-                raise
-            return mem
+            return cls.open_monitor(qmp, name=name)
+
+    @classmethod
+    def open_monitor(cls, qmp: Monitor, name: str = "shadow") -> "ShadowProcess":
+        """:meth:`open_qmp` on an open monitor (a QMP client, or QMP through libvirt, whose
+        ``peer_pid`` is the domain's QEMU)."""
+        pid, hva_segs = ram_by_monitor(qmp)
+        mem = cls(pid, hva_segs, name=name)
+        try:
+            _check_content(mem, qmp)
+        except BaseException:
+            mem.close()
+            raise
+        return mem
 
     @classmethod
     def open_pid(cls, pid: int, qmp_path: str | None = None, name: str = "shadow") -> "ShadowProcess":
@@ -200,7 +216,7 @@ class ShadowProcess(PhysicalMemory):
         return cls(pid, ram_by_maps(pid), name=name)
 
 
-def _check_content(mem: ShadowProcess, qmp: QMPClient) -> None:
+def _check_content(mem: ShadowProcess, qmp: Monitor) -> None:
     """Compare 64 bytes read through /proc with QEMU's own ``xp`` (twice, for a live guest)."""
     seg = mem._segments[0]
     probe = seg.start + min(0x100000, max(0, seg.length - 64))
@@ -208,6 +224,15 @@ def _check_content(mem: ShadowProcess, qmp: QMPClient) -> None:
         if mem.read(probe, 64) == xp(qmp, probe, 64):
             return
     raise BackendError(f"guest RAM found in process {mem.pid} does not match QEMU's xp at {probe:#x}")
+
+
+def open_shadow_monitor(qmp: Monitor, name: str = "shadow") -> PhysicalMemory:
+    """:func:`open_shadow` for a QEMU reached through an open monitor (QMP through libvirt):
+    its shared RAM file if it has one we can open, else ``/proc/PID/mem``."""
+    try:
+        return ShadowFile.open_monitor(qmp, name=name)
+    except NoSharedRamFile:
+        return ShadowProcess.open_monitor(qmp, name=name)
 
 
 def open_shadow(qmp_path: str | None = None, *, ram_file: str | None = None, pid: int | None = None,

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import BackendError
-from .qmp import QMPClient
+from .qmp import Monitor, QMPClient
 
 __all__ = ["Hmp", "XP_CHUNK", "parse_xp", "xp", "parse_gpa2hva", "gpa2hva", "parse_control_registers",
            "control_registers", "dump_first_page"]
 
-#: A QMP client, or any function running one HMP command and returning its output.
-Hmp = QMPClient | Callable[[str], str]
+#: A QMP client (or QMP through libvirt: :class:`~shadowvol.qemu.qmp.Monitor`), or any function
+#: running one HMP command and returning its output.
+Hmp = Monitor | Callable[[str], str]
 
 #: Bytes asked for per ``xp`` command (QEMU prints 8 per line; 4 KiB is ~40 KiB of text).
 XP_CHUNK = 0x1000
@@ -30,7 +31,7 @@ _CR4_RE = re.compile(r"\bCR4=([0-9a-fA-F]+)")
 
 
 def _runner(hmp: Hmp) -> Callable[[str], str]:
-    return hmp.hmp if isinstance(hmp, QMPClient) else hmp
+    return hmp.hmp if hasattr(hmp, "hmp") else hmp
 
 
 def parse_xp(text: str) -> bytes:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..backends.base import Segment
 from ..errors import BackendError
 from .monitor import gpa2hva
-from .qmp import QMPClient
+from .qmp import Monitor
 from .ramlayout import q35_layout, qemu_ram_layout
 
 __all__ = ["cmdline", "qmp_path_from_argv", "ram_size_from_argv", "qmp_socket_of", "maps", "check_maps",
@@ -94,7 +94,7 @@ def check_maps(pid: int, segs: Sequence[Segment]) -> None:
                                f"of process {pid}")
 
 
-def ram_by_monitor(qmp: QMPClient) -> tuple[int, list[Segment]]:
+def ram_by_monitor(qmp: Monitor) -> tuple[int, list[Segment]]:
     """(QEMU pid, guest-physical segments whose ``offset`` is the host address), from QEMU's own
     RAM layout and ``gpa2hva``, checked against ``/proc/PID/maps``."""
     pid = qmp.peer_pid()

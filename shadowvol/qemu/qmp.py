@@ -11,7 +11,7 @@ import json
 import socket
 import struct
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import VMError
 
@@ -20,6 +20,23 @@ from ..errors import VMError
 MAX_REPLY = 8 << 20
 #: Events skipped while waiting for one reply, at most.
 MAX_EVENTS = 10_000
+
+
+class Monitor(Protocol):
+    """What the backends and the RAM-layout code need of a QEMU monitor: a
+    :class:`QMPClient`, or QMP passed through libvirt (``shadowvol.vm.libvirt``)."""
+
+    path: str
+
+    def execute(self, command: str, **arguments: Any) -> Any: ...
+
+    def query(self, command: str, **arguments: Any) -> dict[str, Any]: ...
+
+    def hmp(self, command_line: str) -> str: ...
+
+    def peer_pid(self) -> int | None: ...
+
+    def close(self) -> None: ...
 
 
 class QMPClient:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..backends.base import Segment
 from ..errors import BackendError
-from .qmp import QMPClient
+from .qmp import Monitor
 
 __all__ = ["GiB", "FOUR_GIB", "q35_layout", "parse_ramblocks", "parse_ram_aliases", "parse_flat_ram",
            "qemu_ram_layout"]
@@ -102,13 +102,13 @@ def parse_flat_ram(flat: str, block: str) -> list[Segment]:
     return segs
 
 
-def qemu_ram_layout(hmp: QMPClient | Callable[[str], str]) -> tuple[str, int, list[Segment]]:
+def qemu_ram_layout(hmp: Monitor | Callable[[str], str]) -> tuple[str, int, list[Segment]]:
     """Ask QEMU for (RAM block name, block size, guest-physical segments with block offsets).
 
-    ``hmp`` is a QMP client or any function running an HMP command (e.g.
+    ``hmp`` is a QMP client (or QMP through libvirt) or any function running an HMP command (e.g.
     :meth:`shadowvol.qemu.gdbstub.GdbStub.monitor`).
     """
-    run = hmp.hmp if isinstance(hmp, QMPClient) else hmp
+    run = hmp.hmp if hasattr(hmp, "hmp") else hmp
     blocks = parse_ramblocks(run("info ramblock"))
     if not blocks:
         raise BackendError("QEMU reported no RAM blocks (info ramblock)")

@@ -138,7 +138,8 @@ class BreakpointMonitor:
     def __init__(self, target: Any) -> None:
         if target.endpoints.gdb is None:
             raise ShadowvolError(f"{target.description} has no gdbstub: breakpoints (--backend libvmi) "
-                                 "need a VM started by 'shadowvol vm start'")
+                                 "need a VM started by 'shadowvol vm start', or a libvirt domain whose XML "
+                                 "passes -gdb (<qemu:commandline>; shadowvol never adds one)")
         self.target = target
         self.k = _Kernel(self.target)
         self.points: dict[int, _Point] = {}

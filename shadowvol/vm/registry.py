@@ -161,6 +161,11 @@ def list_vms() -> list[VMEntry]:
     return out
 
 
+def known(name: str) -> bool:
+    """Whether ``name`` is a valid VM name with an entry in our registry (alive or stale)."""
+    return bool(NAME_RE.fullmatch(name or "")) and (vms_dir() / name / "vm.json").exists()
+
+
 def get_vm(name: str) -> VMEntry:
     """The running VM called ``name``, or a clear error."""
     d = vm_dir(name)
