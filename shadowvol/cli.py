@@ -201,6 +201,16 @@ def cmd_stub_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_stub_parser(sub: argparse._SubParsersAction) -> None:
+    st = sub.add_parser("stub", help="the guest stub for guests shadowvol did not boot").add_subparsers(
+        dest="stcmd", required=True)
+    sb = st.add_parser("build", help="build shadow_stub.ko against a Debian kernel package's headers")
+    sb.add_argument("--kernel-package", required=True, metavar="P",
+                    help="the guest's kernel package, e.g. linux-image-6.1.0-57-cloud-amd64")
+    sb.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the .ko")
+    sb.set_defaults(func=cmd_stub_build)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build the default image, boot web01 if needed, and list its processes from outside."""
     from .run import run_plugin_cli
@@ -637,10 +647,7 @@ class _MainParser(_OneLineParser):
         return MAIN_JOB + fmt.format_help() + "\n" + commands
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _MainParser(prog="shadowvol", usage=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND",
-                           prog="shadowvol", parser_class=_OneLineParser)
+def _add_vm_parser(sub: argparse._SubParsersAction) -> None:
     vm = sub.add_parser("vm", help="build, boot and drive test guests").add_subparsers(
         dest="vmcmd", required=True)
     b = vm.add_parser("build", help="build a guest image from Debian packages")
@@ -683,6 +690,13 @@ def build_parser() -> argparse.ArgumentParser:
     bn = vm.add_parser("banner", help="print the kernel banner found in guest RAM")
     bn.add_argument("name")
     bn.set_defaults(func=cmd_vm_banner)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _MainParser(prog="shadowvol", usage=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="cmd", required=True, title="commands", metavar="COMMAND",
+                           prog="shadowvol", parser_class=_OneLineParser)
+    _add_vm_parser(sub)
     pr = sub.add_parser("profile", help="symbol profiles (ISF)").add_subparsers(dest="prcmd", required=True)
     pb = pr.add_parser("build", help="build an ISF from a kernel image, no debug package needed")
     pb.add_argument("--vmlinuz", help="compressed kernel (types from .BTF, symbols from kallsyms)")
@@ -735,13 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_parser(sub)
     watch.add_parser(sub)
     diff.add_parser(sub)
-    st = sub.add_parser("stub", help="the guest stub for guests shadowvol did not boot").add_subparsers(
-        dest="stcmd", required=True)
-    sb = st.add_parser("build", help="build shadow_stub.ko against a Debian kernel package's headers")
-    sb.add_argument("--kernel-package", required=True, metavar="P",
-                    help="the guest's kernel package, e.g. linux-image-6.1.0-57-cloud-amd64")
-    sb.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the .ko")
-    sb.set_defaults(func=cmd_stub_build)
+    _add_stub_parser(sub)
     d = sub.add_parser("demo", help="build and boot web01, then list its processes from outside")
     d.add_argument("name", nargs="?", default="web01")
     d.set_defaults(func=cmd_demo)
