@@ -740,3 +740,22 @@ def _remember(state: Path | None, src: _Source, path: Path, isf: dict[str, Any],
 
 def _target(src: _Source, loc: KernelLocation, isf: dict[str, Any], path: Path) -> Target:
     return Target(src.memory, loc, isf, path, src.description, endpoints=src.endpoints, vm=src.vm)
+
+
+def _identify_by_registers(src: _Source, say: Progress) -> tuple[Path, dict[str, Any], KernelLocation] | None:
+    """For memory too slow to scan: the stored profile whose kernel the vCPU's CR3 maps
+    (``_text`` and ``linux_banner`` read through its page tables), or None."""
+    regs = src.registers()
+    if regs is None:
+        return None
+    say("identifying the kernel from the vCPU's page tables")
+    for path in profiles.indexed_profiles():
+        try:
+            isf = profiles.load_profile(path)
+            banner = profiles.profile_banner(isf)
+            loc = kaslr.locate_from_registers(regs[0], regs[1], src.memory, profiles.profile_addresses(isf), banner)
+            if loc is not None and verify_guest_profile(Target(src.memory, loc, isf, path, src.description)):
+                return path, isf, loc
+        except ShadowvolError:
+            continue
+    return None
