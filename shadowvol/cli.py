@@ -728,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plugins)
     be = sub.add_parser("bench", help="benchmarks: read latency, end-to-end pslist, plugin sweep")
     be.add_argument("what", choices=["reads", "pslist", "overhead", "sweep", "scan", "scale", "profiles",
-                                     "watch", "diff", "profile-load"])
+                                     "watch", "diff", "profile-load", "libvirt"])
     be.add_argument("--reference", help="profiles: the reference ISF (e.g. from DWARF)")
     be.add_argument("--candidate", help="profiles: the ISF checked against it (e.g. zero-config)")
     be.add_argument("--tasks", default=None,
