@@ -498,8 +498,11 @@ def _read_only_mapping_getattr(self: Any, attr: str) -> Any:
     (each walks the ChainMap behind every object's ``vol``)."""
     if attr == "_dict":
         return object.__getattribute__(self, attr)
+    mapping = self._dict
+    if type(mapping) is VolChainMap:
+        mapping = mapping._flat if mapping._flat is not None else (mapping.flat() or mapping)
     try:
-        return self._dict[attr]
+        return mapping[attr]
     except KeyError:
         raise AttributeError(f"Object has no attribute: {self.__class__.__name__}.{attr}") from None
 
@@ -524,6 +527,8 @@ def _aggregate_getattr(stock: Any) -> Any:
         if attr.startswith("_") and not attr.startswith("__") and "__" in attr:
             attr = attr[attr.find("__", 1):]  # See volatility3 issue #522
         vol = self._vol
+        if type(vol) is VolChainMap:  # one dict lookup per key (see VolChainMap)
+            vol = vol._flat if vol._flat is not None else (vol.flat() or vol)
         members = vol["members"]
         if attr not in members:
             return stock(self, attr)
@@ -552,6 +557,11 @@ def _template_call(self: Any, context: Any, object_info: Any) -> Any:
     (first-map-wins) values as iterating the ChainMap.
     """
     vol = self._vol
+    flat = vol.flat() if type(vol) is VolChainMap else None
+    if flat is not None:
+        arguments = dict(flat)
+        object_class = arguments.pop("object_class")
+        return object_class(context=context, object_info=object_info, **arguments)
     maps = vol.maps
     if all(type(m) is dict for m in maps):
         arguments: dict[str, Any] = {}
@@ -566,7 +576,10 @@ def _template_call(self: Any, context: Any, object_info: Any) -> Any:
 
 def _template_size(self: Any) -> int:
     """``ObjectTemplate.size`` without building a ReadOnlyMapping."""
-    return self._vol["object_class"].VolTemplateProxy.size(self)
+    vol = self._vol
+    if type(vol) is VolChainMap:
+        vol = vol._flat if vol._flat is not None else (vol.flat() or vol)
+    return vol["object_class"].VolTemplateProxy.size(self)
 
 
 def _epoch_cached_boottime(stock: Any) -> Any:
@@ -595,33 +608,130 @@ def _epoch_cached_boottime(stock: Any) -> Any:
 
 
 _ObjectInformation = interfaces.objects.ObjectInformation
-_OBJECT_INFORMATION_FIELDS = frozenset(f.name for f in dataclasses.fields(_ObjectInformation))
+_OBJECT_INFORMATION_FIELD_ORDER = tuple(f.name for f in dataclasses.fields(_ObjectInformation))
+_OBJECT_INFORMATION_FIELDS = frozenset(_OBJECT_INFORMATION_FIELD_ORDER)
 
 
 class VolChainMap(collections.ChainMap):
-    """The ChainMap behind every object's and template's ``vol``, looked up without
-    exceptions: stock ``ChainMap.__getitem__`` raises and catches a KeyError for each
-    map before the one holding the key (931k lookups for pslist at 2,000 tasks)."""
+    """The ChainMap behind every object's and template's ``vol``, looked up in one dict.
 
-    def __getitem__(self, key: Any) -> Any:
-        for mapping in self.maps:
+    volatility3 builds these in two places only (``ObjectInterface.__init__``:
+    ``{}, vol_info, object_info, kwargs``; ``Template.__init__``: ``{}, arguments,
+    {type_name}``), from maps that nobody else holds, and writes only through
+    the map itself (``_vol[k] = v``, ``update_vol``), which lands in
+    ``maps[0]``. Such a *sealed* map is flattened once, on its first lookup,
+    into one dict with ChainMap's first-map-wins values and iteration order;
+    its own writes keep the flat dict current. Maps derived by ``new_child``,
+    ``parents`` or ``copy`` share other maps' dicts, so they look up map by
+    map, as stock does (without stock's raised and caught KeyError per map).
+    An ``ObjectInformation`` (a dataclass, not a mapping) contributes its
+    fields, as its ``__contains__``/``__getitem__`` expose them.
+    """
+
+    def __init__(self, *maps: Any) -> None:
+        self.maps = list(maps) or [{}]
+        self._flat: dict | None = None
+        self._sealed = True
+
+    def _flatten(self) -> dict | None:
+        flat: dict = {}
+        for mapping in reversed(self.maps):
             if type(mapping) is dict:
-                if key in mapping:
-                    return mapping[key]
+                flat.update(mapping)
             elif type(mapping) is _ObjectInformation:
-                # ObjectInformation's own __contains__ then __getitem__ (which
-                # tests membership again): its field names, then the field.
+                for name in _OBJECT_INFORMATION_FIELD_ORDER:
+                    flat[name] = getattr(mapping, name)
+            else:
+                self._sealed = False  # a mapping of another kind: look up map by map
+                return None
+        self._flat = flat
+        return flat
+
+    def _lookup(self, key: Any) -> Any:
+        for mapping in self.maps:
+            if type(mapping) is _ObjectInformation:
                 if key in _OBJECT_INFORMATION_FIELDS:
                     return getattr(mapping, key)
             elif key in mapping:
                 return mapping[key]
         return self.__missing__(key)
 
+    def __getitem__(self, key: Any) -> Any:
+        flat = self._flat
+        if flat is None:
+            flat = self._flatten() if self._sealed else None
+            if flat is None:
+                return self._lookup(key)
+        try:
+            return flat[key]
+        except KeyError:
+            return self.__missing__(key)
+
     def get(self, key: Any, default: Any = None) -> Any:
         try:
             return self[key]
         except KeyError:
             return default
+
+    def __contains__(self, key: Any) -> bool:
+        flat = self._flat
+        if flat is None:
+            flat = self._flatten() if self._sealed else None
+            if flat is None:
+                return any(key in m for m in self.maps)
+        return key in flat
+
+    def flat(self) -> dict | None:
+        """The merged dict (read only), or None when this map is not sealed."""
+        flat = self._flat
+        if flat is None and self._sealed:
+            flat = self._flatten()
+        return flat
+
+    # Writes go to maps[0], as ChainMap's; the flat dict follows them.
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.maps[0][key] = value
+        if self._flat is not None:
+            self._flat[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        self._flat = None
+        super().__delitem__(key)
+
+    def popitem(self) -> Any:
+        self._flat = None
+        return super().popitem()
+
+    def pop(self, key: Any, *args: Any) -> Any:
+        self._flat = None
+        return super().pop(key, *args)
+
+    def clear(self) -> None:
+        self._flat = None
+        super().clear()
+
+    def __ior__(self, other: Any) -> "VolChainMap":
+        self._flat = None
+        return super().__ior__(other)
+
+    # Derived maps share dicts with this one: never flattened.
+    @staticmethod
+    def _unsealed(derived: "VolChainMap") -> "VolChainMap":
+        derived._sealed = False
+        derived._flat = None
+        return derived
+
+    def new_child(self, m: Any = None, **kwargs: Any) -> "VolChainMap":
+        return self._unsealed(super().new_child(m, **kwargs))
+
+    @property
+    def parents(self) -> "VolChainMap":
+        return self._unsealed(super().parents)
+
+    def copy(self) -> "VolChainMap":
+        return self._unsealed(super().copy())
+
+    __copy__ = copy
 
 
 class _CollectionsWithVolChainMap:

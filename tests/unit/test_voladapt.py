@@ -203,3 +203,50 @@ def test_live_layer_canonicalize_is_intel(addr):
 
     layer = _live_layer()
     assert layer.canonicalize(addr) == intel.Intel.canonicalize(layer, addr)
+
+
+ops = st.lists(st.tuples(st.sampled_from(["set", "del", "pop", "update", "child", "parents", "copy"]),
+                         keys, st.integers()), max_size=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(maps, ops, keys)
+def test_volchainmap_flat_view_follows_writes(ms, script, probe):
+    """The flattened lookup of a sealed map stays equal to stock ChainMap under every
+    write ChainMap offers, and maps derived from it (sharing its dicts) too."""
+    stock = collections.ChainMap(*[dict(m) for m in ms])
+    ours = volbridge.VolChainMap(*[dict(m) for m in ms])
+    for op, key, value in script:
+        assert ours.get(probe) == stock.get(probe)  # flattens early, then writes follow
+        if op == "set":
+            stock[key] = ours[key] = value
+        elif op in ("del", "pop"):
+            outcomes = []
+            for m in (stock, ours):
+                try:
+                    outcomes.append(m.pop(key) if op == "pop" else m.__delitem__(key))
+                except KeyError:
+                    outcomes.append(KeyError)
+            assert outcomes[0] == outcomes[1]
+        elif op == "update":
+            stock.update({key: value})
+            ours.update({key: value})
+        else:
+            stock = getattr(stock, "new_child")() if op == "child" else \
+                (stock.parents if op == "parents" else stock.copy())
+            ours = getattr(ours, "new_child")() if op == "child" else \
+                (ours.parents if op == "parents" else ours.copy())
+            assert isinstance(ours, volbridge.VolChainMap)
+        assert list(ours) == list(stock) and dict(ours) == dict(stock)
+        assert (probe in ours) == (probe in stock) and ours.get(probe) == stock.get(probe)
+    if ours.flat() is not None:
+        assert list(ours.flat()) == list(stock) and ours.flat() == dict(stock)
+
+
+def test_volchainmap_derived_maps_see_later_writes_to_shared_dicts():
+    """new_child shares the parent's first dict: a write there must show through."""
+    parent = volbridge.VolChainMap({}, {"a": 1})
+    child = parent.new_child()
+    assert child["a"] == 1
+    parent["a"] = 2
+    assert child["a"] == 2 and parent["a"] == 2
