@@ -20,120 +20,28 @@ from __future__ import annotations
 
 import logging
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from volatility3.framework import exceptions, interfaces, renderers
 from volatility3.framework.configuration import requirements
 from volatility3.framework.renderers import format_hints
+from volatility3.plugins.linux.kernel import (LIST_POISON2, MAX_ENTRIES, Kernel, Walk, for_each_process,
+                                              for_each_thread, idr_for_each, list_for_each, per_cpu_ptr,
+                                              rb_for_each)
 
-__all__ = ["KernelReader", "TaskFields", "View", "PsXView", "list_for_each", "for_each_process",
-           "for_each_thread", "idr_for_each", "runqueue_tasks", "scan_task_slabs", "validate_task"]
+__all__ = ["TaskFields", "TaskLayout", "PsXView", "process_tasks", "pid_hash_tasks", "runqueue_tasks",
+           "scan_task_slabs", "validate_task"]
 
 vollog = logging.getLogger(__name__)
 
-LIST_POISON1 = 0xDEAD000000000100
-LIST_POISON2 = 0xDEAD000000000122
 PID_MAX_LIMIT = 4 * 1024 * 1024
 TASK_COMM_LEN = 16
 TASK_STATE_LIMIT = 0x10000  # TASK_STATE_MAX (6.1) and above is garbage
 EXIT_STATES = (0, 0x10, 0x20)  # 0, EXIT_DEAD, EXIT_ZOMBIE
-MAX_TASKS = 1 << 17  # bound for every task walk
-MAX_NODES = 1 << 16  # bound for tree nodes (xa_node, rb_node)
+MAX_TASKS = MAX_ENTRIES  # bound of the task views
 PAGE_SIZE = 4096
 _Q = struct.Struct("<Q")
-
-
-class KernelReader:
-    """Raw reads of kernel virtual memory with offsets from the kernel module's profile.
-
-    Caches offsets only (profile facts); never guest data.
-    """
-
-    def __init__(self, context: interfaces.context.ContextInterface, module_name: str) -> None:
-        self.context = context
-        self.module = context.modules[module_name]
-        self.layer = context.layers[self.module.layer_name]
-        self.mask = self.layer.address_mask
-        bits = self.mask.bit_length()
-        self.kernel_half = (1 << 64) - (1 << (bits - 1))
-        self._offsets: dict[tuple[str, ...], int] = {}
-
-    # -- profile facts
-
-    def symbol(self, name: str) -> Optional[int]:
-        """Run-time address of a kernel symbol (KASLR applied), or None."""
-        if not self.module.has_symbol(name):
-            return None
-        return self.canonical(self.module.get_absolute_symbol_address(name))
-
-    def raw_symbol(self, name: str) -> Optional[int]:
-        """Link-time value of a symbol (for per-CPU symbols, which KASLR does not move)."""
-        if not self.module.has_symbol(name):
-            return None
-        return self.module.get_symbol(name).address
-
-    def has_member(self, type_name: str, member: str) -> bool:
-        try:
-            return self.module.get_type(type_name).has_member(member)
-        except exceptions.SymbolError:
-            return False
-
-    def offsetof(self, type_name: str, *path: str) -> int:
-        """offsetof(struct type_name, a.b.c) for ``path = ("a", "b", "c")``."""
-        key = (type_name, *path)
-        off = self._offsets.get(key)
-        if off is None:
-            tmpl = self.module.get_type(type_name)
-            off = 0
-            for member in path:
-                off += tmpl.relative_child_offset(member)
-                tmpl = tmpl.child_template(member)
-            self._offsets[key] = off
-        return off
-
-    def sizeof(self, type_name: str) -> int:
-        return self.module.get_type(type_name).size
-
-    def array_count(self, type_name: str, member: str) -> int:
-        return self.module.get_type(type_name).child_template(member).vol.count
-
-    # -- memory
-
-    def canonical(self, addr: int) -> int:
-        addr &= self.mask
-        return addr | ((1 << 64) - 1 - self.mask) if addr >> (self.mask.bit_length() - 1) else addr
-
-    def is_kernel_pointer(self, value: int) -> bool:
-        return self.kernel_half <= value < (1 << 64) and value not in (LIST_POISON1, LIST_POISON2)
-
-    def read(self, addr: int, length: int, pad: bool = False) -> Optional[bytes]:
-        """``length`` bytes at kernel virtual ``addr``; None if any of it is unmapped (unless ``pad``)."""
-        try:
-            return self.layer.read(addr & self.mask, length, pad=pad)
-        except exceptions.InvalidAddressException:
-            return None
-
-    def u64(self, addr: int) -> Optional[int]:
-        data = self.read(addr, 8)
-        return None if data is None else _Q.unpack(data)[0]
-
-    def u32(self, addr: int) -> Optional[int]:
-        data = self.read(addr, 4)
-        return None if data is None else int.from_bytes(data, "little")
-
-
-@dataclass
-class View:
-    """One view of the tasks: task_struct addresses, and why its walk stopped early ("" if it did not)."""
-
-    name: str
-    tasks: set[int] = field(default_factory=set)
-    partial: str = ""
-
-    def stop(self, reason: str) -> None:
-        if not self.partial:
-            self.partial = reason
 
 
 @dataclass
@@ -158,7 +66,7 @@ class TaskFields:
 class TaskLayout:
     """Offsets of struct task_struct fields, and a parser for its bytes."""
 
-    def __init__(self, r: KernelReader) -> None:
+    def __init__(self, r: Kernel) -> None:
         o = r.offsetof
         # __state replaced state in 5.14 (2f064a59a11f "sched: Change task_struct::state").
         state = "__state" if r.has_member("task_struct", "__state") else "state"
@@ -197,7 +105,7 @@ class TaskLayout:
             q(buf, base + self.tasks + 8)[0], q(buf, base + self.thread_pid)[0], q(buf, base + self.sched_class)[0],
             q(buf, base + self.signal)[0])
 
-    def read(self, r: KernelReader, addr: int) -> Optional[TaskFields]:
+    def read(self, r: Kernel, addr: int) -> Optional[TaskFields]:
         buf = r.read(addr, self.span)
         return None if buf is None else self.parse(addr, buf)
 
@@ -205,90 +113,25 @@ class TaskLayout:
 # -- trusting walkers ---------------------------------------------------------
 
 
-def list_for_each(r: KernelReader, head: int, view: View, limit: int = MAX_TASKS,
-                  first: Optional[int] = None) -> Iterator[int]:
-    """list_for_each: the nodes (struct list_head *) after ``head``, bounded and cycle-checked.
-
-    ``first`` is ``head->next`` when the caller already read it.
-    """
-    seen = {head}
-    prev = head
-    node = r.u64(head) if first is None else first
-    while node != head:
-        if node is None or not r.is_kernel_pointer(node):
-            view.stop(f"bad list pointer {node if node is None else hex(node)} after {prev:#x}")
-            return
-        if node in seen:
-            view.stop(f"cycle at {node:#x}")
-            return
-        if len(seen) > limit:
-            view.stop(f"more than {limit} entries")
-            return
-        nxt = r.u64(node)
-        if nxt is None:
-            view.stop(f"unreadable list node {node:#x}")
-            return
-        seen.add(node)
-        yield node
-        prev, node = node, nxt
-
-
-def for_each_thread(r: KernelReader, lay: TaskLayout, signal: int, view: View) -> Iterator[int]:
-    """for_each_thread: tasks on signal->thread_head (struct signal_struct *signal)."""
-    head = signal + r.offsetof("signal_struct", "thread_head")
-    for node in list_for_each(r, head, view):
-        yield node - lay.thread_node
-
-
-def for_each_process(r: KernelReader, lay: TaskLayout, view: View, threads: bool = True) -> None:
-    """Fill ``view`` from init_task.tasks (struct task_struct), and each process's threads."""
-    init_task = r.symbol("init_task")
-    leaders = [init_task] + [node - lay.tasks for node in list_for_each(r, init_task + lay.tasks, view)]
-    view.tasks.update(leaders)
+def process_tasks(r: Kernel, view: Walk, threads: bool = True) -> None:
+    """Fill ``view`` from for_each_process (struct task_struct) and, with ``threads``, each one's threads."""
+    leaders = list(for_each_process(r, view))
+    view.items.update(leaders)
     if not threads:
         return
+    signal_off = r.offsetof("task_struct", "signal")
     for task in leaders[1:]:
-        signal = r.u64(task + lay.signal)
+        signal = r.u64(task + signal_off)
         if signal is None or not r.is_kernel_pointer(signal):
             continue  # kernel threads have a signal_struct too; a bad one is a smeared task
-        for thread in for_each_thread(r, lay, signal, View("threads")):
-            view.tasks.add(thread)
-            if len(view.tasks) > MAX_TASKS:
+        for thread in for_each_thread(r, signal, Walk("threads")):
+            view.items.add(thread)
+            if len(view.items) > MAX_TASKS:
                 view.stop(f"more than {MAX_TASKS} tasks")
                 return
 
 
-def idr_for_each(r: KernelReader, idr: int, view: View) -> Iterator[int]:
-    """idr_for_each: the entries (void *) of a struct idr (an xarray since 4.20), bounded."""
-    head = r.u64(idr + r.offsetof("idr", "idr_rt") + r.offsetof("xarray", "xa_head"))
-    if head is None:
-        view.stop("cannot read the idr head")
-        return
-    slots_off = r.offsetof("xa_node", "slots")
-    nslots = r.array_count("xa_node", "slots")
-    fmt = struct.Struct(f"<{nslots}Q")
-    stack, seen = [head], set()
-    while stack:
-        entry = stack.pop()
-        if entry & 3 == 2 and entry > 4096:  # xa_is_node()
-            node = entry - 2
-            if node in seen:
-                view.stop(f"xa_node cycle at {node:#x}")
-                continue
-            if len(seen) >= MAX_NODES:
-                view.stop(f"more than {MAX_NODES} xa_nodes")
-                return
-            seen.add(node)
-            data = r.read(node + slots_off, nslots * 8)
-            if data is None:
-                view.stop(f"unreadable xa_node {node:#x}")
-                continue
-            stack.extend(reversed([e for e in fmt.unpack(data) if e]))
-        elif entry and entry & 3 == 0:
-            yield entry
-
-
-def pid_task(r: KernelReader, lay: TaskLayout, pid: int) -> Optional[int]:
+def pid_task(r: Kernel, lay: TaskLayout, pid: int) -> Optional[int]:
     """pid_task(pid, PIDTYPE_PID): struct task_struct * of a struct pid *, or None."""
     first = r.u64(pid + r.offsetof("pid", "tasks"))
     if not first or not r.is_kernel_pointer(first):
@@ -296,19 +139,19 @@ def pid_task(r: KernelReader, lay: TaskLayout, pid: int) -> Optional[int]:
     return first - lay.pid_links
 
 
-def pid_hash_tasks(r: KernelReader, lay: TaskLayout, view: View) -> None:
+def pid_hash_tasks(r: Kernel, lay: TaskLayout, view: Walk) -> None:
     """Fill ``view`` from init_pid_ns.idr (struct pid_namespace)."""
     ns = r.symbol("init_pid_ns")
     for pid in idr_for_each(r, ns + r.offsetof("pid_namespace", "idr"), view):
         task = pid_task(r, lay, pid)
         if task is not None:
-            view.tasks.add(task)
-        if len(view.tasks) > MAX_TASKS:
+            view.items.add(task)
+        if len(view.items) > MAX_TASKS:
             view.stop(f"more than {MAX_TASKS} pids")
             return
 
 
-def online_cpus(r: KernelReader) -> list[int]:
+def online_cpus(r: Kernel) -> list[int]:
     """CPUs in __cpu_online_mask (struct cpumask), below nr_cpu_ids."""
     nr = r.u32(r.symbol("nr_cpu_ids")) or 1
     words = r.read(r.symbol("__cpu_online_mask"), 8 * ((nr + 63) // 64))
@@ -318,38 +161,7 @@ def online_cpus(r: KernelReader) -> list[int]:
     return [cpu for cpu in range(nr) if bits >> cpu & 1] or [0]
 
 
-def per_cpu_ptr(r: KernelReader, name: str, cpu: int) -> Optional[int]:
-    """per_cpu_ptr(&name, cpu): the symbol's per-CPU offset + __per_cpu_offset[cpu]."""
-    base = r.u64(r.symbol("__per_cpu_offset") + 8 * cpu)
-    off = r.raw_symbol(name)
-    if base is None or off is None:
-        return None
-    return (base + off) & ((1 << 64) - 1)
-
-
-def rb_for_each(r: KernelReader, root: int, view: View) -> Iterator[int]:
-    """The nodes (struct rb_node *) of an rb-tree, from its root node, bounded and cycle-checked."""
-    right = r.offsetof("rb_node", "rb_right")
-    left = r.offsetof("rb_node", "rb_left")
-    stack, seen = [root], set()
-    while stack:
-        node = stack.pop()
-        if not node:
-            continue
-        if not r.is_kernel_pointer(node) or node in seen or len(seen) >= MAX_NODES:
-            view.stop(f"bad rb_node {node:#x}")
-            continue
-        seen.add(node)
-        data = r.read(node, max(right, left) + 8)
-        if data is None:
-            view.stop(f"unreadable rb_node {node:#x}")
-            continue
-        yield node
-        stack.append(_Q.unpack_from(data, right)[0])
-        stack.append(_Q.unpack_from(data, left)[0])
-
-
-def cfs_rq_tasks(r: KernelReader, lay: TaskLayout, cfs_rq: int, view: View, depth: int = 0) -> None:
+def cfs_rq_tasks(r: Kernel, lay: TaskLayout, cfs_rq: int, view: Walk, depth: int = 0) -> None:
     """Tasks queued on a struct cfs_rq (descending into group entities' my_q)."""
     root = r.u64(cfs_rq + r.offsetof("cfs_rq", "tasks_timeline"))
     if root is None:
@@ -363,10 +175,10 @@ def cfs_rq_tasks(r: KernelReader, lay: TaskLayout, cfs_rq: int, view: View, dept
         if my_q and depth < 16:
             cfs_rq_tasks(r, lay, my_q, view, depth + 1)
         elif not my_q:
-            view.tasks.add(se - lay.se)
+            view.items.add(se - lay.se)
 
 
-def rt_rq_tasks(r: KernelReader, lay: TaskLayout, rt_rq: int, view: View) -> None:
+def rt_rq_tasks(r: Kernel, lay: TaskLayout, rt_rq: int, view: Walk) -> None:
     """Tasks queued on a struct rt_rq's priority array (task entities only)."""
     queue = rt_rq + r.offsetof("rt_rq", "active") + r.offsetof("rt_prio_array", "queue")
     count = r.array_count("rt_prio_array", "queue")
@@ -381,13 +193,13 @@ def rt_rq_tasks(r: KernelReader, lay: TaskLayout, rt_rq: int, view: View) -> Non
         first = _Q.unpack_from(heads, 16 * i)[0]
         if first == head:
             continue
-        for node in list_for_each(r, head, view, limit=MAX_TASKS, first=first):
+        for node in list_for_each(r, head, view, first=first):
             rt_se = node - run_list
             if my_q is None or not r.u64(rt_se + my_q):
-                view.tasks.add(rt_se - lay.rt)
+                view.items.add(rt_se - lay.rt)
 
 
-def runqueue_tasks(r: KernelReader, lay: TaskLayout, view: View) -> set[int]:
+def runqueue_tasks(r: Kernel, lay: TaskLayout, view: Walk) -> set[int]:
     """Fill ``view`` from each online CPU's struct rq (curr, CFS tree, RT queues); returns the idle tasks."""
     idle = set()
     for cpu in online_cpus(r):
@@ -399,7 +211,7 @@ def runqueue_tasks(r: KernelReader, lay: TaskLayout, view: View) -> set[int]:
         if idle_task:
             idle.add(idle_task)
         if curr and curr != idle_task:
-            view.tasks.add(curr)
+            view.items.add(curr)
         cfs_rq_tasks(r, lay, rq + r.offsetof("rq", "cfs"), view)
         rt_rq_tasks(r, lay, rq + r.offsetof("rq", "rt"), view)
     return idle
@@ -421,7 +233,7 @@ class TaskCheck:
         return self.plausible and (self.linked or self.registered)
 
 
-def validate_task(r: KernelReader, lay: TaskLayout, t: TaskFields, sched_classes: frozenset[int]) -> TaskCheck:
+def validate_task(r: Kernel, lay: TaskLayout, t: TaskFields, sched_classes: frozenset[int]) -> TaskCheck:
     """Check a struct task_struct candidate: field ranges, then its list and pid back-links."""
     plausible = (
         t.comm_ok and 0 <= t.pid <= PID_MAX_LIMIT and 0 <= t.tgid <= PID_MAX_LIMIT
@@ -437,7 +249,7 @@ def validate_task(r: KernelReader, lay: TaskLayout, t: TaskFields, sched_classes
     return TaskCheck(True, linked, registered)
 
 
-def sched_class_addresses(r: KernelReader) -> frozenset[int]:
+def sched_class_addresses(r: Kernel) -> frozenset[int]:
     """&stop_sched_class, &dl_sched_class, ...: the values task->sched_class may hold."""
     names = ("stop_sched_class", "dl_sched_class", "rt_sched_class", "fair_sched_class", "idle_sched_class",
              "ext_sched_class")
@@ -455,7 +267,7 @@ class SlabCache:
     order: int
 
 
-def task_struct_slabs(r: KernelReader) -> Optional[SlabCache]:
+def task_struct_slabs(r: Kernel) -> Optional[SlabCache]:
     """The slabs of task_struct_cachep (struct kmem_cache *).
 
     Finds the head struct page/slab of each slab page in the vmemmap whose
@@ -505,7 +317,7 @@ def task_struct_slabs(r: KernelReader) -> Optional[SlabCache]:
     return SlabCache(slabs, objects, size, pad, order)
 
 
-def scan_task_slabs(r: KernelReader, lay: TaskLayout, view: View,
+def scan_task_slabs(r: Kernel, lay: TaskLayout, view: Walk,
                     fields: dict[int, TaskFields]) -> None:
     """Fill ``view`` with validated task_structs carved from the task_struct slabs.
 
@@ -531,7 +343,7 @@ def scan_task_slabs(r: KernelReader, lay: TaskLayout, view: View,
             if not t.comm_ok:  # free slots: cheap first filter
                 continue
             if validate_task(r, lay, t, classes).ok:
-                view.tasks.add(t.addr)
+                view.items.add(t.addr)
                 fields[t.addr] = t
 
 
@@ -554,13 +366,13 @@ class PsXView(interfaces.plugins.PluginInterface):
 
     @classmethod
     def collect_views(cls, context: interfaces.context.ContextInterface, kernel_module_name: str
-                      ) -> tuple[dict[str, View], set[int], dict[int, TaskFields], KernelReader, TaskLayout]:
+                      ) -> tuple[dict[str, Walk], set[int], dict[int, TaskFields], Kernel, TaskLayout]:
         """Each view's tasks, the idle tasks, the fields parsed by the scan, reader and layout."""
-        r = KernelReader(context, kernel_module_name)
+        r = Kernel.from_context(context, kernel_module_name)
         lay = TaskLayout(r)
-        views = {name: View(name) for name in cls.VIEWS}
+        views = {name: Walk(name) for name in cls.VIEWS}
         fields: dict[int, TaskFields] = {}
-        for_each_process(r, lay, views["task_list"])
+        process_tasks(r, views["task_list"])
         pid_hash_tasks(r, lay, views["pid_hash"])
         idle = runqueue_tasks(r, lay, views["runqueue"])
         scan_task_slabs(r, lay, views["task_scan"], fields)
@@ -573,17 +385,17 @@ class PsXView(interfaces.plugins.PluginInterface):
         for v in views.values():
             if v.partial:
                 vollog.warning(f"psxview: {v.name} walk incomplete: {v.partial}")
-        tasks = set().union(*(v.tasks for v in views.values())) - idle
+        tasks = set().union(*(v.items for v in views.values())) - idle
         others = ("pid_hash", "task_scan")
-        suspects = {t for t in tasks if t not in views["task_list"].tasks
-                    and any(t in views[o].tasks for o in others)}
+        suspects = {t for t in tasks if t not in views["task_list"].items
+                    and any(t in views[o].items for o in others)}
         recheck = ""
         if suspects:
             # The guest runs on: walk the list once more before calling anything hidden.
-            again = View("task_list")
-            for_each_process(r, lay, again)
-            views["task_list"].tasks |= again.tasks & suspects
-            suspects -= again.tasks
+            again = Walk("task_list")
+            process_tasks(r, again)
+            views["task_list"].items |= again.items & suspects
+            suspects -= again.items
             recheck = again.partial
         classes = sched_class_addresses(r)
         rows = []
@@ -603,7 +415,7 @@ class PsXView(interfaces.plugins.PluginInterface):
                 if in_list:
                     # Both neighbours point at it, so a forward walk reaches it: the
                     # walks raced the running guest (a task being linked), nothing hides it.
-                    views["task_list"].tasks.add(task)
+                    views["task_list"].items.add(task)
                     notes.append("linked while we looked")
                 elif check.registered and now.exit_state != 0x10 and recheck:
                     notes.append(f"not in task list (unconfirmed: {recheck})")
@@ -613,7 +425,7 @@ class PsXView(interfaces.plugins.PluginInterface):
                 else:
                     notes.append("exited during scan")
             for v in views.values():
-                if task not in v.tasks and v.partial:
+                if task not in v.items and v.partial:
                     notes.append(f"{v.name} partial")
             if self.config.get("hidden_only") and not hidden:
                 continue
@@ -621,7 +433,7 @@ class PsXView(interfaces.plugins.PluginInterface):
         rows.sort(key=lambda row: (row[0], row[1]))
         for pid, task, t, hidden, notes in rows:
             yield 0, (format_hints.Hex(task), pid, t.comm if t else renderers.UnreadableValue(),
-                      *(task in views[v].tasks for v in self.VIEWS), hidden, "; ".join(notes))
+                      *(task in views[v].items for v in self.VIEWS), hidden, "; ".join(notes))
 
     def run(self) -> renderers.TreeGrid:
         return renderers.TreeGrid(

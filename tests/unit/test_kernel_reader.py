@@ -1,0 +1,238 @@
+"""The one kernel reader (plugins/linux/kernel.py) on synthetic memory: every walker is
+bounded, cycle-detecting, and says why it stopped instead of raising."""
+
+from __future__ import annotations
+
+import importlib
+import struct
+
+import pytest
+from volatility3.framework import exceptions
+
+K = 0xFFFF888000000000
+MASK = (1 << 48) - 1
+
+
+@pytest.fixture(scope="module")
+def kmod():
+    from shadowvol.volbridge import use_our_plugins
+
+    use_our_plugins()
+    return importlib.import_module("volatility3.plugins.linux.kernel")
+
+
+class Memory:
+    """A volatility3-like layer over a dict of 8-byte words (masked addresses, as the Intel layers take)."""
+
+    address_mask = MASK
+    name = "synthetic"
+
+    def __init__(self) -> None:
+        self.words: dict[int, int] = {}
+
+    def put(self, addr: int, *values: int) -> None:
+        for i, v in enumerate(values):
+            self.words[(addr + 8 * i) & MASK] = v & 0xFFFF_FFFF_FFFF_FFFF
+
+    def put_bytes(self, addr: int, data: bytes) -> None:
+        data = data + b"\0" * (-len(data) % 8)
+        self.put(addr, *struct.unpack(f"<{len(data) // 8}Q", data))
+
+    def read(self, offset: int, length: int, pad: bool = False) -> bytes:
+        base = offset & ~7
+        out = bytearray()
+        for a in range(base, offset + length, 8):
+            if a not in self.words:
+                if not pad:
+                    raise exceptions.InvalidAddressException(self.name, a, "unmapped")
+                out += b"\0" * 8
+            else:
+                out += struct.pack("<Q", self.words[a])
+        return bytes(out[offset - base: offset - base + length])
+
+
+class Types:
+    """Profile facts as dicts: symbols (link-time), offsets, sizes, array counts."""
+
+    def __init__(self, symbols=None, offsets=None, sizes=None, counts=None, shift=0) -> None:
+        self.symbols, self.offsets = symbols or {}, offsets or {}
+        self.sizes, self.counts, self.shift = sizes or {}, counts or {}, shift
+
+    def symbol_offset(self, name):
+        return self.symbols.get(name)
+
+    def kaslr_shift(self):
+        return self.shift
+
+    def offsetof(self, type_name, *path):
+        return sum(self.offsets[(type_name, m)] for m in path)
+
+    def sizeof(self, type_name):
+        return self.sizes[type_name]
+
+    def has_member(self, type_name, member):
+        return (type_name, member) in self.offsets
+
+    def array_count(self, type_name, member):
+        return self.counts[(type_name, member)]
+
+
+def kernel(kmod, mem, **types):
+    return kmod.Kernel(mem, Types(**types))
+
+
+def chain(mem, head, nodes, back=True):
+    """A circular doubly linked list head -> nodes -> head (next at +0, prev at +8)."""
+    ring = [head, *nodes, head]
+    for a, b in zip(ring, ring[1:]):
+        mem.put(a, b)
+        if back:
+            mem.put(b + 8, a)
+
+
+def test_canonical(kmod):
+    assert kmod.canonical(0xFFFF_8880_0000_1000 & MASK, MASK) == 0xFFFF_8880_0000_1000
+    assert kmod.canonical(0x0000_7FFF_0000_1000, MASK) == 0x0000_7FFF_0000_1000
+    la57 = (1 << 57) - 1
+    assert kmod.canonical(0xFF11_0000_0000_0000 & la57, la57) == 0xFF11_0000_0000_0000
+
+
+@pytest.mark.parametrize("case", ["ok", "cycle", "bad", "poison", "unmapped", "bound"])
+def test_list_for_each_is_bounded_and_says_why_it_stopped(kmod, case):
+    mem = Memory()
+    head, nodes = K, [K + 0x100 * i for i in range(1, 6)]
+    chain(mem, head, nodes)
+    if case == "cycle":
+        mem.put(nodes[3], nodes[1])
+    elif case == "bad":
+        mem.put(nodes[2], 0x1234)
+    elif case == "poison":
+        mem.put(nodes[2], kmod.LIST_POISON1)
+    elif case == "unmapped":
+        mem.put(nodes[2], K + 0x9990)
+    walk = kmod.Walk("t", limit=3 if case == "bound" else 100)
+    got = list(kmod.list_for_each(kernel(kmod, mem), head, walk))
+    if case == "ok":
+        assert got == nodes and walk.partial == ""
+    else:
+        assert walk.partial and got == nodes[:len(got)] and len(got) <= 4, (got, walk.partial)
+    assert {"cycle": "cycle", "bad": "bad list pointer", "poison": "bad list pointer",
+            "unmapped": "unreadable", "bound": "more than 3"}.get(case, "") in walk.partial
+
+
+def test_list_for_each_entry_and_for_each_process(kmod):
+    mem = Memory()
+    tasks_off = 0x40
+    init_task = 0xFFFFFFFF82000000
+    procs = [K + 0x1000 * i for i in range(1, 4)]
+    chain(mem, init_task + tasks_off, [p + tasks_off for p in procs])
+    k = kernel(kmod, mem, symbols={"init_task": init_task - 0x1000}, shift=0x1000,
+               offsets={("task_struct", "tasks"): tasks_off})
+    walk = kmod.Walk()
+    assert list(kmod.for_each_process(k, walk)) == [init_task, *procs] and not walk.partial
+
+
+def test_for_each_thread(kmod):
+    mem = Memory()
+    signal, head_off, node_off = K + 0x8000, 0x10, 0x80
+    threads = [K + 0x1000 * i for i in range(1, 3)]
+    chain(mem, signal + head_off, [t + node_off for t in threads])
+    k = kernel(kmod, mem, offsets={("signal_struct", "thread_head"): head_off, ("task_struct", "thread_node"): node_off})
+    assert list(kmod.for_each_thread(k, signal, kmod.Walk())) == threads
+
+
+def _idr_types():
+    return dict(offsets={("idr", "idr_rt"): 0, ("xarray", "xa_head"): 8, ("xa_node", "slots"): 40},
+                counts={("xa_node", "slots"): 64})
+
+
+def test_idr_for_each_walks_nodes_and_survives_a_cycle(kmod):
+    mem = Memory()
+    node, leaf = K + 0x1000, K + 0x3000
+    mem.put(K + 8, node | 2)  # xa_head -> an internal node
+    mem.put(node + 40, *([0] * 64))
+    mem.put(leaf + 40, *([0] * 64))
+    mem.put(node + 40, K + 0x5000)  # slot 0: an entry
+    mem.put(node + 48, leaf | 2)  # slot 1: a child node
+    mem.put(leaf + 40 + 8 * 5, K + 0x6000)
+    k = kernel(kmod, mem, **_idr_types())
+    walk = kmod.Walk()
+    assert list(kmod.idr_for_each(k, K, walk)) == [K + 0x5000, K + 0x6000] and not walk.partial
+    mem.put(leaf + 40, node | 2)  # a slot pointing back at an ancestor
+    walk = kmod.Walk()
+    assert sorted(kmod.idr_for_each(k, K, walk)) == [K + 0x5000, K + 0x6000]
+    assert "cycle" in walk.partial
+
+
+def test_idr_for_each_unreadable_head(kmod):
+    walk = kmod.Walk()
+    assert list(kmod.idr_for_each(kernel(kmod, Memory(), **_idr_types()), K, walk)) == []
+    assert "idr head" in walk.partial
+
+
+def test_rb_for_each_survives_a_cycle(kmod):
+    mem = Memory()
+    a, b, c = K + 0x100, K + 0x200, K + 0x300
+    mem.put(a, 0, c, b)  # parent_color, rb_right, rb_left
+    mem.put(b, a, 0, 0)
+    mem.put(c, a, a, 0)  # right child points back at the root
+    k = kernel(kmod, mem, offsets={("rb_node", "rb_right"): 8, ("rb_node", "rb_left"): 16})
+    walk = kmod.Walk()
+    assert list(kmod.rb_for_each(k, a, walk)) == [a, b, c]
+    assert "bad rb_node" in walk.partial
+
+
+def test_per_cpu_ptr(kmod):
+    mem = Memory()
+    table = 0xFFFFFFFF82100000
+    mem.put(table, K + 0x10_0000, K + 0x20_0000)
+    k = kernel(kmod, mem, symbols={"__per_cpu_offset": table - 0x4000, "runqueues": 0x2C000}, shift=0x4000)
+    assert kmod.per_cpu_ptr(k, "runqueues", 1) == K + 0x20_0000 + 0x2C000  # the per-CPU offset is not shifted
+    assert kmod.per_cpu_ptr(k, "runqueues", 7) is None  # unreadable slot
+    assert kmod.per_cpu_ptr(k, "no_such", 0) is None
+
+
+def _module_types(modules_sym):
+    return dict(symbols={"modules": modules_sym},
+                offsets={("module", "list"): 8, ("module", "name"): 24, ("module", "core_layout"): 0x100,
+                         ("module", "init_layout"): 0x140, ("module_layout", "base"): 0, ("module_layout", "size"): 8},
+                counts={("module", "name"): 56})
+
+
+def test_for_each_module_names_and_regions(kmod):
+    mem = Memory()
+    head = 0xFFFFFFFF82200000
+    mods = [0xFFFFFFFFC0001000, 0xFFFFFFFFC0101000]
+    chain(mem, head, [m + 8 for m in mods])
+    for i, m in enumerate(mods):
+        mem.put_bytes(m + 24, f"mod{i}".encode().ljust(56, b"\0"))
+        mem.put(m + 0x100, m - 0x1000, 0x3000)  # core_layout.base, .size (u32 read of the low half)
+        mem.put(m + 0x140, 0, 0)  # init memory freed
+    k = kernel(kmod, mem, **_module_types(head))
+    walk = kmod.Walk()
+    got = list(kmod.for_each_module(k, walk))
+    assert got == mods and not walk.partial
+    assert [kmod.module_name(k, m) for m in got] == ["mod0", "mod1"]
+    regions = kmod.module_regions(k, mods[1], "mod1")
+    assert regions == [kmod.ModuleRegion("mod1", mods[1] - 0x1000, 0x3000, True, mods[1])]
+    assert mods[1] + 0x10 in regions[0] and mods[1] + 0x2000 not in regions[0]
+
+
+def test_for_each_module_without_the_symbol_is_partial(kmod):
+    walk = kmod.Walk()
+    assert list(kmod.for_each_module(kernel(kmod, Memory(), symbols={}), walk)) == []
+    assert walk.partial
+
+
+def test_read_policies(kmod):
+    mem = Memory()
+    mem.put(K, 0x1122334455667788)
+    k = kernel(kmod, mem)
+    assert k.u64(K) == 0x1122334455667788 and k.u32(K + 4) == 0x11223344
+    assert k.read(K + 8, 8) is None and k.u64(K + 8) is None
+    assert k.read(K, 16, pad=True) == struct.pack("<QQ", 0x1122334455667788, 0)
+    with pytest.raises(exceptions.InvalidAddressException) as err:
+        k.read_exact(K, 16)
+    assert err.value.invalid_address == (K + 8) & MASK and err.value.layer_name == "synthetic"
+    assert k.is_kernel_pointer(K) and not k.is_kernel_pointer(0x7FFF_0000_0000)
+    assert not k.is_kernel_pointer(kmod.LIST_POISON2)
