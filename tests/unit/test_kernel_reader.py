@@ -236,3 +236,97 @@ def test_read_policies(kmod):
     assert err.value.invalid_address == (K + 8) & MASK and err.value.layer_name == "synthetic"
     assert k.is_kernel_pointer(K) and not k.is_kernel_pointer(0x7FFF_0000_0000)
     assert not k.is_kernel_pointer(kmod.LIST_POISON2)
+
+
+# -- tracing_hooks: kprobe_table and ftrace_ops_list on synthetic memory ----------
+
+
+@pytest.fixture(scope="module")
+def thooks(kmod):
+    return importlib.import_module("volatility3.plugins.linux.tracing_hooks")
+
+
+KPROBE = {("kprobe", "hlist"): 0, ("kprobe", "list"): 16, ("kprobe", "addr"): 40, ("kprobe", "symbol_name"): 48,
+          ("kprobe", "offset"): 56, ("kprobe", "pre_handler"): 64, ("kprobe", "post_handler"): 72,
+          ("kprobe", "flags"): 88, ("kretprobe", "kp"): 0, ("kretprobe", "handler"): 96,
+          ("kretprobe", "entry_handler"): 104}
+
+
+def put_kprobe(mem, p, addr, pre, post=0, nxt=0, name=0):
+    mem.put(p, nxt, 0, 0, 0, 0, addr, name, 0, pre, post, 0, 8, 0, 0)
+
+
+def test_for_each_kprobe_plain_aggregated_and_kretprobe(kmod, thooks):
+    mem = Memory()
+    table, aggr, rp_pre = 0xFFFFFFFF83000000, 0xFFFFFFFF81000100, 0xFFFFFFFF81000200
+    mem.put(table, *([0] * 64))
+    a, b, c, d = (K + 0x1000 * i for i in range(1, 5))
+    mem.put(table + 8 * 3, a)
+    put_kprobe(mem, a, 0xFFFFFFFF81100000, 0xFFFFFFFFC0001000, nxt=b, name=K + 0x9000)
+    mem.put_bytes(K + 0x9000, b"__x64_sys_getppid\0")
+    put_kprobe(mem, b, 0xFFFFFFFF81200000, aggr)
+    put_kprobe(mem, c, 0xFFFFFFFF81200000, 0xFFFFFFFFC0002000)
+    put_kprobe(mem, d, 0xFFFFFFFF81200000, rp_pre)
+    chain(mem, b + 16, [c + 16, d + 16])
+    mem.put(d + 96, 0xFFFFFFFFC0003000, 0)  # kretprobe handler, no entry_handler
+    k = kernel(kmod, mem, symbols={"kprobe_table": table, "aggr_pre_handler": aggr, "pre_handler_kretprobe": rp_pre},
+               offsets=KPROBE)
+    walk = kmod.Walk()
+    got = list(thooks.for_each_kprobe(k, walk))
+    assert not walk.partial
+    assert [(p.struct, p.kind, p.symbol, p.handlers) for p in got] == [
+        (a, "kprobe", "__x64_sys_getppid", (("pre_handler", 0xFFFFFFFFC0001000),)),
+        (c, "kprobe", "", (("pre_handler", 0xFFFFFFFFC0002000),)),
+        (d, "kretprobe", "", (("handler", 0xFFFFFFFFC0003000),)),
+    ]
+    mem.put(b, a)  # a cycle in the bucket's hlist
+    walk = kmod.Walk()
+    assert len(list(thooks.for_each_kprobe(k, walk))) <= 4 and "cycle" in walk.partial
+
+
+FTRACE = {("ftrace_ops", "func"): 0, ("ftrace_ops", "next"): 8, ("ftrace_ops", "flags"): 16,
+          ("ftrace_ops", "func_hash"): 24, ("ftrace_ops", "trampoline"): 32, ("ftrace_ops", "trampoline_size"): 40,
+          ("ftrace_ops_hash", "filter_hash"): 8, ("ftrace_hash", "size_bits"): 0, ("ftrace_hash", "buckets"): 8,
+          ("ftrace_func_entry", "hlist"): 0, ("ftrace_func_entry", "ip"): 16}
+
+
+def test_for_each_ftrace_ops_with_filter_hash(kmod, thooks):
+    mem = Memory()
+    head, end = 0xFFFFFFFF83100000, 0xFFFFFFFF83100100
+    o1, o2, fh, hsh, buckets, e1, e2 = (K + 0x1000 * i for i in range(1, 8))
+    mem.put(head, o1)
+    mem.put(o1, 0xFFFFFFFFC0001000, o2, 1 | 1 << 12, fh, 0xFFFFFFFFC0010000, 0x100)
+    mem.put(o2, 0xFFFFFFFF81000300, end, 1, 0, 0, 0)
+    mem.put(fh, 0, hsh)
+    mem.put(hsh, 1, buckets)  # two buckets
+    mem.put(buckets, e1, 0)
+    mem.put(e1, e2, 0, 0xFFFFFFFF81100000)
+    mem.put(e2, 0, 0, 0xFFFFFFFF81000000)
+    k = kernel(kmod, mem, symbols={"ftrace_ops_list": head, "ftrace_list_end": end}, offsets=FTRACE)
+    walk = kmod.Walk()
+    ops = list(thooks.for_each_ftrace_ops(k, walk))
+    assert not walk.partial
+    assert [(x.struct, x.func, x.ips, x.all_functions, x.trampoline) for x in ops] == [
+        (o1, 0xFFFFFFFFC0001000, (0xFFFFFFFF81000000, 0xFFFFFFFF81100000), False, 0xFFFFFFFFC0010000),
+        (o2, 0xFFFFFFFF81000300, (), True, 0)]
+    assert thooks.ftrace_flag_names(ops[0].flags) == "ENABLED,IPMODIFY"
+    mem.put(o2 + 8, o1)  # a cycle instead of ftrace_list_end
+    walk = kmod.Walk()
+    assert len(list(thooks.for_each_ftrace_ops(k, walk))) == 2 and "cycle" in walk.partial
+
+
+def test_module_address_lookup(kmod):
+    mem = Memory()
+    mod, ks, symtab, strtab = K + 0x1000, K + 0x2000, K + 0x3000, K + 0x4000
+    text = 0xFFFFFFFFC0001000
+    mem.put(mod + 0x200, ks)
+    mem.put(ks, symtab, 3, strtab)  # symtab, num_symtab (u32), strtab
+    sym = struct.Struct("<IBBHQQ")
+    mem.put_bytes(symtab, sym.pack(0, 0, 0, 0, 0, 0) + sym.pack(1, 0x12, 0, 1, text, 0x40)
+                  + sym.pack(8, 0x12, 0, 1, text + 0x40, 0x20))
+    mem.put_bytes(strtab, b"\0rk_pre\0rk_getppid\0")
+    k = kernel(kmod, mem, offsets={("module", "kallsyms"): 0x200, ("mod_kallsyms", "symtab"): 0,
+                                   ("mod_kallsyms", "num_symtab"): 8, ("mod_kallsyms", "strtab"): 16})
+    assert kmod.module_address_lookup(k, mod, text) == ("rk_pre", 0)
+    assert kmod.module_address_lookup(k, mod, text + 0x44) == ("rk_getppid", 4)
+    assert kmod.module_address_lookup(k, mod, text + 0x100) is None

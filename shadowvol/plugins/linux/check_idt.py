@@ -59,7 +59,7 @@ class CheckIdt(interfaces.plugins.PluginInterface):
         gate = image.kernel.get_type("gate_struct")
         size = gate.size
         off = {f: gate.relative_child_offset(f) for f in ("offset_low", "offset_middle", "offset_high", "bits")}
-        raw = image.read(addr, size * IDT_ENTRIES)
+        raw = image.read_exact(addr, size * IDT_ENTRIES)
         gates = []
         for vec in range(IDT_ENTRIES):
             base = vec * size
@@ -89,17 +89,23 @@ class CheckIdt(interfaces.plugins.PluginInterface):
             step = sym_type.size // sym_type.vol.count
         return {vec: base + vec * step for vec in range(NUM_EXCEPTION_VECTORS)}
 
+    @classmethod
+    def gate_rows(cls, image: kernel_hooks.KernelImage) -> Iterator[tuple]:
+        """(vector, handler, symbol, owner, type, present, hooked) of each gate."""
+        early = cls.early_idt_handlers(image)
+        for vec, handler, gtype, present in cls.read_idt_table(image):
+            hooked = bool(present) and not image.in_text(handler) and early.get(vec) != handler
+            yield (vec, handler, image.describe(handler) if present else "-",
+                   image.owner(handler) if present else "-", GATE_TYPES.get(gtype, f"{gtype:#x}"), bool(present),
+                   hooked)
+
     def _generator(self) -> Iterator[tuple[int, tuple]]:
         image = kernel_hooks.KernelImage(self.context, self.config["kernel"])
         only = bool(self.config.get("hooked_only"))
-        early = self.early_idt_handlers(image)
-        for vec, handler, gtype, present in self.read_idt_table(image):
-            hooked = bool(present) and not image.in_text(handler) and early.get(vec) != handler
+        for vec, handler, symbol, owner, gtype, present, hooked in self.gate_rows(image):
             if only and not hooked:
                 continue
-            yield 0, (vec, format_hints.Hex(handler), image.describe(handler) if present else "-",
-                      image.owner(handler) if present else "-",
-                      GATE_TYPES.get(gtype, f"{gtype:#x}"), bool(present), hooked)
+            yield 0, (vec, format_hints.Hex(handler), symbol, owner, gtype, present, hooked)
 
     def run(self) -> renderers.TreeGrid:
         return renderers.TreeGrid(

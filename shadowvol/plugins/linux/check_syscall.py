@@ -12,7 +12,13 @@ Three checks, each row naming the module that owns a hook's target:
   compares and jumps.
 - ``inline``: the first bytes of every handler must not hold a jmp, call,
   push-ret or mov-jmp trampoline leaving kernel text. The ftrace site
-  (``nop5``, or ``call ftrace_caller`` when tracing) stays in kernel text.
+  (``nop5``, or ``call ftrace_caller`` when tracing) stays in kernel text;
+  a call to an ftrace_ops' own trampoline is named after the ops' callback,
+  or for the kprobes' ops after the kprobe handlers at that site (our guest
+  stub's probes are reported as ours, not as hooks).
+
+Owners: ``kernel``, a module's name, ``hidden:NAME`` for a module carved from
+module memory but missing from the module list, or ``unknown``.
 
 Kernel memory is read once per run: the table, the switch and each handler's
 entry bytes.
@@ -75,7 +81,7 @@ def decode_x64_sys_call(image: kernel_hooks.KernelImage, count: int) -> Optional
         return None
     end = image.symbol_after(start) or start + 4096
     size = min(end - start, MAX_DISPATCH_BYTES)
-    code = image.read(start, size)
+    code = image.read_exact(start, size)
     insns = {i.address: i for i in image.cs.disasm(code, start)}
     return [_follow(image, insns, start, start + size, nr) for nr in range(count)]
 
@@ -139,21 +145,23 @@ class CheckSyscall(interfaces.plugins.PluginInterface):
                                          f"implausible sys_call_table size {count}")
         return count
 
-    def _row(self, check: str, nr: int, name: str, address: Optional[int], expected: Optional[int],
-             target: Optional[int], hooked: bool, image: kernel_hooks.KernelImage, note: str = "") -> tuple:
+    @classmethod
+    def _row(cls, check: str, nr: int, name: str, address: Optional[int], expected: Optional[int],
+             target: Optional[int], hooked: bool, image: kernel_hooks.KernelImage, note: str = "",
+             owner: str = "") -> tuple:
         hex_or_na = lambda v: format_hints.Hex(v) if v is not None else renderers.NotAvailableValue()
         symbol = note or (image.describe(target) if target is not None else "-")
-        owner = image.owner(target) if target is not None else "-"
+        owner = owner or (image.owner(target) if target is not None else "-")
         return (check, nr, name, hex_or_na(address), hex_or_na(expected), hex_or_na(target),
                 symbol, owner, hooked)
 
-    def _generator(self) -> Iterator[tuple[int, tuple]]:
-        image = kernel_hooks.KernelImage(self.context, self.config["kernel"])
-        only = bool(self.config.get("hooked_only"))
+    @classmethod
+    def table_rows(cls, image: kernel_hooks.KernelImage) -> list[tuple]:
+        """Every row (the last column: hooked) of the three checks."""
         if not image.kernel.has_symbol("sys_call_table"):
             raise exceptions.SymbolError("sys_call_table", image.kernel.symbol_table_name,
                                          "the profile has no sys_call_table")
-        count = self.syscall_table_count(image)
+        count = cls.syscall_table_count(image)
         table_addr = image.symbol_address("sys_call_table")
         entries = image.read_pointers(table_addr, count)
         dispatch = decode_x64_sys_call(image, count)
@@ -172,16 +180,19 @@ class CheckSyscall(interfaces.plugins.PluginInterface):
 
         rows: list[tuple] = []
         for nr, entry in enumerate(entries):
-            expected = dispatch[nr].target if dispatch and not dispatch[nr].anomaly else None
+            # Compared with where x64_sys_call dispatches only when that is a handler (a patched
+            # switch is reported on its own row, not on the intact table entry).
+            expected = dispatch[nr].target if dispatch and not dispatch[nr].anomaly \
+                and is_handler(dispatch[nr].target) else None
             hooked = not is_handler(entry) or (expected is not None and entry != expected)
-            rows.append(self._row("sys_call_table", nr, syscall_name(nr), table_addr + 8 * nr,
+            rows.append(cls._row("sys_call_table", nr, syscall_name(nr), table_addr + 8 * nr,
                                   expected, entry, hooked, image))
         if dispatch is None:
             vollog.info("no x64_sys_call: the kernel dispatches through sys_call_table")
         else:
             for d in dispatch:
                 hooked = bool(d.anomaly) or not is_handler(d.target)
-                rows.append(self._row("x64_sys_call", d.nr, syscall_name(d.nr), d.site, None, d.target,
+                rows.append(cls._row("x64_sys_call", d.nr, syscall_name(d.nr), d.site, None, d.target,
                                       hooked, image, note=d.anomaly))
         handlers: dict[int, int] = {}
         for nr, entry in enumerate(entries):
@@ -190,20 +201,37 @@ class CheckSyscall(interfaces.plugins.PluginInterface):
                     handlers.setdefault(addr, nr)
         for addr, nr in sorted(handlers.items(), key=lambda kv: kv[1]):
             try:
-                code = image.read(addr, ENTRY_WINDOW + 16)
+                code = image.read_exact(addr, ENTRY_WINDOW + 16)
             except exceptions.InvalidAddressException:
-                rows.append(self._row("inline", nr, syscall_name(nr), addr, None, None, False, image,
+                rows.append(cls._row("inline", nr, syscall_name(nr), addr, None, None, False, image,
                                       note="unreadable"))
                 continue
             hook = kernel_hooks.find_trampoline(image, code, addr, ENTRY_WINDOW)
-            if hook is None:
-                rows.append(self._row("inline", nr, syscall_name(nr), addr, None, None, False, image,
+            traced = image.tracing_hooks(addr, addr + ENTRY_WINDOW) if hook is None else []
+            if traced:
+                # The entry's ftrace site calls ftrace's shared caller (several ops on it): the
+                # registered kprobes and ftrace_ops on the site say who redirects it.
+                theirs = [t for t in traced if not t[2]]
+                rows.append(cls._row("inline", nr, syscall_name(nr), addr, addr, None, bool(theirs), image,
+                                      note="; ".join(t[1] for t in traced) + ("" if theirs else " (ours)"),
+                                      owner=",".join(sorted({t[0] for t in theirs or traced}))))
+            elif hook is None:
+                rows.append(cls._row("inline", nr, syscall_name(nr), addr, None, None, False, image,
                                       note=image.describe(addr)))
             else:
-                rows.append(self._row("inline", nr, syscall_name(nr), addr + hook.offset, addr,
-                                      hook.target, True, image,
-                                      note=f"{hook.kind} {image.describe(hook.target)}"))
-        for row in rows:
+                owner, how, ours = image.hook_owner(hook.target, addr + hook.offset)
+                if image.ftrace_trampoline_at(hook.target) is not None:
+                    how = f"{hook.kind} -> {how}{' (ours)' if ours else ''}"
+                else:
+                    how = f"{hook.kind} {image.describe(hook.target)}"
+                rows.append(cls._row("inline", nr, syscall_name(nr), addr + hook.offset, addr,
+                                      hook.target, not ours, image, note=how, owner=owner))
+        return rows
+
+    def _generator(self) -> Iterator[tuple[int, tuple]]:
+        image = kernel_hooks.KernelImage(self.context, self.config["kernel"])
+        only = bool(self.config.get("hooked_only"))
+        for row in self.table_rows(image):
             if row[-1] or not only:
                 yield 0, row
 

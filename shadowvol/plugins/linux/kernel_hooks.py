@@ -1,9 +1,15 @@
-"""Where kernel code pointers lead: kernel text, a module, or elsewhere.
+"""Where kernel code pointers lead: kernel text, a module, a hidden module, or elsewhere.
 
-Shared by ``linux.check_syscall`` and ``linux.check_idt``. Models
-include/linux/module.h (``struct module`` and its memory regions) and the
-kernel's text bounds (``_stext``.. ``_etext``), plus an x86-64 decoder of the
+Shared by ``linux.check_syscall``, ``linux.check_idt`` and the other hook
+checks. Adds to the :class:`~kernel.Kernel` reader the kernel's text bounds
+(``_stext``.. ``_etext``), a sorted symbol index, the memory regions of the
+modules (include/linux/module.h), and an x86-64 decoder of the
 jump/call/push-ret trampolines that inline hooks plant at a function's entry.
+
+A target outside kernel text is owned by the listed module whose memory
+contains it; failing that, by a module carved from module memory that is
+missing from the module list (``hidden:NAME``), so a culprit that hides is
+still named.
 
 One :class:`KernelImage` is built per plugin run: its module ranges are read
 once (one snapshot epoch of a live guest) and then dropped with the plugin.
@@ -16,34 +22,30 @@ from __future__ import annotations
 
 import bisect
 import logging
-import struct
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import capstone
 from capstone import x86 as cs_x86
 from volatility3.framework import exceptions, interfaces
-from volatility3.framework.objects import utility
+from volatility3.plugins.linux.kernel import (Kernel, ModuleLayout, ModuleRegion, VolatilityTypes, Walk,
+                                              carve_modules, for_each_module, module_address_lookup, module_name,
+                                              module_regions)
+from volatility3.plugins.linux.tracing_hooks import (FTRACE_OPS_FL_IPMODIFY, FtraceOps, Kprobe, for_each_ftrace_ops,
+                                                      for_each_kprobe)
 
 vollog = logging.getLogger(__name__)
 
-__all__ = ["KernelImage", "ModuleRange", "Trampoline", "find_trampoline", "module_memory_regions", "MAX_MODULES"]
-
-MAX_MODULES = 4096
-"""Bound on the ``modules`` list walk (the kernel allows far fewer)."""
+__all__ = ["KernelImage", "Trampoline", "find_trampoline", "disassembler", "preferred_name", "KERNEL",
+           "KERNEL_INIT", "UNKNOWN", "HIDDEN_PREFIX"]
 
 KERNEL = "kernel"
 KERNEL_INIT = "kernel-init"
 UNKNOWN = "unknown"
-
-
-@dataclass(frozen=True)
-class ModuleRange:
-    """One memory region of a loaded module: ``[base, base + size)``."""
-
-    name: str
-    base: int
-    size: int
+HIDDEN_PREFIX = "hidden:"
+OUR_STUB_MODULE = "shadow_stub"
+"""shadowvol's guest stub (guest_stub/shadow_stub.c): its kprobes are ours, reported but never a finding."""
+OUR_STUB_HANDLERS = frozenset({"sv_kprobe_pre"})
 
 
 @dataclass(frozen=True)
@@ -55,53 +57,37 @@ class Trampoline:
     target: int
 
 
-class KernelImage:
-    """Kernel text bounds, a sorted symbol index and module ranges, for one run."""
+class KernelImage(Kernel):
+    """The :class:`~kernel.Kernel` plus kernel text bounds, a sorted symbol index and module ranges, for one run."""
 
     def __init__(self, context: interfaces.context.ContextInterface, kernel_module_name: str) -> None:
-        self.context = context
-        self.kernel = context.modules[kernel_module_name]
-        self.layer = context.layers[self.kernel.layer_name]
-        self.table = context.symbol_space[self.kernel.symbol_table_name]
-        self.mask = self.layer.address_mask
-        self.text_start = self.symbol_address("_stext")
-        self.text_end = self.symbol_address("_etext")
+        module = context.modules[kernel_module_name]
+        super().__init__(context.layers[module.layer_name], VolatilityTypes(module), context, module)
+        self.kernel = module
+        self.table = context.symbol_space[module.symbol_table_name]
+        self.text_start = self.symbol("_stext")
+        self.text_end = self.symbol("_etext")
         if self.text_start is None or self.text_end is None or self.text_end <= self.text_start:
-            raise exceptions.SymbolError("_stext", self.kernel.symbol_table_name,
+            raise exceptions.SymbolError("_stext", module.symbol_table_name,
                                          "the profile has no kernel text bounds (_stext, _etext)")
-        self.init_start = self.symbol_address("_sinittext")
-        self.init_end = self.symbol_address("_einittext")
+        self.init_start = self.symbol("_sinittext")
+        self.init_end = self.symbol("_einittext")
         self._index: Optional[tuple[list[int], list[str]]] = None
-        self._modules: Optional[list[ModuleRange]] = None
+        self._modules: Optional[list[ModuleRegion]] = None
+        self._hidden: Optional[list[ModuleRegion]] = None
+        self._kprobes: Optional[list[Kprobe]] = None
+        self._ftrace: Optional[list[FtraceOps]] = None
         self.cs = disassembler()
-
-    # Addresses --------------------------------------------------------------
-
-    def canonical(self, addr: int) -> int:
-        """Sign-extend a (possibly masked) kernel address to 64 bits."""
-        addr &= self.mask
-        top = (self.mask + 1) >> 1
-        return addr | (~self.mask & 0xFFFF_FFFF_FFFF_FFFF) if addr & top else addr
 
     def symbol_address(self, name: str) -> Optional[int]:
         """The run-time (KASLR-shifted) address of kernel symbol ``name``, or None."""
-        if not self.kernel.has_symbol(name):
-            return None
-        return self.canonical(self.kernel.offset + self.table.get_symbol(name).address)
-
-    def read(self, addr: int, length: int) -> bytes:
-        """Kernel virtual memory; raises volatility3's InvalidAddressException."""
-        return self.layer.read(addr & self.mask, length)
-
-    def read_pointers(self, addr: int, count: int) -> tuple[int, ...]:
-        """``count`` little-endian 64-bit pointers at ``addr``."""
-        return struct.unpack(f"<{count}Q", self.read(addr, 8 * count))
+        return self.symbol(name)
 
     # Symbols ----------------------------------------------------------------
 
     def _symbols(self) -> tuple[list[int], list[str]]:
         if self._index is None:
-            shift = self.kernel.offset
+            shift = self.shift
             cached = getattr(self.table, "_kernel_image_index", None)
             if cached is not None and cached[0] == (shift, self.mask):
                 self._index = cached[1]
@@ -139,7 +125,7 @@ class KernelImage:
             if i >= 0:
                 base = addrs[i]
                 return f"{preferred_name(self.symbols_at(base))}+{addr - base:#x}"
-        mod = self.module_at(addr)
+        mod = self.module_at(addr) or self.hidden_module_at(addr)
         if mod is not None:
             return f"{mod.name}+{addr - mod.base:#x}"
         return "-"
@@ -155,79 +141,152 @@ class KernelImage:
         return self.init_start is not None and self.init_end is not None \
             and self.init_start <= addr < self.init_end
 
-    def modules(self) -> list[ModuleRange]:
+    def modules(self) -> list[ModuleRegion]:
         """Memory regions of every module on the ``modules`` list (read once)."""
         if self._modules is None:
-            self._modules = list(self.module_ranges())
+            walk = Walk("modules")
+            self._modules = []
+            for mod in for_each_module(self, walk):
+                self._modules.extend(module_regions(self, mod, module_name(self, mod) or "?"))
+            if walk.partial:
+                vollog.warning("the modules list walk stopped early: %s", walk.partial)
         return self._modules
 
-    def module_ranges(self) -> Iterator[ModuleRange]:
-        """Walk ``modules`` (struct list_head) to each struct module's regions.
+    def hidden_modules(self) -> list[ModuleRegion]:
+        """Core regions (``hidden:NAME``) of modules carved from module memory but not on the ``modules`` list.
 
-        Bounded by :data:`MAX_MODULES` and stops on a repeated or unreadable link.
+        Carved once, on first use: only when some address has no other owner.
         """
-        head = self.symbol_address("modules")
-        if head is None:
-            return
-        mod_type = self.kernel.get_type("module")
-        list_off = mod_type.relative_child_offset("list")
-        seen = {head}
-        try:
-            link = self.read_pointers(head, 1)[0]
-        except exceptions.InvalidAddressException:
-            vollog.warning("the modules list head is unreadable")
-            return
-        for _ in range(MAX_MODULES):
-            if link == head:
-                return
-            if link in seen:
-                vollog.warning("the modules list has a cycle at %#x", link)
-                return
-            seen.add(link)
-            try:
-                mod = self.kernel.object("module", offset=(link - list_off) & self.mask, absolute=True)
-                name = utility.array_to_string(mod.name) or "?"
-                for r in module_memory_regions(mod, name):
-                    if r.size:
-                        yield ModuleRange(r.name, self.canonical(r.base), r.size)
-                link = self.canonical(int(mod.list.next))
-            except exceptions.InvalidAddressException:
-                vollog.warning("the modules list is unreadable at %#x", link)
-                return
-        vollog.warning("the modules list is longer than %d entries; stopped", MAX_MODULES)
+        if self._hidden is None:
+            listed = {r.base for r in self.modules()}
+            carved, fields = Walk("carve"), {}
+            carve_modules(self, ModuleLayout(self), carved, fields)
+            self._hidden = []
+            for mod, m in fields.items():
+                regions = [r for r in module_regions(self, mod, HIDDEN_PREFIX + m.name) if r.core]
+                if not any(r.base in listed for r in regions):
+                    self._hidden.extend(regions)
+            if carved.partial:
+                vollog.warning("the module carve stopped early: %s", carved.partial)
+        return self._hidden
 
-    def module_at(self, addr: int) -> Optional[ModuleRange]:
-        """The module region containing ``addr``, or None."""
+    def module_at(self, addr: int) -> Optional[ModuleRegion]:
+        """The region of a listed module containing ``addr``, or None."""
         for r in self.modules():
-            if r.base <= addr < r.base + r.size:
+            if addr in r:
                 return r
         return None
 
+    def hidden_module_at(self, addr: int) -> Optional[ModuleRegion]:
+        """The core region of a module hidden from the list (carved) containing ``addr``, or None."""
+        for r in self.hidden_modules():
+            if addr in r:
+                return r
+        return None
+
+    def function_name(self, addr: int) -> str:
+        """``name+0xoff`` in kernel text, ``name+0xoff [module]`` in a (hidden) module's code, else as :meth:`describe`."""
+        if self.in_text(addr) or self.in_init_text(addr):
+            return self.describe(addr)
+        region = self.module_at(addr) or self.hidden_module_at(addr)
+        if region is None:
+            return self.describe(addr)
+        found = module_address_lookup(self, region.mod, addr)
+        if found is None:
+            return f"{region.name}+{addr - region.base:#x}"
+        name, off = found
+        return f"{name}{f'+{off:#x}' if off else ''} [{region.name}]"
+
+    def kprobes(self) -> list[Kprobe]:
+        """Every registered kprobe and kretprobe (read once)."""
+        if self._kprobes is None:
+            walk = Walk("kprobes")
+            self._kprobes = list(for_each_kprobe(self, walk))
+            if walk.partial:
+                vollog.warning("the kprobe table walk stopped early: %s", walk.partial)
+        return self._kprobes
+
+    def ftrace_ops(self) -> list[FtraceOps]:
+        """Every struct ftrace_ops on ``ftrace_ops_list`` (read once)."""
+        if self._ftrace is None:
+            walk = Walk("ftrace_ops")
+            self._ftrace = list(for_each_ftrace_ops(self, walk))
+            if walk.partial:
+                vollog.warning("the ftrace_ops walk stopped early: %s", walk.partial)
+        return self._ftrace
+
+    def ftrace_trampoline_at(self, addr: int) -> Optional[FtraceOps]:
+        """The ftrace_ops whose trampoline contains ``addr``, or None."""
+        for ops in self.ftrace_ops():
+            if ops.trampoline and ops.trampoline <= addr < ops.trampoline + max(ops.trampoline_size, 1):
+                return ops
+        return None
+
+    def is_ours(self, handler: int) -> bool:
+        """Whether ``handler`` is our guest stub's probe handler (by module and function name)."""
+        region = self.module_at(handler)
+        if region is None or region.name != OUR_STUB_MODULE:
+            return False
+        found = module_address_lookup(self, region.mod, handler)
+        return found is not None and found[0] in OUR_STUB_HANDLERS and found[1] == 0
+
+    def is_kprobe_ops(self, ops: FtraceOps) -> bool:
+        """Whether ``ops`` is the kprobes' own ftrace_ops (callback ``kprobe_ftrace_handler``)."""
+        return self.in_text(ops.func) and "kprobe_ftrace_handler" in self.symbols_at(ops.func)
+
+    def hook_owner(self, target: int, site: int) -> tuple[str, str, bool]:
+        """Who is behind a control transfer at ``site`` to ``target``: (owner, how, ours).
+
+        A target in an ftrace trampoline is the trampoline's ftrace_ops: the
+        kprobes' own ops stands for the kprobes at ``site`` (their handlers'
+        owners; ``ours`` when every one is our stub's), any other ops for the
+        owner of its callback.
+        """
+        ops = self.ftrace_trampoline_at(target)
+        if ops is None:
+            return self.owner(target), self.function_name(target), False
+        if self.is_kprobe_ops(ops):
+            found = self.kprobe_hooks(site, site + 1)
+            if found:
+                return found
+        return self.owner(ops.func), f"ftrace {self.function_name(ops.func)}", False
+
+    def kprobe_hooks(self, start: int, end: int) -> Optional[tuple[str, str, bool]]:
+        """(owners, "kprobe HANDLERS", ours) of the kprobes in ``[start, end)``, or None if there are none.
+
+        The owners are those of the handlers that are not our stub's (all of them if every one is ours).
+        """
+        handlers = [h for p in self.kprobes() if start <= p.addr < end for _, h in p.handlers]
+        if not handlers:
+            return None
+        theirs = [h for h in handlers if not self.is_ours(h)]
+        owners = sorted({self.owner(h) for h in (theirs or handlers)})
+        return ",".join(owners), "kprobe " + ", ".join(self.function_name(h) for h in handlers), not theirs
+
+    def tracing_hooks(self, start: int, end: int) -> list[tuple[str, str, bool]]:
+        """(owner, how, ours) of every kprobe and every ftrace_ops that can redirect code in ``[start, end)``:
+        ops with IPMODIFY or a callback outside kernel text (the kprobes' own ops stands for its kprobes)."""
+        out = []
+        probes = self.kprobe_hooks(start, end)
+        if probes is not None:
+            out.append(probes)
+        for ops in self.ftrace_ops():
+            if self.is_kprobe_ops(ops) or not any(start <= ip < end for ip in ops.ips):
+                continue
+            owner = self.owner(ops.func)
+            if owner != KERNEL or ops.flags & FTRACE_OPS_FL_IPMODIFY:
+                out.append((owner, f"ftrace {self.function_name(ops.func)}", False))
+        return out
+
     def owner(self, addr: int) -> str:
-        """"kernel" for kernel text, "kernel-init" for init text, the module's name, or "unknown"."""
+        """``kernel``, ``kernel-init``, a listed module's name, ``hidden:NAME`` (a module carved from
+        module memory but missing from the module list) or ``unknown``."""
         if self.in_text(addr):
             return KERNEL
         if self.in_init_text(addr):
             return KERNEL_INIT
-        mod = self.module_at(addr)
+        mod = self.module_at(addr) or self.hidden_module_at(addr)
         return mod.name if mod is not None else UNKNOWN
-
-
-def module_memory_regions(mod: interfaces.objects.ObjectInterface, name: str) -> Iterator[ModuleRange]:
-    """The regions of ``mod`` (struct module *).
-
-    Linux 6.4 replaced ``core_layout``/``init_layout`` (struct module_layout)
-    with ``mem[MOD_MEM_NUM_TYPES]`` (struct module_memory), commit ac3b43283923
-    ("module: replace module_layout with module_memory").
-    """
-    if mod.has_member("mem"):
-        for region in mod.mem:
-            yield ModuleRange(name, int(region.base), int(region.size))
-        return
-    for field in ("core_layout", "init_layout"):
-        if mod.has_member(field):
-            layout = getattr(mod, field)
-            yield ModuleRange(name, int(layout.base), int(layout.size))
 
 
 def preferred_name(names: list[str]) -> str:
