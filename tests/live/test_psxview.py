@@ -113,3 +113,33 @@ def test_rk_hideproc_is_caught_with_its_pid_and_comm(rk_vm, image):
     rows = psxview("h4rk")
     assert not [r for r in rows if r["Hidden"]]
     assert [r["task_list"] for r in rows if r["PID"] == pid] == [True]
+
+
+@pytest.mark.live
+def test_task_hidden_from_task_list_and_pid_hash_is_found_by_the_slab_scan(rk_vm, image):
+    """rk_hideproc pidhash=1: the guest's own tools (kill, ps, /proc readdir) lose the task too."""
+    from shadowvol.vm.console import vm_cp, vm_exec
+    from shadowvol.vm.kmod import build_module
+
+    def run(cmd: str, check: bool = True) -> str:
+        rc, out = vm_exec(rk_vm, cmd, timeout=60)
+        assert rc == 0 or not check, out
+        return out.decode(errors="replace")
+
+    vm_cp(rk_vm, build_module(image, ROOT / "tests/kits/rk_hideproc")[0], "/tmp/rk_hideproc.ko")
+    pid = int(run("ln -sf /usr/bin/sv-idle /tmp/sv-ghost; /tmp/sv-ghost >/dev/null 2>&1 & echo $!").split()[-1])
+    run(f"insmod /tmp/rk_hideproc.ko pid={pid} pidhash=1")
+    try:
+        assert "No such process" in run(f"kill -0 {pid}", check=False)  # the kit worked
+        assert str(pid) not in run("ls /proc").split()
+        assert "sv-ghost" not in run("ps -o pid,comm")
+        rows = psxview("h4rk")
+        hidden = [r for r in rows if r["Hidden"]]
+        assert [(r["PID"], r["COMM"]) for r in hidden] == [(pid, "sv-ghost")], hidden
+        assert (hidden[0]["task_list"], hidden[0]["pid_hash"], hidden[0]["task_scan"]) == (False, False, True)
+        assert "not in pid hash" in hidden[0]["Notes"]
+    finally:
+        run("rmmod rk_hideproc")  # relinks the task and re-registers its pid
+    run(f"kill -0 {pid}")  # it was alive all along
+    assert not [r for r in psxview("h4rk") if r["Hidden"]]
+    run(f"kill {pid}")

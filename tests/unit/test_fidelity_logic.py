@@ -67,6 +67,7 @@ def test_plugin_listings():
     assert "linux.pslist.PsList" in stock and "linux.malware.check_syscall.Check_syscall" in stock
     assert not any(n.startswith("linux.check_syscall") for n in stock)  # deprecated alias / ours
     ours = {p.name for p in fidelity.our_plugins()}
-    assert ours == {"linux.check_idt.CheckIdt", "linux.check_modules.CheckModules",
+    assert ours == {"linux.check_ebpf.CheckEbpf", "linux.check_ftrace.CheckFtrace", "linux.check_idt.CheckIdt",
+                    "linux.check_kprobes.CheckKprobes", "linux.check_modules.CheckModules",
                     "linux.check_syscall.CheckSyscall", "linux.hidden_modules.HiddenModules",
-                    "linux.psxview.PsXView"}
+                    "linux.malware_report.MalwareReport", "linux.psxview.PsXView"}

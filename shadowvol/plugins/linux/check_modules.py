@@ -85,8 +85,11 @@ class CheckModules(interfaces.plugins.PluginInterface):
         carve_modules(r, lay, views["carve"], fields)
         return views, fields, r, lay
 
-    def _generator(self) -> Iterator[tuple[int, tuple]]:
-        views, fields, r, lay = self.collect_views(self.context, self.config["kernel"])
+    @classmethod
+    def cross_view(cls, context: interfaces.context.ContextInterface, kernel_module_name: str
+                   ) -> tuple[list[tuple], dict[str, Walk]]:
+        """Rows (name, struct module *, hidden, notes) sorted by name, and the views."""
+        views, fields, r, lay = cls.collect_views(context, kernel_module_name)
         for v in views.values():
             if v.partial:
                 vollog.warning(f"check_modules: {v.name} walk incomplete: {v.partial}")
@@ -110,16 +113,22 @@ class CheckModules(interfaces.plugins.PluginInterface):
                 if m is not None and MODULE_STATES.get(m.state) in ("LIVE", "COMING"):
                     hidden = True
                     notes.append("not in module list")
+                    if mod not in views["sysfs"].items and not views["sysfs"].partial:
+                        notes.append("not in sysfs")
                 else:
                     notes.append(f"state {MODULE_STATES.get(m.state, '?') if m else '?'}: (un)loading")
             for v in views.values():
                 if mod not in v.items and v.partial:
                     notes.append(f"{v.name} partial")
-            if (self.only_hidden or self.config.get("hidden_only")) and not hidden:
-                continue
             rows.append((m.name if m and m.name_ok else "", mod, hidden, notes))
         rows.sort()
+        return rows, views
+
+    def _generator(self) -> Iterator[tuple[int, tuple]]:
+        rows, views = self.cross_view(self.context, self.config["kernel"])
         for name, mod, hidden, notes in rows:
+            if (self.only_hidden or self.config.get("hidden_only")) and not hidden:
+                continue
             yield 0, (format_hints.Hex(mod), name or renderers.UnreadableValue(),
                       *(mod in views[v].items for v in self.VIEWS), hidden, "; ".join(notes))
 

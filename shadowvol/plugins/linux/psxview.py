@@ -380,8 +380,11 @@ class PsXView(interfaces.plugins.PluginInterface):
         idle.add(init_task)
         return views, idle, fields, r, lay
 
-    def _generator(self) -> Iterator[tuple[int, tuple]]:
-        views, idle, fields, r, lay = self.collect_views(self.context, self.config["kernel"])
+    @classmethod
+    def cross_view(cls, context: interfaces.context.ContextInterface, kernel_module_name: str
+                   ) -> tuple[list[tuple], dict[str, Walk]]:
+        """Rows (pid, task, TaskFields or None, hidden, notes) sorted by pid, and the views."""
+        views, idle, fields, r, lay = cls.collect_views(context, kernel_module_name)
         for v in views.values():
             if v.partial:
                 vollog.warning(f"psxview: {v.name} walk incomplete: {v.partial}")
@@ -422,16 +425,22 @@ class PsXView(interfaces.plugins.PluginInterface):
                 elif check.registered and now.exit_state != 0x10:
                     hidden = True
                     notes.append("not in task list")
+                    if task not in views["pid_hash"].items and not views["pid_hash"].partial:
+                        notes.append("not in pid hash")
                 else:
                     notes.append("exited during scan")
             for v in views.values():
                 if task not in v.items and v.partial:
                     notes.append(f"{v.name} partial")
-            if self.config.get("hidden_only") and not hidden:
-                continue
             rows.append((t.pid if t else -1, task, t, hidden, notes))
         rows.sort(key=lambda row: (row[0], row[1]))
+        return rows, views
+
+    def _generator(self) -> Iterator[tuple[int, tuple]]:
+        rows, views = self.cross_view(self.context, self.config["kernel"])
         for pid, task, t, hidden, notes in rows:
+            if self.config.get("hidden_only") and not hidden:
+                continue
             yield 0, (format_hints.Hex(task), pid, t.comm if t else renderers.UnreadableValue(),
                       *(task in views[v].items for v in self.VIEWS), hidden, "; ".join(notes))
 
