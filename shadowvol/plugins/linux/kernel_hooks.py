@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Optional
 
 import capstone
@@ -92,11 +93,25 @@ class KernelImage(Kernel):
             if cached is not None and cached[0] == (shift, self.mask):
                 self._index = cached[1]
                 return self._index
-            pairs = sorted((self.canonical(shift + self.table.get_symbol(n).address), n)
-                           for n in self.table.symbols)
+            pairs = sorted((self.canonical(shift + a), n) for n, a in self._link_addresses())
             self._index = ([a for a, _ in pairs], [n for _, n in pairs])
             self.table._kernel_image_index = ((shift, self.mask), self._index)
         return self._index
+
+    def _link_addresses(self) -> list[tuple[str, int]]:
+        """(name, link-time address) of every symbol of the profile.
+
+        ``get_symbol`` builds a typed object per name (~80k of them: seconds);
+        an ISF table's own JSON has the addresses, so it is read directly when
+        the table is volatility3's IntermediateSymbolTable, else through the
+        public API.
+        """
+        raw = getattr(getattr(self.table, "_delegate", None), "_json_object", None)
+        symbols = raw.get("symbols") if isinstance(raw, Mapping) else None
+        if isinstance(symbols, Mapping):
+            mask = self.table.config.get("symbol_mask", 0) or ~0
+            return [(n, s["address"] & mask) for n, s in symbols.items() if isinstance(s, Mapping) and "address" in s]
+        return [(n, self.table.get_symbol(n).address) for n in self.table.symbols]
 
     def symbols_at(self, addr: int) -> list[str]:
         """Names of the kernel symbols that start exactly at ``addr``."""

@@ -33,6 +33,8 @@ static int __init rk_ftrace_init(void)
 
 	if (!ip)
 		return -ENOENT;
+	if (!memcmp((void *)ip, "\xf3\x0f\x1e\xfa", 4)) /* endbr64 (IBT): the ftrace site follows */
+		ip += 4;
 	/* By address: ftrace lists the site under another alias (__do_sys_getppid). */
 	err = ftrace_set_filter_ip(&rk_ops, ip, 0, 0);
 	if (err)
