@@ -20,11 +20,13 @@ non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import os
 import sys
 from pathlib import Path
 
 from .errors import ShadowvolError
+from .safeio import short
 
 SUBCOMMANDS = ("vm", "demo", "profile", "bench", "trace", "trace-check", "read", "plugins",
                "snapshot", "watch", "diff", "stub")
@@ -357,6 +359,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.what != "profiles" and not args.vm:
         raise ShadowvolError(f"bench {args.what} needs -vm NAME")
+    if not os.path.isdir(args.workdir):
+        raise ShadowvolError(f"--workdir {args.workdir} is not a directory")
+    if args.tasks is not None and not re.fullmatch(r"\d{1,6}(,\d{1,6})*", args.tasks):
+        raise ShadowvolError(f"--tasks takes task counts separated by commas, e.g. 0,1000,2000 "
+                             f"(got {short(args.tasks, 40)!r})")
 
     if args.what == "overhead":
         return cmd_bench_overhead(args)

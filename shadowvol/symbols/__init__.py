@@ -35,7 +35,7 @@ FAST_MAGIC = b"SVISF1\n"
 
 #: Bumped whenever the builder's output changes (types, symbols, metadata), so
 #: images rebuild profiles an older shadowvol stored (``vm build``).
-PROFILE_BUILDER = 2
+PROFILE_BUILDER = 3
 
 
 def builder_version() -> str:
@@ -252,7 +252,10 @@ def assemble_profile(graph: TypeGraph, symbols: list[Symbol], banner: bytes, *,
     for name, sym in by_name.items():
         entries[name] = SymbolEntry(sym.address, typed.get(name))
     for name, (address, spec) in (extra or {}).items():
-        if name not in entries:
+        # New kernels list the kallsyms tables in kallsyms itself (untyped):
+        # the type goes to the entry at the same address.
+        known = entries.get(name)
+        if known is None or (known.type_id is None and known.address == address):
             entries[name] = SymbolEntry(address, parse_ctype(graph, spec))
     if banner_sym is not None:
         entries["linux_banner"] = SymbolEntry(banner_sym.address, graph.array_of(char_id, len(banner)), banner)

@@ -82,3 +82,16 @@ def test_no_arguments_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 1
     err = capsys.readouterr().err
     assert err.startswith("usage: shadowvol (-vm SPEC | -f DUMP)") and "--help" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "sweep", "-vm", "x", "--workdir", "/nonexistent-dir"], "--workdir /nonexistent-dir is not a directory"),
+    (["bench", "scale", "-vm", "x", "--tasks", "1,two"], "--tasks takes task counts"),
+    (["bench", "scale", "-vm", "x", "--tasks", ""], "--tasks takes task counts"),
+])
+def test_bench_options_are_checked_before_any_work(argv: list[str], says: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad option is one line and a non-zero exit, before a VM is looked up."""
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert says in err and "internal error" not in err and len(err.strip().splitlines()) == 1
