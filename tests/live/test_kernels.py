@@ -160,6 +160,34 @@ def test_no_findings(kernel_vm):
         assert all(r["task_list"] and r["pid_hash"] and r["task_scan"] for r in tasks)
 
 
+def test_kallsyms_api_names_what_the_guest_names(kernel_vm, run):
+    """Stock pscallstack (volatility3's kallsyms API on our profile: it sizes
+    ``kallsyms_num_syms`` from its type) names init's kernel stack as the
+    guest's own /proc/kallsyms does: each name at or below its return
+    address, with the same type letter."""
+    entry, _ = kernel_vm
+    for backend in _backends(entry):
+        frames = json.loads(_ok(run_cli("-vm", entry.name, "--backend", backend, "-r", "json",
+                                        "linux.pscallstack", "--pid", "1")))
+        named = [f for f in frames if f["Module"] == "kernel" and f["Name"]]
+        assert len(named) >= 3, f"pscallstack ({backend}) named too little of init's stack: {frames[:3]}"
+        names = sorted({f["Name"] for f in named})
+        theirs = {}
+        for line in run("grep -E ' (" + "|".join(n.replace(".", "[.]") for n in names) + ")$' /proc/kallsyms"
+                        ).splitlines():
+            addr, letter, name = line.split()[:3]
+            theirs.setdefault(name, []).append((int(addr, 16), letter))
+        for f in named:
+            ret = f["Value"] | (0xFFFF << 48 if f["Value"] >> 47 & 1 else 0)
+            assert any(a <= ret < a + (1 << 16) and letter == f["Type"] for a, letter in theirs.get(f["Name"], [])), \
+                (backend, f, theirs.get(f["Name"]))
+
+
+def _ok(r) -> str:
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def test_trace_sees_a_guest_syscall(kernel_vm):
     """The stub, when it builds on this kernel: a getppid loop started in the
     guest shows up in ``trace``; without it, trace says why in one line. On
