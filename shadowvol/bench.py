@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ShadowvolError
+from .qemu.qmp import paused as qmp_paused
 from .safeio import atomic_copy, atomic_write
 
 SIZES = (4, 64, 4096)
@@ -113,7 +114,7 @@ def bench_pslist(vm: str, runs: int = 3) -> list[dict[str, Any]]:
                 if t.endpoints.qmp is None:
                     raise ShadowvolError(f"{t.description} has no QMP socket: cannot pause it for a "
                                          "consistent copy")
-                with fidelity.paused(t.endpoints.qmp):  # a consistent raw copy of guest RAM
+                with qmp_paused(t.endpoints.qmp):  # a consistent raw copy of guest RAM
                     fidelity.raw_copy(t.memory, dump)
                 profile = t.profile_path
             finally:

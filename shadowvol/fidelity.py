@@ -18,7 +18,6 @@ Used by ``shadowvol bench sweep`` and by ``tests/live/test_fidelity.py``.
 from __future__ import annotations
 
 import collections
-import contextlib
 import importlib
 import json
 import os
@@ -34,7 +33,7 @@ from typing import Any, Iterator
 from .errors import ShadowvolError
 from .safeio import atomic_copy
 
-__all__ = ["PluginInfo", "SweepRow", "stock_plugins", "our_plugins", "paused", "raw_copy",
+__all__ = ["PluginInfo", "SweepRow", "stock_plugins", "our_plugins", "raw_copy",
            "flatten_rows", "compare_rows", "sweep", "sweep_profiles", "PLUGIN_ARGS"]
 
 #: Arguments for stock plugins that need some (the same on both sides).
@@ -114,27 +113,6 @@ def our_plugins() -> list[PluginInfo]:
 
 
 # -- a consistent view ------------------------------------------------------
-
-
-@contextlib.contextmanager
-def paused(qmp_path: str) -> Iterator[bool]:
-    """Pause the VM behind ``qmp_path`` for the block; yields whether it was running.
-
-    A VM that was paused stays paused; one that was running is resumed, also
-    when the block fails.
-    """
-    from .qemu.qmp import QMPClient
-
-    with QMPClient(qmp_path, timeout=10.0) as q:
-        was_running = bool(q.execute("query-status").get("running"))
-        if was_running:
-            q.execute("stop")
-    try:
-        yield was_running
-    finally:
-        if was_running:
-            with QMPClient(qmp_path, timeout=10.0) as q:
-                q.execute("cont")
 
 
 def raw_copy(memory: Any, path: Path, chunk: int = 16 << 20) -> int:

@@ -287,18 +287,10 @@ def vm_paused(spec: str, connect: str | None = None) -> Iterator[bool]:
     qmp = qmp_endpoint(spec)
     if not qmp:
         raise VMError(f"{spec} has no QMP socket: cannot pause it for a consistent copy")
-    from .qemu.qmp import QMPClient
+    from .qemu.qmp import paused
 
-    with QMPClient(qmp, timeout=10.0) as q:
-        was_running = bool(q.execute("query-status").get("running"))
-        if was_running:
-            q.execute("stop")
-    try:
+    with paused(qmp) as was_running:
         yield was_running
-    finally:
-        if was_running:
-            with QMPClient(qmp, timeout=10.0) as q:
-                q.execute("cont")
 
 
 def _open_vm(spec: str, backend: str, connect: str | None = None) -> _Source:

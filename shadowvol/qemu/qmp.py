@@ -11,6 +11,8 @@ import json
 import socket
 import struct
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from ..errors import VMError
@@ -39,7 +41,29 @@ class Monitor(Protocol):
     def close(self) -> None: ...
 
 
-class QMPClient:
+class MonitorCommands:
+    """``query`` and ``hmp`` on top of a monitor's ``execute`` (shared by
+    :class:`QMPClient` and QMP passed through libvirt)."""
+
+    def execute(self, command: str, **arguments: Any) -> Any:
+        raise NotImplementedError
+
+    def query(self, command: str, **arguments: Any) -> dict[str, Any]:
+        """``execute`` for commands that return an object (``query-status``...)."""
+        out = self.execute(command, **arguments)
+        if not isinstance(out, dict):
+            raise VMError(f"QMP {command}: reply is not an object")
+        return out
+
+    def hmp(self, command_line: str) -> str:
+        """Run a human-monitor command (e.g. ``info registers``) and return its text."""
+        out = self.execute("human-monitor-command", **{"command-line": command_line})
+        if not isinstance(out, str):
+            raise VMError(f"QMP human-monitor-command {command_line!r}: reply is not text")
+        return out
+
+
+class QMPClient(MonitorCommands):
     """One QMP session. ``execute`` sends a command and returns its ``return``.
 
     ``timeout`` bounds each exchange as a whole (greeting, capabilities, each
@@ -123,20 +147,6 @@ class QMPClient:
             return reply["return"]
         raise VMError(f"QMP {command}: more than {MAX_EVENTS} events before the reply")
 
-    def query(self, command: str, **arguments: Any) -> dict[str, Any]:
-        """``execute`` for commands that return an object (``query-status``...)."""
-        out = self.execute(command, **arguments)
-        if not isinstance(out, dict):
-            raise VMError(f"QMP {command}: reply is not an object")
-        return out
-
-    def hmp(self, command_line: str) -> str:
-        """Run a human-monitor command (e.g. ``info registers``) and return its text."""
-        out = self.execute("human-monitor-command", **{"command-line": command_line})
-        if not isinstance(out, str):
-            raise VMError(f"QMP human-monitor-command {command_line!r}: reply is not text")
-        return out
-
     def peer_pid(self) -> int | None:
         """The pid of the QEMU at the other end of the socket (SO_PEERCRED), if known."""
         try:
@@ -157,3 +167,22 @@ class QMPClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def paused(qmp_path: str) -> Iterator[bool]:
+    """Pause the VM behind ``qmp_path`` for the block; yields whether it was running.
+
+    A VM that was paused stays paused; one that was running is resumed, also
+    when the block fails.
+    """
+    with QMPClient(qmp_path, timeout=10.0) as q:
+        was_running = bool(q.execute("query-status").get("running"))
+        if was_running:
+            q.execute("stop")
+    try:
+        yield was_running
+    finally:
+        if was_running:
+            with QMPClient(qmp_path, timeout=10.0) as q:
+                q.execute("cont")

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 from .. import paths
 from ..errors import VMError
+from ..qemu.qmp import MonitorCommands
 
 __all__ = ["DEFAULT_URI", "PREFIX", "LibvirtDomain", "LibvirtMonitor", "boot_key", "check_name", "connect",
            "list_domains", "lookup_domain", "state_dir"]
@@ -93,7 +94,7 @@ def _user() -> str:
         return f"uid {uid}"
 
 
-class LibvirtMonitor:
+class LibvirtMonitor(MonitorCommands):
     """The QMP client interface (``execute``, ``query``, ``hmp``) over libvirt's own monitor."""
 
     def __init__(self, domain: "LibvirtDomain", timeout: float = 10.0) -> None:
@@ -112,18 +113,6 @@ class LibvirtMonitor:
         except libvirt.libvirtError as exc:
             raise VMError(f"QMP {command} through libvirt ({self.domain.name}): {_reason(exc)}") from None
         return _reply(command, text)
-
-    def query(self, command: str, **arguments: Any) -> dict[str, Any]:
-        out = self.execute(command, **arguments)
-        if not isinstance(out, dict):
-            raise VMError(f"QMP {command}: reply is not an object")
-        return out
-
-    def hmp(self, command_line: str) -> str:
-        out = self.execute("human-monitor-command", **{"command-line": command_line})
-        if not isinstance(out, str):
-            raise VMError(f"QMP human-monitor-command {command_line!r}: reply is not text")
-        return out
 
     def peer_pid(self) -> int | None:
         return self.domain.pid
