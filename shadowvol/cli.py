@@ -359,6 +359,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.what != "profiles" and not args.vm:
         raise ShadowvolError(f"bench {args.what} needs -vm NAME")
+    if args.connect is not None and args.what not in ("sweep", "libvirt"):
+        raise ShadowvolError(f"bench {args.what} does not take --connect (libvirt domains at the default "
+                             "URI: -vm libvirt:NAME)")
     if not os.path.isdir(args.workdir):
         raise ShadowvolError(f"--workdir {args.workdir} is not a directory")
     if args.tasks is not None and not re.fullmatch(r"\d{1,6}(,\d{1,6})*", args.tasks):

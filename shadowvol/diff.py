@@ -289,7 +289,7 @@ def add_parser(sub: Any) -> None:
 
     dp = sub.add_parser("diff", help="what changed between two snapshots (or a snapshot and the VM now)")
     dp.add_argument("sides", nargs="*", metavar="A B", help="snapshot folders")
-    add_source_options(dp, dump=False, backend=False, profile=False, required=False)  # -vm: the VM now, as B
+    add_source_options(dp, dump=False, backend=False, profile=False, required=False, connect=False)  # -vm: the VM now, as B
     dp.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
                     help=f"comma-separated, of: {', '.join(KINDS)} (default: all)")
     dp.add_argument("-r", dest="renderer", default="text", choices=["text", "json"])

@@ -317,7 +317,7 @@ def add_parser(sub: Any) -> None:
     from .target import add_source_options
 
     sp = sub.add_parser("snapshot", help="preserve a live VM's memory, profile and registers in a folder")
-    add_source_options(sp, dump=False, backend=False, profile=False, required=False)  # or --verify DIR
+    add_source_options(sp, dump=False, backend=False, profile=False, required=False, connect=False)  # or --verify DIR
     sp.add_argument("-o", dest="output", help="new folder for the snapshot (must not exist)")
     sp.add_argument("--verify", metavar="DIR", help="check a snapshot's files against its manifest")
     sp.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])

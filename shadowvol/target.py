@@ -176,7 +176,7 @@ BACKEND_HELP = ("shadow (the RAM file or /proc/PID/mem, read-only; default) or l
 
 
 def add_source_options(parser: Any, *, dump: bool = True, backend: bool = True, profile: bool = True,
-                       required: bool = True, backend_help: str | None = None) -> None:
+                       required: bool = True, backend_help: str | None = None, connect: bool = True) -> None:
     """Add the source options to an argparse parser: ``-vm SPEC`` (never a default), and as
     asked ``-f DUMP`` (exclusive with ``-vm``), ``--backend`` and ``--profile``.
 
@@ -186,8 +186,11 @@ def add_source_options(parser: Any, *, dump: bool = True, backend: bool = True, 
     group = parser.add_mutually_exclusive_group(required=required) if dump else parser
     group.add_argument("-vm", dest="vm", metavar="SPEC", default=None, required=required and not dump,
                        help=VM_HELP)
-    parser.add_argument("--connect", metavar="URI", default=None,
-                        help="libvirt URI for a -vm that names a libvirt domain (default qemu:///system)")
+    if connect:  # only where the command passes it on (a URI never silently ignored)
+        parser.add_argument("--connect", metavar="URI", default=None,
+                            help="libvirt URI for a -vm that names a libvirt domain (default qemu:///system)")
+    else:
+        parser.set_defaults(connect=None)
     if dump:
         group.add_argument("-f", dest="dump", metavar="DUMP", default=None,
                            help="raw, LiME or QEMU ELF dump, or a snapshot folder")

@@ -429,7 +429,7 @@ def add_parser(sub: Any) -> None:
     from .target import add_source_options
 
     wp = sub.add_parser("watch", help="run a plugin every few seconds, print rows that appear (+) or go (-)")
-    add_source_options(wp, dump=False, profile=False)
+    add_source_options(wp, dump=False, profile=False, connect=False)
     wp.add_argument("--interval", type=float, default=2.0, help="seconds between ticks (default 2)")
     wp.add_argument("--count", type=int, help="stop after N ticks (the first is the baseline)")
     wp.add_argument("-r", dest="renderer", default="text", choices=["text", "jsonl"])

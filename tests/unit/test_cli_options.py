@@ -95,3 +95,18 @@ def test_bench_options_are_checked_before_any_work(argv: list[str], says: str,
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert says in err and "internal error" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["watch", "-vm", "x", "--connect", "qemu:///session", "linux.pslist"],
+                                  ["snapshot", "-vm", "x", "--connect", "qemu:///session", "-o", "/nonexistent/s"],
+                                  ["diff", "-vm", "x", "--connect", "qemu:///session", "a"]])
+def test_connect_is_refused_where_it_would_be_ignored(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A libvirt URI a command would not pass on is an error, never silently the default URI."""
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --connect" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_connect_only_where_used(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "reads", "-vm", "x", "--connect", "qemu:///session"]) != 0
+    assert "does not take --connect" in capsys.readouterr().err
