@@ -304,6 +304,13 @@ def _open_vm(spec: str, backend: str, connect: str | None = None) -> _Source:
         return _open_libvirt(spec[len("libvirt:"):], backend, connect)
     if _is_libvirt(spec):
         # Not one of ours: a libvirt domain of that name, else one line saying neither has it.
+        from .vm import libvirt as vm_libvirt
+
+        try:
+            vm_libvirt.check_name(spec)
+        except VMError:
+            registry.validate_name(spec)  # a name neither could hold: say what a name is
+            raise
         try:
             return _open_libvirt(spec, backend, connect)
         except VMError as exc:
