@@ -316,26 +316,20 @@ class RunHealth:
             self.broken_walks.append(note)
 
     def _check_walk(self, frame, offset: int, failed_read: bool = False) -> None:
-        walks = self._walks or {}
-        for _ in range(self.DEPTH):
-            if frame is None:
-                return
-            check = walks.get(frame.f_code)
-            if check is not None:
-                note = check(frame.f_locals, offset, failed_read)
-                if note:
-                    self._note(note)
-                return
-            frame = frame.f_back
+        self._check_frames(self._walks, frame, offset, failed_read)
 
     def _check_link(self, frame, offset: int, data: bytes) -> None:
-        links = self._links or {}
+        self._check_frames(self._links, frame, offset, data)
+
+    def _check_frames(self, checks, frame, offset: int, extra) -> None:
+        """The first of ``DEPTH`` frames up whose code has a check: its note, if any, is kept."""
+        checks = checks or {}
         for _ in range(self.DEPTH):
             if frame is None:
                 return
-            check = links.get(frame.f_code)
+            check = checks.get(frame.f_code)
             if check is not None:
-                note = check(frame.f_locals, offset, data)
+                note = check(frame.f_locals, offset, extra)
                 if note:
                     self._note(note)
                 return
