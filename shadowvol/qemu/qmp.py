@@ -7,6 +7,7 @@ physical reads (``xp``) when no gdbstub is available.
 
 from __future__ import annotations
 
+import abc
 import json
 import socket
 import struct
@@ -41,12 +42,13 @@ class Monitor(Protocol):
     def close(self) -> None: ...
 
 
-class MonitorCommands:
+class MonitorCommands(abc.ABC):
     """``query`` and ``hmp`` on top of a monitor's ``execute`` (shared by
     :class:`QMPClient` and QMP passed through libvirt)."""
 
+    @abc.abstractmethod
     def execute(self, command: str, **arguments: Any) -> Any:
-        raise NotImplementedError
+        """Send ``command`` and return its ``return``; VMError on an error reply."""
 
     def query(self, command: str, **arguments: Any) -> dict[str, Any]:
         """``execute`` for commands that return an object (``query-status``...)."""
