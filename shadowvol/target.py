@@ -151,6 +151,44 @@ class Target:
                                f"in struct {type_name!r}")
         return field_["offset"]
 
+    def _member_type(self, type_name: str, member: str) -> Mapping[str, Any]:
+        fields = self._type(type_name).get("fields")
+        field_ = fields.get(member) if isinstance(fields, Mapping) else None
+        typ = field_.get("type") if isinstance(field_, Mapping) else None
+        if not isinstance(typ, Mapping):
+            raise ProfileError(f"the profile {self.profile_path.name} has no member {member!r} "
+                               f"in struct {type_name!r}")
+        return typ
+
+    def offsetof(self, type_name: str, *path: str) -> int:
+        """``offsetof(struct type_name, a.b.c)``: members of nested structs and unions, by name."""
+        off = 0
+        for i, member in enumerate(path):
+            off += self.member_offset(type_name, member)
+            if i + 1 < len(path):
+                typ = self._member_type(type_name, member)
+                if typ.get("kind") not in ("struct", "union") or not isinstance(typ.get("name"), str):
+                    raise ProfileError(f"the profile {self.profile_path.name}: {type_name}.{member} "
+                                       f"is not a struct")
+                type_name = typ["name"]
+        return off
+
+    def member_count(self, type_name: str, member: str) -> int:
+        """The element count of array member ``member`` of ``struct type_name`` (``ARRAY_SIZE``)."""
+        typ = self._member_type(type_name, member)
+        count = typ.get("count") if typ.get("kind") == "array" else None
+        if not isinstance(count, int):
+            raise ProfileError(f"the profile {self.profile_path.name}: {type_name}.{member} is not an array")
+        return count
+
+    def enum_value(self, enum: str, name: str) -> int | None:
+        """The value of enumerator ``name`` of ``enum enum``, or None when the profile lacks either."""
+        enums = self.isf.get("enums", {})
+        typ = enums.get(enum) if isinstance(enums, Mapping) else None
+        consts = typ.get("constants") if isinstance(typ, Mapping) else None
+        value = consts.get(name) if isinstance(consts, Mapping) else None
+        return value if isinstance(value, int) else None
+
 
 @dataclass
 class _Source:

@@ -7,6 +7,7 @@ This directory is a volatility3 plugin directory: ``linux/`` here becomes
 import). The directory to pass to stock ``vol -p`` is printed by
 ``python -c 'import shadowvol.plugins as p; print(p.__path__[0])'``.
 
-Nothing here is imported as ``shadowvol.plugins.linux``: the modules import
-each other as ``volatility3.plugins.linux.*``.
+The plugins import each other as ``volatility3.plugins.linux.*``. The one
+module shadowvol imports from here directly is ``shadowvol.plugins.linux.kernel``
+(the kernel reader, standard library only), through ``shadowvol.kernel_reader``.
 """

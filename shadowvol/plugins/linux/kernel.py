@@ -18,21 +18,32 @@ raising: a running guest changes its lists under us, and the caller decides
 whether a partial answer is good enough.
 
 Reads: :meth:`Kernel.read` returns None on a fault; :meth:`Kernel.read_exact`
-raises volatility3's ``InvalidAddressException`` (which carries the layer and
-the address), for callers that cannot go on without the bytes.
+raises the layer's own fault (volatility3's ``InvalidAddressException`` in a
+plugin; shadowvol's ``InvalidAddressError`` on a Target), which carries the
+layer and the address, for callers that cannot go on without the bytes.
+
+**Two worlds, one reader.** This module imports nothing but the standard
+library at import time, so the same walkers serve our volatility3 plugins
+(:meth:`Kernel.from_context`: a volatility3 layer and :class:`VolatilityTypes`)
+and shadowvol's trace and integrity code, which do not use volatility3
+(``shadowvol.kernel_reader``: a Target's kernel memory and symbol API). A
+reader's memory is anything with ``read(addr, length, pad=False)`` and
+``address_mask``; ``faults`` names the exceptions its reads raise.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Iterator, Optional, Protocol
 
-from volatility3.framework import exceptions, interfaces
+if TYPE_CHECKING:
+    from volatility3.framework import interfaces
 
 __all__ = ["Kernel", "Types", "VolatilityTypes", "Walk", "ModuleRegion", "canonical", "list_for_each", "hlist_for_each",
            "list_for_each_entry", "for_each_process", "for_each_thread", "idr_for_each", "rb_for_each",
-           "per_cpu_ptr", "for_each_module", "module_regions", "module_name", "LIST_POISON1", "LIST_POISON2",
+           "per_cpu_ptr", "for_each_module", "module_regions", "module_name", "module_core_text",
+           "LIST_POISON1", "LIST_POISON2",
            "MAX_ENTRIES", "MAX_NODES",
            "ModuleFields", "ModuleLayout", "validate_module", "carve_modules", "MODULE_STATES", "MODULES_VADDR",
            "MODULES_END", "module_address_lookup"]
@@ -74,12 +85,27 @@ class Types(Protocol):
     def array_count(self, type_name: str, member: str) -> int:
         """The element count of array member ``member`` of struct type_name."""
 
+    def enum_value(self, enum: str, name: str) -> Optional[int]:
+        """The value of enumerator ``name`` of ``enum enum``, or None if the profile lacks either."""
+
+
+class Memory(Protocol):
+    """Kernel virtual memory: what a reader reads (a volatility3 layer has this shape)."""
+
+    address_mask: int
+
+    def read(self, offset: int, length: int, pad: bool = False) -> bytes:
+        """``length`` bytes at (masked) ``offset``; raises a fault at a hole unless ``pad``."""
+
 
 class VolatilityTypes:
     """:class:`Types` from a volatility3 kernel module (its ISF symbol table); member offsets cached."""
 
-    def __init__(self, module: interfaces.context.ModuleInterface) -> None:
+    def __init__(self, module: "interfaces.context.ModuleInterface") -> None:
+        from volatility3.framework import exceptions
+
         self.module = module
+        self._symbol_error = exceptions.SymbolError
         self._offsets: dict[tuple[str, ...], int] = {}
 
     def symbol_offset(self, name: str) -> Optional[int]:
@@ -108,29 +134,45 @@ class VolatilityTypes:
     def has_member(self, type_name: str, member: str) -> bool:
         try:
             return self.module.get_type(type_name).has_member(member)
-        except exceptions.SymbolError:
+        except self._symbol_error:
             return False
 
     def array_count(self, type_name: str, member: str) -> int:
         return self.module.get_type(type_name).child_template(member).vol.count
 
+    def enum_value(self, enum: str, name: str) -> Optional[int]:
+        try:
+            return self.module.get_enumeration(enum).choices.get(name)
+        except self._symbol_error:
+            return None
+
 
 class Kernel:
-    """Kernel virtual memory (a volatility3 layer) and the profile's facts (:class:`Types`), for one run."""
+    """Kernel virtual memory (:class:`Memory`) and the profile's facts (:class:`Types`), for one run.
 
-    def __init__(self, layer: interfaces.layers.DataLayerInterface, types: Types,
-                 context: Optional[interfaces.context.ContextInterface] = None,
-                 module: Optional[interfaces.context.ModuleInterface] = None) -> None:
+    ``faults`` are the exceptions the memory's reads raise at a hole
+    (default: volatility3's ``InvalidAddressException``); ``context`` and
+    ``module`` are set for a volatility3 plugin and None elsewhere.
+    """
+
+    def __init__(self, layer: Memory, types: Types, context: Optional["interfaces.context.ContextInterface"] = None,
+                 module: Optional["interfaces.context.ModuleInterface"] = None,
+                 faults: Optional[tuple[type[BaseException], ...]] = None) -> None:
+        if faults is None:
+            from volatility3.framework import exceptions
+
+            faults = (exceptions.InvalidAddressException,)
         self.layer = layer
         self.types = types
         self.context = context
         self.module = module
+        self.faults = faults
         self.mask = layer.address_mask
         self.kernel_half = (1 << 64) - (1 << (self.mask.bit_length() - 1))
         self.shift = types.kaslr_shift()
 
     @classmethod
-    def from_context(cls, context: interfaces.context.ContextInterface, module_name: str) -> "Kernel":
+    def from_context(cls, context: "interfaces.context.ContextInterface", module_name: str) -> "Kernel":
         """The kernel of plugin requirement ``module_name`` (its layer and ISF)."""
         module = context.modules[module_name]
         return cls(context.layers[module.layer_name], VolatilityTypes(module), context, module)
@@ -169,14 +211,14 @@ class Kernel:
         return self.kernel_half <= value < (1 << 64) and value not in (LIST_POISON1, LIST_POISON2)
 
     def read_exact(self, addr: int, length: int) -> bytes:
-        """``length`` bytes at kernel virtual ``addr``; raises InvalidAddressException on a fault."""
+        """``length`` bytes at kernel virtual ``addr``; raises the layer's fault (one of ``faults``) at a hole."""
         return self.layer.read(addr & self.mask, length)
 
     def read(self, addr: int, length: int, pad: bool = False) -> Optional[bytes]:
         """``length`` bytes at ``addr``; None if any of it is unmapped (zeros there if ``pad``)."""
         try:
             return self.layer.read(addr & self.mask, length, pad=pad)
-        except exceptions.InvalidAddressException:
+        except self.faults:
             return None
 
     def u64(self, addr: int) -> Optional[int]:
@@ -188,7 +230,7 @@ class Kernel:
         return None if data is None else int.from_bytes(data, "little")
 
     def read_pointers(self, addr: int, count: int) -> tuple[int, ...]:
-        """``count`` little-endian 64-bit words at ``addr``; raises InvalidAddressException on a fault."""
+        """``count`` little-endian 64-bit words at ``addr``; raises the layer's fault at a hole."""
         return struct.unpack(f"<{count}Q", self.read_exact(addr, 8 * count))
 
     def cstring(self, addr: int, limit: int = 256) -> Optional[str]:
@@ -424,6 +466,28 @@ def module_regions(k: Kernel, mod: int, name: str) -> list[ModuleRegion]:
     return out
 
 
+def module_core_text(k: Kernel, mod: int) -> Optional[tuple[int, int, int]]:
+    """(base, size, text_size) of the core text of ``mod`` (struct module *).
+
+    ``core_layout`` (struct module_layout: base, size, text_size) up to 6.3;
+    ``mem[MOD_TEXT]`` (struct module_memory, MOD_TEXT == 0, all of it text)
+    from 6.4, commit ac3b43283923. None when the profile has neither; the
+    layer's fault when the module cannot be read.
+    """
+    if k.has_member("module", "core_layout"):
+        at = mod + k.offsetof("module", "core_layout")
+        base = _Q.unpack(k.read_exact(at + k.offsetof("module_layout", "base"), 8))[0]
+        size = int.from_bytes(k.read_exact(at + k.offsetof("module_layout", "size"), 4), "little")
+        text = int.from_bytes(k.read_exact(at + k.offsetof("module_layout", "text_size"), 4), "little")
+        return k.canonical(base), size, text
+    if k.has_member("module", "mem"):
+        at = mod + k.offsetof("module", "mem")
+        base = _Q.unpack(k.read_exact(at + k.offsetof("module_memory", "base"), 8))[0]
+        size = int.from_bytes(k.read_exact(at + k.offsetof("module_memory", "size"), 4), "little")
+        return k.canonical(base), size, size
+    return None
+
+
 # arch/x86/include/asm/pgtable_64_types.h: MODULES_VADDR = __START_KERNEL_map + KERNEL_IMAGE_SIZE
 # (1 GiB with KASLR), MODULES_END = 0xffffffffff000000 (4- and 5-level paging alike).
 MODULES_VADDR = 0xFFFFFFFFC0000000
@@ -574,9 +638,5 @@ def module_address_lookup(k: Kernel, mod: int, addr: int) -> Optional[tuple[str,
 
 
 def _enum_value(k: Kernel, enum: str, name: str, default: int) -> int:
-    if k.module is None:
-        return default
-    try:
-        return k.module.get_enumeration(enum).choices.get(name, default)
-    except exceptions.SymbolError:
-        return default
+    value = k.types.enum_value(enum, name)
+    return default if value is None else value
