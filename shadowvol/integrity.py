@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import time
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ShadowvolError
+from .kernel_reader import Kernel, Walk, kernel_of, linux
 from .trace.points import TextSymbols
 
 __all__ = ["Finding", "IntegrityReport", "StubModule", "find_module", "ko_text_layout",
@@ -112,31 +112,12 @@ class StubModule:
     text_size: int
 
 
-def _u64(target: Any, vaddr: int) -> int:
-    return int.from_bytes(target.kernel.read(vaddr, 8), "little")
+def _u64(k: Kernel, vaddr: int) -> int:
+    return k.read_pointers(vaddr, 1)[0]
 
 
-def _u32(target: Any, vaddr: int) -> int:
-    return int.from_bytes(target.kernel.read(vaddr, 4), "little")
-
-
-def _core_text(target: Any, mod: int) -> tuple[int, int, int]:
-    """(base, size, text_size) of a module's core text.
-
-    Detects the layout: ``core_layout`` (a ``struct module_layout``) up to 6.3,
-    ``mem[MOD_TEXT]`` (a ``struct module_memory``) from 6.4, commit
-    ac3b43283923 ("module: replace module_layout with module_memory").
-    """
-    off = target.member_offset
-    if target.has_member("module", "core_layout"):
-        lay = mod + off("module", "core_layout")
-        return (_u64(target, lay + off("module_layout", "base")), _u32(target, lay + off("module_layout", "size")),
-                _u32(target, lay + off("module_layout", "text_size")))
-    if target.has_member("module", "mem"):
-        mem = mod + off("module", "mem")  # mem[MOD_TEXT], MOD_TEXT == 0
-        size = _u32(target, mem + off("module_memory", "size"))
-        return _u64(target, mem + off("module_memory", "base")), size, size
-    raise ShadowvolError("struct module has neither core_layout nor mem[] in the profile")
+def _u32(k: Kernel, vaddr: int) -> int:
+    return int.from_bytes(k.read_exact(vaddr, 4), "little")
 
 
 def find_module(target: Any, name: str) -> StubModule | None:
@@ -147,22 +128,25 @@ def find_module(target: Any, name: str) -> StubModule | None:
     return None
 
 
-def list_modules(target: Any) -> list[StubModule]:
-    """Every module on the ``modules`` list; a cycle or too long a list raises."""
-    head = target.symbol_address("modules")
-    off_list, off_name = target.member_offset("module", "list"), target.member_offset("module", "name")
+def list_modules(target: Any, k: Kernel | None = None) -> list[StubModule]:
+    """Every module on the ``modules`` list (``for_each_module``, the one reader's walk and bound).
+
+    The list is what the check trusts to find the stub, so a walk that stops
+    early (a cycle, a bad link, more than MAX_MODULES entries) or a module it
+    cannot read raises instead of answering from part of the list."""
+    k = k or kernel_of(target)
+    walk = Walk("modules", limit=MAX_MODULES)
     out: list[StubModule] = []
-    seen = {head}
-    node = _u64(target, head)
-    while node != head:
-        if node in seen or len(out) >= MAX_MODULES:
-            raise ShadowvolError(f"the modules list loops or is too long (at {node:#x})")
-        seen.add(node)
-        mod = node - off_list
-        name = target.kernel.read(mod + off_name, 56).split(b"\0", 1)[0].decode(errors="replace")
-        base, size, text = _core_text(target, mod)
-        out.append(StubModule(mod, name, base, size, text))
-        node = _u64(target, node)
+    for mod in linux.for_each_module(k, walk):
+        name = linux.module_name(k, mod)
+        text = linux.module_core_text(k, mod)
+        if name is None:
+            raise ShadowvolError(f"the modules list: struct module at {mod:#x} is unreadable")
+        if text is None:
+            raise ShadowvolError("struct module has neither core_layout nor mem[] in the profile")
+        out.append(StubModule(mod, name, *text))
+    if walk.partial:
+        raise ShadowvolError(f"the modules list cannot be walked to its end: {walk.partial}")
     return out
 
 
@@ -311,7 +295,7 @@ def _symbolize(target: Any, addr: int, mods: list[StubModule], text: TextSymbols
     return f"{addr:#x} (outside kernel text and modules)"
 
 
-def _check_hooks(target: Any, rep: IntegrityReport, mod: StubModule, header: Any,
+def _check_hooks(target: Any, k: Kernel, rep: IntegrityReport, mod: StubModule, header: Any,
                  mods: list[StubModule], ko: KoText | None) -> None:
     from .trace.compartment import HOOK_NAMES
 
@@ -335,7 +319,7 @@ def _check_hooks(target: Any, rep: IntegrityReport, mod: StubModule, header: Any
         if ko is not None and ko.symbols and (fn - mod.core_base) not in ko.symbols:
             rep.add(f"hook.{hook}", "warn", f"handler {fn:#x} is not the start of a function of the .ko")
         if hook == "kprobe":
-            _check_kprobes(target, rep, mod, header, mods, fn, text)
+            _check_kprobes(target, k, rep, mod, header, mods, text)
             continue
         tp = header.tracepoint[i]
         want = target.symbol_address(f"__tracepoint_{hook}") if target.has_symbol(f"__tracepoint_{hook}") else None
@@ -343,11 +327,11 @@ def _check_hooks(target: Any, rep: IntegrityReport, mod: StubModule, header: Any
             rep.add(f"hook.{hook}", "TAMPERED", f"the header names tracepoint {tp:#x}, the profile's "
                     f"__tracepoint_{hook} is at {want:#x}")
             continue
-        funcs = _u64(target, tp + funcs_off)
+        funcs = _u64(k, tp + funcs_off)
         probes: list[int] = []
         if funcs:
-            for k in range(MAX_TP_FUNCS):
-                f = _u64(target, funcs + k * fn_size + fn_off)
+            for j in range(MAX_TP_FUNCS):
+                f = _u64(k, funcs + j * fn_size + fn_off)
                 if not f:
                     break
                 probes.append(f)
@@ -361,7 +345,7 @@ def _check_hooks(target: Any, rep: IntegrityReport, mod: StubModule, header: Any
             rep.add(f"hook.{hook}", "TAMPERED", f"foreign probe(s) run before the stub's on {hook}: "
                     + ", ".join(before))
             continue
-        if _u32(target, tp + key_off) == 0:
+        if _u32(k, tp + key_off) == 0:
             rep.add(f"hook.{hook}", "TAMPERED", f"tracepoint {hook} is disabled (static key 0): the "
                     "stub's probe never runs")
             continue
@@ -370,16 +354,16 @@ def _check_hooks(target: Any, rep: IntegrityReport, mod: StubModule, header: Any
                 f"{len(probes)}" + (f" (after it: {', '.join(after)})" if after else ""))
 
 
-def _check_kprobes(target: Any, rep: IntegrityReport, mod: StubModule, header: Any,
-                   mods: list[StubModule], handler: int, text: TextSymbols) -> None:
+def _check_kprobes(target: Any, k: Kernel, rep: IntegrityReport, mod: StubModule, header: Any,
+                   mods: list[StubModule], text: TextSymbols) -> None:
     kf = {m: target.member_offset("kprobe", m) for m in ("addr", "pre_handler")}
     for p in header.points:
         if p.status != 0 or not p.kprobe:
             continue
         try:
-            addr = _u64(target, p.kprobe + kf["addr"])
-            pre = _u64(target, p.kprobe + kf["pre_handler"])
-            first = target.kernel.read(p.addr, 1)[0]
+            addr = _u64(k, p.kprobe + kf["addr"])
+            pre = _u64(k, p.kprobe + kf["pre_handler"])
+            first = k.read_exact(p.addr, 1)[0]
         except ShadowvolError as exc:
             rep.add(f"hook.kprobe.{p.spec}", "TAMPERED", f"struct kprobe at {p.kprobe:#x} unreadable: {exc}")
             continue
@@ -453,7 +437,8 @@ def check_integrity(target: Any, ko: Path | None = None, state_file: Path | None
     rep.add("compartment", "ok", f"header at physical {header.paddr:#x}, CRC {header.crc:#010x}, "
             f"{header.total_size:#x} bytes")
     rep.facts["compartment"] = header.paddr
-    mods = list_modules(target)
+    k = kernel_of(target)
+    mods = list_modules(target, k)
     mod = next((m for m in mods if m.name == STUB_MODULE), None)
     if mod is None:
         owner = next((m for m in mods if m.core_base <= header.module_core < m.core_base + m.core_size),
@@ -482,7 +467,7 @@ def check_integrity(target: Any, ko: Path | None = None, state_file: Path | None
         state = {}
     key = f"{header.nonce:x}:{header.load_time_ns}:{mod.core_base:x}"
     _check_code(target, rep, mod, kot, state, key)
-    _check_hooks(target, rep, mod, header, mods, kot)
+    _check_hooks(target, k, rep, mod, header, mods, kot)
     _check_rings(target, rep, header, state, key)
     from .safeio import atomic_write
 

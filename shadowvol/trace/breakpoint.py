@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import ShadowvolError
+from ..kernel_reader import kernel_of
 from ..qemu.gdbstub import GdbError, GdbStub, stop_signal
 from .events import Event, syscall_names
 from .points import TextSymbols, check_monitor_point
@@ -65,59 +66,62 @@ def _make_event(**kw: Any) -> Event:
     return Event(**kw)
 
 
-def _percpu_offset(target: Any, name: str) -> int:
-    """Offset of per-CPU variable ``name`` from a CPU's per-CPU base (its kernel GS base).
-
-    Per-CPU symbols are linked at their offset in the per-CPU section and are
-    not relocated by KASLR, so the profile's link address is the offset."""
-    return target.symbol_address(name) - target.location.virt_shift
-
-
-class _Kernel:
-    """Offsets and helpers to read tasks and pt_regs from a stopped guest."""
+class _StopReader:
+    """What the tracer reads at a stop (the current task, a task's ids, ``pt_regs``, strings),
+    through the one kernel reader on the target; offsets are read once, at the start of the trace."""
 
     def __init__(self, target: Any) -> None:
-        self.t = target
-        self.off_pid = target.member_offset("task_struct", "pid")
-        self.off_tgid = target.member_offset("task_struct", "tgid")
-        self.off_comm = target.member_offset("task_struct", "comm")
-        self.regs = {r: target.member_offset("pt_regs", r) for r in _SYSCALL_ARGS}
-        self.off_filename = (target.member_offset("linux_binprm", "filename")
-                             if target.has_member("linux_binprm", "filename") else None)
-        # Per-CPU current task: `current_task` (<= 6.1) or pcpu_hot.current_task (6.2+,
-        # commit 7443b296e699 "x86/percpu: Move current_task to percpu hot section").
-        if target.has_symbol("current_task"):
-            self.current_off = _percpu_offset(target, "current_task")
-        elif target.has_symbol("pcpu_hot") and target.has_member("pcpu_hot", "current_task"):
-            self.current_off = _percpu_offset(target, "pcpu_hot") + target.member_offset("pcpu_hot", "current_task")
+        self.k = k = kernel_of(target)
+        self.off_pid = k.offsetof("task_struct", "pid")
+        self.off_tgid = k.offsetof("task_struct", "tgid")
+        self.off_comm = k.offsetof("task_struct", "comm")
+        self.regs = {r: k.offsetof("pt_regs", r) for r in _SYSCALL_ARGS}
+        self.pt_regs_size = k.sizeof("pt_regs")
+        self.off_filename = (k.offsetof("linux_binprm", "filename")
+                             if k.has_member("linux_binprm", "filename") else None)
+        # Per-CPU current task: `current_task` (<= 6.1) or pcpu_hot.current_task (6.2+, commit
+        # 7443b296e699 "x86/percpu: Move current_task to percpu hot section"). Per-CPU symbols are
+        # linked at their offset in the per-CPU section, which KASLR does not move (raw_symbol).
+        if k.raw_symbol("current_task") is not None:
+            self.current_off = k.raw_symbol("current_task")
+        elif k.raw_symbol("pcpu_hot") is not None and k.has_member("pcpu_hot", "current_task"):
+            self.current_off = k.raw_symbol("pcpu_hot") + k.offsetof("pcpu_hot", "current_task")
         else:
             raise ShadowvolError("the profile has neither current_task nor pcpu_hot: cannot find the "
                                  "current task")
         # task_struct.state became __state in 5.14 (commit 2f064a59a11f "sched: Change task_struct::state").
-        state = next((m for m in ("__state", "state") if target.has_member("task_struct", m)), None)
-        self.off_state = target.member_offset("task_struct", state) if state else None
+        state = next((m for m in ("__state", "state") if k.has_member("task_struct", m)), None)
+        self.off_state = k.offsetof("task_struct", state) if state else None
         self._names = syscall_names(target)  # read once, at the start of the trace
 
     def syscall_name(self, nr: int) -> str:
         return self._names.get(nr, f"syscall_{nr}")
 
     def u64(self, vaddr: int) -> int:
-        return int.from_bytes(self.t.kernel.read(vaddr, 8), "little")
+        return self.k.read_pointers(vaddr, 1)[0]
+
+    def u32(self, vaddr: int) -> int:
+        return int.from_bytes(self.k.read_exact(vaddr, 4), "little")
 
     def task(self, task: int) -> tuple[int, int, str]:
         """(pid, tgid, comm) of a ``struct task_struct *``."""
-        k = self.t.kernel
-        pid = int.from_bytes(k.read(task + self.off_pid, 4), "little", signed=True)
-        tgid = int.from_bytes(k.read(task + self.off_tgid, 4), "little", signed=True)
-        comm = k.read(task + self.off_comm, 16).split(b"\0", 1)[0].decode(errors="replace")
+        read = self.k.read_exact
+        pid = int.from_bytes(read(task + self.off_pid, 4), "little", signed=True)
+        tgid = int.from_bytes(read(task + self.off_tgid, 4), "little", signed=True)
+        comm = read(task + self.off_comm, 16).split(b"\0", 1)[0].decode(errors="replace")
         return pid, tgid, comm
 
     def current(self, gs_base: int) -> int:
-        """``current`` on the CPU whose kernel GS base is ``gs_base``."""
+        """``current`` (struct task_struct *) on the CPU whose kernel GS base is ``gs_base``."""
         return self.u64(gs_base + self.current_off)
 
+    def syscall_args(self, regs: int) -> tuple[int, ...]:
+        """The six syscall arguments in a ``struct pt_regs *``."""
+        raw = self.k.read_exact(regs, self.pt_regs_size)
+        return tuple(int.from_bytes(raw[self.regs[r]:self.regs[r] + 8], "little") for r in _SYSCALL_ARGS)
+
     def string(self, vaddr: int, limit: int = 256) -> str:
-        data = self.t.kernel.read_padded(vaddr, limit)
+        data = self.k.read(vaddr, limit, pad=True) or b""
         return data.split(b"\0", 1)[0].decode(errors="replace")
 
 
@@ -141,7 +145,7 @@ class BreakpointMonitor:
                                  "need a VM started by 'shadowvol vm start', or a libvirt domain whose XML "
                                  "passes -gdb (<qemu:commandline>; shadowvol never adds one)")
         self.target = target
-        self.k = _Kernel(self.target)
+        self.k = _StopReader(self.target)
         self.points: dict[int, _Point] = {}
         self.warnings: list[str] = []
         self.stub: GdbStub | None = None
@@ -280,16 +284,14 @@ class BreakpointMonitor:
         base = dict(ts_ns=now, cpu=cpu, pid=pid, tgid=tgid, comm=comm)
         if point.kind == "syscall":
             nr = regs["rsi"] & 0xFFFFFFFF
-            ptregs = regs["rdi"]
-            raw = k.t.kernel.read(ptregs, 168)
-            args = tuple(int.from_bytes(raw[k.regs[r]:k.regs[r] + 8], "little") for r in _SYSCALL_ARGS)
+            args = k.syscall_args(regs["rdi"])
             return _make_event(kind="syscall", nr=nr, name=k.syscall_name(nr), args=args, extra={}, **base)
         if point.kind == "switch":  # pid/comm are the previous task's, as in the shadow tracer
             ppid, ptgid, pcomm = k.task(regs["rdi"])
             npid, ntgid, ncomm = k.task(regs["rsi"])
             state = None
             if k.off_state is not None:
-                state = int.from_bytes(k.t.kernel.read(regs["rdi"] + k.off_state, 4), "little")
+                state = k.u32(regs["rdi"] + k.off_state)
             return _make_event(kind="switch", ts_ns=now, cpu=cpu, pid=ppid, tgid=ptgid, comm=pcomm,
                                name="sched_switch",
                                extra={"prev_pid": ppid, "next_pid": npid, "next_tgid": ntgid,

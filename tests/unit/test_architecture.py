@@ -309,3 +309,44 @@ def test_no_function_over_100_lines() -> None:
                 if n > 100 and f"{mod}.{node.name}" not in LONG_PENDING:
                     long.append(f"{mod}.{node.name} ({n} lines)")
     assert not long, long
+
+
+# 13. One kernel reader. Its walkers live in plugins/linux/kernel.py, which loads with the
+#     standard library alone (volatility3 only inside the functions that build it on a volatility3
+#     context), so shadowvol's trace and integrity code reach the same walkers, without
+#     volatility3, through kernel_reader.py (a Target's memory and symbol API), and only there.
+READER = "shadowvol.plugins.linux.kernel"
+
+
+def _top_level_imports(tree: ast.Module) -> set[str]:
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.add((node.module or "").split(".")[0])
+    return found
+
+
+def test_the_reader_loads_with_the_standard_library_alone() -> None:
+    import sys
+
+    tops = _top_level_imports(_modules()[READER][1])
+    assert tops and tops <= set(sys.stdlib_module_names) | {"__future__"}, sorted(tops)
+
+
+def test_shadowvol_reaches_the_reader_only_through_kernel_reader() -> None:
+    users = sorted(m for m in _modules() if not _in(m, "shadowvol.plugins", "shadowvol.kernel_reader")
+                   and {i for i in imports_of(m) if _in(i, "shadowvol.plugins.linux")})
+    assert not users, f"{users} import plugin modules: use shadowvol.kernel_reader"
+
+
+def test_trace_and_integrity_load_no_volatility3() -> None:
+    """Imported for real, in a fresh interpreter: the package __init__ and the reader pull in no volatility3."""
+    import subprocess
+    import sys
+
+    code = ("import sys, shadowvol.kernel_reader, shadowvol.integrity, shadowvol.trace.breakpoint\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'volatility3'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -76,6 +76,9 @@ class Types:
     def array_count(self, type_name, member):
         return self.counts[(type_name, member)]
 
+    def enum_value(self, enum, name):
+        return None
+
 
 def kernel(kmod, mem, **types):
     return kmod.Kernel(mem, Types(**types))
@@ -330,3 +333,125 @@ def test_module_address_lookup(kmod):
     assert kmod.module_address_lookup(k, mod, text) == ("rk_pre", 0)
     assert kmod.module_address_lookup(k, mod, text + 0x44) == ("rk_getppid", 4)
     assert kmod.module_address_lookup(k, mod, text + 0x100) is None
+
+
+# -- the same walkers on a Target (shadowvol.kernel_reader), as trace and integrity use them ------
+
+VBASE = 0xFFFFFFFF81000000  # link-time; the kernel runs at VBASE + TSHIFT
+TSHIFT = 0x2000000
+PAGES = 16
+DATA = 0x40000  # physical address of the mapped pages
+
+
+def _mapped_target(isf):
+    """A real Target on synthetic physical memory: 4-level tables mapping PAGES pages at VBASE + TSHIFT."""
+    import mmap
+    from pathlib import Path
+
+    from shadowvol.backends.base import BufferMemory, Segment
+    from shadowvol.kaslr import KernelLocation
+    from shadowvol.target import Target
+
+    mm = mmap.mmap(-1, 1 << 20)
+    va = VBASE + TSHIFT
+    pml4, pdpt, pd, pt = 0x1000, 0x2000, 0x3000, 0x4000
+    for table, index, nxt in ((pml4, va >> 39, pdpt), (pdpt, va >> 30, pd), (pd, va >> 21, pt)):
+        at = table + 8 * (index & 0x1FF)
+        mm[at:at + 8] = struct.pack("<Q", nxt | 3)
+    for i in range(PAGES):
+        at = pt + 8 * (((va >> 12) + i) & 0x1FF)
+        mm[at:at + 8] = struct.pack("<Q", (DATA + 0x1000 * i) | 3)
+    mem = BufferMemory(mm, [Segment(0, 1 << 20, 0)], name="synthetic")
+    loc = KernelLocation(dtb=pml4, virt_shift=TSHIFT, phys_base=0, la57=False, source="test")
+    target = Target(mem, loc, isf, Path("synthetic.json"), "synthetic")
+    return target, mm
+
+
+def _put(mm, vaddr, data):
+    off = DATA + vaddr - (VBASE + TSHIFT)
+    mm[off:off + len(data)] = data
+
+
+def _isf():
+    field = lambda off, kind="base", **kw: {"offset": off, "type": {"kind": kind, **kw}}  # noqa: E731
+    return {
+        "symbols": {"modules": {"address": VBASE}},
+        "user_types": {
+            "list_head": {"size": 16, "fields": {"next": field(0, "pointer"), "prev": field(8, "pointer")}},
+            "module_layout": {"size": 16, "fields": {"base": field(0, "pointer"), "size": field(8),
+                                                     "text_size": field(12)}},
+            "module": {"size": 0x200, "fields": {
+                "list": field(8, "struct", name="list_head"),
+                "name": field(24, "array", count=56, subtype={"kind": "base", "name": "char"}),
+                "core_layout": field(0x100, "struct", name="module_layout")}},
+        },
+        "enums": {"mod_mem_type": {"size": 4, "base": "int", "constants": {"MOD_TEXT": 0, "MOD_INIT_TEXT": 3}}},
+    }
+
+
+def _modules(mm, names):
+    """The modules list at ``modules`` (VBASE + TSHIFT): one struct module per page after it."""
+    head = VBASE + TSHIFT
+    mods = [head + 0x1000 * (i + 1) for i in range(len(names))]
+    ring = [head, *[m + 8 for m in mods], head]
+    for a, b in zip(ring, ring[1:]):
+        _put(mm, a, struct.pack("<Q", b))
+        _put(mm, b + 8, struct.pack("<Q", a))
+    for i, (m, name) in enumerate(zip(mods, names)):
+        _put(mm, m + 24, name.encode() + b"\0")
+        _put(mm, m + 0x100, struct.pack("<QII", 0xFFFFFFFFC0000000 + 0x10000 * i, 0x3000, 0x2000))
+    return head, mods
+
+
+def test_target_symbol_api_walks_nested_members_arrays_and_enums():
+    target, _mm = _mapped_target(_isf())
+    assert target.offsetof("module", "core_layout", "text_size") == 0x100 + 12
+    assert target.offsetof("module", "list", "prev") == 16
+    assert target.member_count("module", "name") == 56
+    assert target.enum_value("mod_mem_type", "MOD_INIT_TEXT") == 3
+    assert target.enum_value("mod_mem_type", "NOPE") is None and target.enum_value("nope", "X") is None
+    from shadowvol.errors import ProfileError
+
+    with pytest.raises(ProfileError):
+        target.offsetof("module", "name", "x")  # an array, not a struct
+    with pytest.raises(ProfileError):
+        target.member_count("module", "list")
+
+
+def test_integrity_lists_modules_through_the_one_reader():
+    from shadowvol.integrity import list_modules
+
+    target, mm = _mapped_target(_isf())
+    _head, mods = _modules(mm, ["alpha", "shadow_stub"])
+    got = list_modules(target)
+    assert [(m.address, m.name, m.core_base, m.core_size, m.text_size) for m in got] == [
+        (mods[0], "alpha", 0xFFFFFFFFC0000000, 0x3000, 0x2000),
+        (mods[1], "shadow_stub", 0xFFFFFFFFC0010000, 0x3000, 0x2000)]
+
+
+@pytest.mark.parametrize("damage", ["cycle", "hole", "user"])
+def test_integrity_refuses_a_modules_list_it_cannot_walk_to_the_end(damage):
+    from shadowvol.errors import ShadowvolError
+    from shadowvol.integrity import list_modules
+
+    target, mm = _mapped_target(_isf())
+    _head, mods = _modules(mm, ["a", "b", "c"])
+    bad = {"cycle": mods[0] + 8, "hole": VBASE + TSHIFT + 0x1000 * PAGES + 8, "user": 0x400000}[damage]
+    _put(mm, mods[1] + 8, struct.pack("<Q", bad))
+    with pytest.raises(ShadowvolError, match="cannot be walked"):
+        list_modules(target)
+
+
+def test_target_reader_faults_carry_layer_and_address():
+    from shadowvol.errors import InvalidAddressError
+    from shadowvol.kernel_reader import kernel_of
+
+    target, mm = _mapped_target(_isf())
+    k = kernel_of(target)
+    _put(mm, VBASE + TSHIFT + 0x40, struct.pack("<Q", 0x1122334455667788))
+    assert k.symbol("modules") == VBASE + TSHIFT and k.u64(VBASE + TSHIFT + 0x40) == 0x1122334455667788
+    hole = VBASE + TSHIFT + 0x1000 * PAGES
+    assert k.u64(hole) is None and k.read(hole - 4, 8, pad=True)[4:] == b"\0" * 4
+    with pytest.raises(InvalidAddressError) as exc:
+        k.read_exact(hole, 8)
+    assert exc.value.address == hole and exc.value.layer == "kernel"
