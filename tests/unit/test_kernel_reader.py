@@ -372,6 +372,18 @@ def _put(mm, vaddr, data):
     mm[off:off + len(data)] = data
 
 
+def _isf_mem():
+    """6.4+: struct module has mem[MOD_MEM_NUM_TYPES] (struct module_memory) instead of core_layout."""
+    isf = _isf()
+    field = lambda off, kind="base", **kw: {"offset": off, "type": {"kind": kind, **kw}}  # noqa: E731
+    types = isf["user_types"]
+    del types["module"]["fields"]["core_layout"], types["module_layout"]
+    types["module_memory"] = {"size": 0x20, "fields": {"base": field(0, "pointer"), "size": field(8)}}
+    types["module"]["fields"]["mem"] = field(0x100, "array", count=7,
+                                             subtype={"kind": "struct", "name": "module_memory"})
+    return isf
+
+
 def _isf():
     field = lambda off, kind="base", **kw: {"offset": off, "type": {"kind": kind, **kw}}  # noqa: E731
     return {
@@ -418,15 +430,17 @@ def test_target_symbol_api_walks_nested_members_arrays_and_enums():
         target.member_count("module", "list")
 
 
-def test_integrity_lists_modules_through_the_one_reader():
+@pytest.mark.parametrize("layout", ["core_layout", "mem"])
+def test_integrity_lists_modules_through_the_one_reader(layout):
     from shadowvol.integrity import list_modules
 
-    target, mm = _mapped_target(_isf())
+    target, mm = _mapped_target(_isf() if layout == "core_layout" else _isf_mem())
     _head, mods = _modules(mm, ["alpha", "shadow_stub"])
     got = list_modules(target)
+    text = 0x2000 if layout == "core_layout" else 0x3000  # mem[MOD_TEXT] is all text
     assert [(m.address, m.name, m.core_base, m.core_size, m.text_size) for m in got] == [
-        (mods[0], "alpha", 0xFFFFFFFFC0000000, 0x3000, 0x2000),
-        (mods[1], "shadow_stub", 0xFFFFFFFFC0010000, 0x3000, 0x2000)]
+        (mods[0], "alpha", 0xFFFFFFFFC0000000, 0x3000, text),
+        (mods[1], "shadow_stub", 0xFFFFFFFFC0010000, 0x3000, text)]
 
 
 @pytest.mark.parametrize("damage", ["cycle", "hole", "user"])
