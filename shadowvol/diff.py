@@ -156,7 +156,8 @@ def kernel_text_rows(target: Any) -> list[dict[str, Any]]:
     return [{"Offset": r["Offset"], "Symbol": r["Symbol"], "SHA256": r["SHA256"]} for r in rows]
 
 
-def _side_rows(vm: str | None, dump: str | None, kinds: Iterable[str]) -> tuple[dict[str, list[dict[str, Any]]], str]:
+def _side_rows(vm: str | None, dump: str | None, kinds: Iterable[str], connect: str | None = None
+               ) -> tuple[dict[str, list[dict[str, Any]]], str]:
     """Each kind's plugin rows on one side, and its profile's path.
 
     One target, one epoch and one volatility3 context for all kinds: the
@@ -175,7 +176,7 @@ def _side_rows(vm: str | None, dump: str | None, kinds: Iterable[str]) -> tuple[
     # re-traverse them (a third of a side's time; +5 MB peak RSS without them).
     collecting = gc.isenabled()
     gc.disable()
-    target = open_target(vm=vm, dump=dump)
+    target = open_target(vm=vm, dump=dump, connect=connect)
     try:
         boot = volbridge.BootContext(target.memory, target.kernel, target.location, target.isf,
                                      isf_url=target.profile_path.as_uri())
@@ -193,14 +194,16 @@ def _side_rows(vm: str | None, dump: str | None, kinds: Iterable[str]) -> tuple[
             gc.enable()
 
 
-def _side_job(job: tuple[str | None, str | None, list[str]]) -> tuple[dict[str, list[dict[str, Any]]], str]:
+def _side_job(job: tuple[str | None, str | None, list[str], str | None]
+              ) -> tuple[dict[str, list[dict[str, Any]]], str]:
     return _side_rows(*job)
 
 
-def _both_sides(a: tuple[str | None, str | None], b: tuple[str | None, str | None], kinds: list[str]
+def _both_sides(a: tuple[str | None, str | None], b: tuple[str | None, str | None], kinds: list[str],
+                connect: str | None = None
                 ) -> tuple[tuple[dict[str, list[dict[str, Any]]], str], tuple[dict[str, list[dict[str, Any]]], str]]:
     """Both sides' rows, the two sides in two processes when there are two CPUs (each side is CPU-bound)."""
-    jobs = [(*a, kinds), (*b, kinds)]
+    jobs = [(*a, kinds, connect), (*b, kinds, connect)]
     if (os.cpu_count() or 1) < 2:
         return _side_job(jobs[0]), _side_job(jobs[1])
     import concurrent.futures
@@ -212,8 +215,9 @@ def _both_sides(a: tuple[str | None, str | None], b: tuple[str | None, str | Non
 
 
 def diff_sides(a: tuple[str | None, str | None], b: tuple[str | None, str | None],
-               kinds: Iterable[str] = DEFAULT_KINDS) -> list[dict[str, Any]]:
-    """Change rows from side ``a`` to side ``b``; each side is ``(vm, dump)``, one of them set."""
+               kinds: Iterable[str] = DEFAULT_KINDS, connect: str | None = None) -> list[dict[str, Any]]:
+    """Change rows from side ``a`` to side ``b``; each side is ``(vm, dump)``, one of them set.
+    ``connect``: the libvirt URI of a ``vm`` naming a libvirt domain."""
     kinds = list(kinds)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -223,7 +227,7 @@ def diff_sides(a: tuple[str | None, str | None], b: tuple[str | None, str | None
     for k in kinds:  # imported once here, before the sides fork (capstone, stock plugin modules)
         if KINDS[k].plugin:
             volbridge.load_plugin(KINDS[k].plugin)
-    (ra, _), (rb, profile_b) = _both_sides(a, b, kinds)
+    (ra, _), (rb, profile_b) = _both_sides(a, b, kinds, connect)
     out: list[dict[str, Any]] = []
     for k in kinds:
         changes = kind_changes(KINDS[k], ra[k], rb[k])
@@ -273,7 +277,9 @@ def cmd_diff(args: Any) -> int:
     if len(sides) != 2:
         raise ShadowvolError("diff: give two sides: A B (snapshot folders), or A -vm NAME (the VM now)")
     t0 = time.perf_counter()
-    rows = diff_sides(sides[0], sides[1], [k for k in args.kinds.split(",") if k])
+    if args.connect is not None and not args.vm:
+        raise ShadowvolError("diff: --connect is the libvirt URI of -vm NAME; two snapshot folders need none")
+    rows = diff_sides(sides[0], sides[1], [k for k in args.kinds.split(",") if k], connect=args.connect)
     if args.renderer == "json":
         print(json.dumps(rows, indent=1, default=str))
     else:
@@ -289,7 +295,7 @@ def add_parser(sub: Any) -> None:
 
     dp = sub.add_parser("diff", help="what changed between two snapshots (or a snapshot and the VM now)")
     dp.add_argument("sides", nargs="*", metavar="A B", help="snapshot folders")
-    add_source_options(dp, dump=False, backend=False, profile=False, required=False, connect=False)  # -vm: the VM now, as B
+    add_source_options(dp, dump=False, backend=False, profile=False, required=False)  # -vm: the VM now, as B
     dp.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
                     help=f"comma-separated, of: {', '.join(KINDS)} (default: all)")
     dp.add_argument("-r", dest="renderer", default="text", choices=["text", "json"])

@@ -180,21 +180,36 @@ def parse_registers(text: str) -> list[dict[str, int]]:
 # -- taking a snapshot ----------------------------------------------------------
 
 
-def take_snapshot(vm: str, out: str | os.PathLike[str], progress: Progress | None = None) -> dict[str, Any]:
-    """Snapshot the VM ``vm`` (a registry name or ``qmp:PATH``) into the new folder ``out``; returns the manifest."""
-    from .qemu.qmp import QMPClient
-    from .target import _qmp_vmcoreinfo, open_target, qmp_endpoint
+def _copy_paused(vm: str, connect: str | None, ram_copy: RamCopy) -> tuple[bool, float, float, str]:
+    """Pause ``vm`` (through libvirt for a libvirt domain, so its state stays libvirt's), copy
+    its RAM and read every vCPU's registers, resume it if it ran. Returns (was it running,
+    pause ms, copy ms, ``info registers -a``). The pause is timed from the stop request to the
+    resume's answer, monitor connections included: an upper bound of the guest's pause."""
+    from .target import vm_monitor, vm_paused
+
+    t0 = time.perf_counter()
+    with vm_paused(vm, connect) as was_running:
+        ram_copy.copy()
+        with vm_monitor(vm, connect) as mon:  # one QMP client at a time: opened once the stop's is closed
+            regs_text = mon.hmp("info registers -a")
+        copy_ms = (time.perf_counter() - t0) * 1000.0
+    pause_ms = (time.perf_counter() - t0) * 1000.0 if was_running else 0.0
+    return was_running, pause_ms, copy_ms, regs_text
+
+
+def take_snapshot(vm: str, out: str | os.PathLike[str], progress: Progress | None = None,
+                  connect: str | None = None) -> dict[str, Any]:
+    """Snapshot the VM ``vm`` (a registry name, ``qmp:PATH``, ``pid:N`` with a QMP socket, or a
+    libvirt domain at ``connect``) into the new folder ``out``; returns the manifest."""
+    from .target import open_target
 
     say = progress or (lambda msg: None)
     out = Path(out)
     if os.path.lexists(out):
         raise ShadowvolError(f"{out} exists: a snapshot never overwrites (give a new folder)")
-    target = open_target(vm=vm, progress=say)
+    target = open_target(vm=vm, progress=say, connect=connect)
     try:
-        qmp = qmp_endpoint(vm)
-        if qmp is None:
-            raise ShadowvolError(f"{vm}: a snapshot needs the VM's QMP socket (a registry name or qmp:PATH)")
-        vmcoreinfo = _qmp_vmcoreinfo(qmp)  # before the pause: it is fixed for the boot
+        vmcoreinfo = target.vmcoreinfo()  # before the pause: it is fixed for the boot
         try:
             os.mkdir(out, 0o700)  # the name, reserved (empty) until the whole snapshot replaces it
         except FileExistsError:
@@ -212,19 +227,7 @@ def take_snapshot(vm: str, out: str | os.PathLike[str], progress: Progress | Non
             (stage / SYMBOLS_NAME / "linux").mkdir(0o700)
             ram_copy = RamCopy(target.memory)  # allocated and faulted in before the pause
             try:
-                with QMPClient(qmp, timeout=10.0) as q:
-                    was_running = bool(q.execute("query-status").get("running"))
-                    t0 = time.perf_counter()
-                    if was_running:
-                        q.execute("stop")
-                    try:
-                        ram_copy.copy()
-                        regs_text = q.hmp("info registers -a")
-                    finally:
-                        if was_running:
-                            q.execute("cont")
-                    pause_ms = (time.perf_counter() - t0) * 1000.0 if was_running else 0.0
-                    copy_ms = (time.perf_counter() - t0) * 1000.0
+                was_running, pause_ms, copy_ms, regs_text = _copy_paused(vm, connect, ram_copy)
                 t1 = time.perf_counter()
                 with atomic_file(stage / MEMORY_NAME, 0o600, replace=False) as fh:
                     ram = write_lime(ram_copy.segments, fh.fileno())
@@ -300,7 +303,8 @@ def cmd_snapshot(args: Any) -> int:
         return 1 if bad else 0
     if not args.vm or not args.output:
         raise ShadowvolError("snapshot: give -vm NAME -o DIR (or --verify DIR)")
-    m = take_snapshot(args.vm, args.output, progress=lambda msg: print(f"shadowvol: {msg}", file=sys.stderr))
+    m = take_snapshot(args.vm, args.output, progress=lambda msg: print(f"shadowvol: {msg}", file=sys.stderr),
+                      connect=args.connect)
     if args.renderer == "json":
         print(json.dumps({k: m[k] for k in ("memory", "symbols", "kernel", "ram_bytes", "pause_ms",
                                             "copy_ms", "was_running", "taken_at", "sha256")}))
@@ -317,7 +321,7 @@ def add_parser(sub: Any) -> None:
     from .target import add_source_options
 
     sp = sub.add_parser("snapshot", help="preserve a live VM's memory, profile and registers in a folder")
-    add_source_options(sp, dump=False, backend=False, profile=False, required=False, connect=False)  # or --verify DIR
+    add_source_options(sp, dump=False, backend=False, profile=False, required=False)  # or --verify DIR
     sp.add_argument("-o", dest="output", help="new folder for the snapshot (must not exist)")
     sp.add_argument("--verify", metavar="DIR", help="check a snapshot's files against its manifest")
     sp.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])

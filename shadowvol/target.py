@@ -68,6 +68,13 @@ class Target:
     vm: VMEntry | None = None
     #: One-line warnings for the user (a dump opened with --partial...).
     warnings: list[str] = field(default_factory=list)
+    #: The source's (CR3, CR4) of its first vCPU now (QMP, libvirt's monitor, a dump's notes);
+    #: None when it has none (``pid:`` without a QMP socket) or the monitor did not answer.
+    registers: Callable[[], tuple[int, int] | None] = lambda: None
+    #: The source's VMCOREINFO (QEMU's copy, or the guest's note for libvirt), None if unknown.
+    vmcoreinfo: Callable[[], dict[str, str] | None] = lambda: None
+    #: False once the VM behind a live source has gone (its QEMU exited); True for a dump.
+    alive: Callable[[], bool] = lambda: True
     cache: TranslationCache = field(init=False)
     kernel: PagedMemory = field(init=False)
 
@@ -200,6 +207,7 @@ class _Source:
     vm: VMEntry | None = None
     vmcoreinfo: Callable[[], dict[str, str] | None] = lambda: None
     registers: Callable[[], tuple[int, int] | None] = lambda: None
+    alive: Callable[[], bool] = lambda: True
     #: Reads are too slow to scan RAM (``xp`` through libvirt, ~6 ms each): the kernel is
     #: identified from CR3 against the stored profiles instead of a banner scan.
     slow: bool = False
@@ -285,6 +293,46 @@ def _qmp_registers(qmp: str | QMPClient) -> tuple[int, int] | None:
         return None
 
 
+def process_alive(pid: int) -> bool:
+    """QEMU process ``pid`` still runs (exists and is not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+def _qmp_alive(qmp: str | QMPClient) -> bool:
+    """The QEMU behind ``qmp`` answers ``query-status``."""
+    try:
+        with _monitor(qmp) as q:
+            q.execute("query-status")
+        return True
+    except (VMError, OSError):
+        return False
+
+
+@contextmanager
+def vm_monitor(spec: str, connect: str | None = None) -> Iterator[Any]:
+    """A monitor (``execute``/``hmp``) of ``-vm SPEC`` for the block: QMP on our VMs'
+    and ``qmp:``/``pid:`` sockets, QMP passed through libvirt for a libvirt domain."""
+    if _is_libvirt(spec):
+        from .vm import libvirt
+
+        name = spec[len("libvirt:"):] if spec.startswith("libvirt:") else spec
+        dom = libvirt.lookup_domain(libvirt.check_name(name), connect)
+        try:
+            yield dom.monitor()
+        finally:
+            dom.close()
+        return
+    qmp = qmp_endpoint(spec)
+    if not qmp:
+        raise VMError(f"{spec} has no QMP socket (a registry name, qmp:PATH, or a pid: QEMU started with -qmp)")
+    with _monitor(qmp) as q:
+        yield q
+
+
 def qmp_endpoint(spec: str) -> str | None:
     """The QMP socket of ``-vm SPEC`` without opening its memory: a registry name's,
     ``qmp:PATH``'s, or the one named on a ``pid:N`` QEMU's command line (None if none)."""
@@ -362,7 +410,8 @@ def _open_vm(spec: str, backend: str, connect: str | None = None) -> _Source:
         # Reading through xp, the backend holds QEMU's one QMP connection: ask through it.
         monitor: str | QMPClient = mem.qmp if isinstance(mem, libvmi.QmpPhysicalMemory) else qmp
         return _Source(mem, f"qmp:{qmp}", endpoints=Endpoints(qmp=qmp),
-                       vmcoreinfo=lambda: _qmp_vmcoreinfo(monitor), registers=lambda: _qmp_registers(monitor))
+                       vmcoreinfo=lambda: _qmp_vmcoreinfo(monitor), registers=lambda: _qmp_registers(monitor),
+                       alive=lambda: _qmp_alive(monitor))
     if spec.startswith("pid:"):
         try:
             pid = int(spec[4:])
@@ -375,9 +424,9 @@ def _open_vm(spec: str, backend: str, connect: str | None = None) -> _Source:
         qmp = qmp_socket_of(pid)  # kept: it finds the kernel without a scan of all memory
         mem = shadow.ShadowProcess.open_pid(pid, qmp_path=qmp)
         if qmp is None:
-            return _Source(mem, f"pid:{pid}")
+            return _Source(mem, f"pid:{pid}", alive=lambda: process_alive(pid))
         return _Source(mem, f"pid:{pid}", endpoints=Endpoints(qmp=qmp), vmcoreinfo=lambda: _qmp_vmcoreinfo(qmp),
-                       registers=lambda: _qmp_registers(qmp))
+                       registers=lambda: _qmp_registers(qmp), alive=lambda: process_alive(pid))
     entry = registry.get_vm(spec)
     if backend == "shadow" and entry.ram_file:
         mem: PhysicalMemory = shadow.ShadowFile(entry.ram_file)
@@ -389,7 +438,7 @@ def _open_vm(spec: str, backend: str, connect: str | None = None) -> _Source:
                    endpoints=Endpoints(qmp=entry.qmp, gdb=entry.gdb, control=entry.ctl),
                    boot_key=f"{entry.pid}:{entry.started}",
                    vmcoreinfo=lambda: _qmp_vmcoreinfo(entry.qmp),
-                   registers=lambda: _qmp_registers(entry.qmp))
+                   registers=lambda: _qmp_registers(entry.qmp), alive=lambda: process_alive(entry.pid))
 
 
 def _open_libvirt(name: str, backend: str, connect: str | None) -> _Source:
@@ -412,7 +461,7 @@ def _open_libvirt(name: str, backend: str, connect: str | None) -> _Source:
     return _Source(mem, f"libvirt:{dom.name}", state_dir=libvirt.state_dir(dom), boot_key=libvirt.boot_key(dom),
                    endpoints=Endpoints(gdb=dom.gdb),
                    vmcoreinfo=lambda: None if slow or not dom.vmcoreinfo else vmcoreinfo_note(mem),
-                   registers=lambda: _monitor_registers(mon), slow=slow)
+                   registers=lambda: _monitor_registers(mon), alive=lambda: process_alive(dom.pid), slow=slow)
 
 
 #: The ELF note the kernel hands QEMU's vmcoreinfo device (kernel/crash_core.c): a page of
@@ -779,7 +828,8 @@ def _remember(state: Path | None, src: _Source, path: Path, isf: dict[str, Any],
 
 
 def _target(src: _Source, loc: KernelLocation, isf: dict[str, Any], path: Path) -> Target:
-    return Target(src.memory, loc, isf, path, src.description, endpoints=src.endpoints, vm=src.vm)
+    return Target(src.memory, loc, isf, path, src.description, endpoints=src.endpoints, vm=src.vm,
+                  registers=src.registers, vmcoreinfo=src.vmcoreinfo, alive=src.alive)
 
 
 def _identify_by_registers(src: _Source, say: Progress) -> tuple[Path, dict[str, Any], KernelLocation] | None:

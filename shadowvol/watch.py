@@ -89,34 +89,20 @@ def diff_rows(before: Iterable[dict[str, Any]], after: Iterable[dict[str, Any]]
 @dataclass
 class VMState:
     """What the hypervisor says at the start of a tick: is the VM there, and the
-    CR3/CR4 of its first vCPU (None when the VM has no QMP socket, ``pid:``)."""
+    CR3/CR4 of its first vCPU (None when the source has no monitor: ``pid:`` without
+    a QMP socket)."""
 
     alive: bool
     registers: tuple[int, int] | None = None
 
 
-def vm_state(vm: str) -> VMState:
-    """The VM behind ``-vm SPEC``: alive (its QEMU answers QMP, or its pid lives), and
-    its first vCPU's CR3 and CR4, both from one QMP connection (~2 ms)."""
-    from .qemu.monitor import control_registers
-    from .qemu.qmp import QMPClient
-    from .target import qmp_endpoint
-
-    if vm.startswith("pid:"):
-        try:
-            os.kill(int(vm[4:]), 0)
-            return VMState(True)
-        except (OSError, ValueError):
-            return VMState(False)
-    try:
-        qmp = qmp_endpoint(vm)
-        if qmp is None:
-            return VMState(True)
-        with QMPClient(qmp, timeout=2.0) as q:
-            q.execute("query-status")
-            return VMState(True, control_registers(q))
-    except (VMError, OSError):
+def vm_state(target: Any) -> VMState:
+    """The VM behind a live target now: alive (its QEMU runs), and its first vCPU's CR3 and
+    CR4 through the target's own monitor (QMP, QMP through libvirt, the socket named on a
+    ``pid:`` QEMU's command line), whatever ``-vm`` named it (~2 ms)."""
+    if not target.alive():
         return VMState(False)
+    return VMState(True, target.registers())
 
 
 def hex_columns(grid: Any) -> set[str]:
@@ -251,13 +237,15 @@ class _Boot:
         return Look(rows, hex_columns(grid), smear)
 
 
-def _relocate(vm: str, backend: str, old: _Boot | None, state: VMState) -> _Boot:
+def _relocate(vm: str, backend: str, connect: str | None, old: _Boot | None, state: VMState) -> _Boot:
     """The kernel found again after it moved: from the vCPU's registers with the same
     profile (never the per-boot cache, which the dead kernel's pages still satisfy), or,
     without registers, as at start."""
+    import dataclasses
+
     from . import kaslr
     from .errors import ProfileError
-    from .target import Target, open_target
+    from .target import open_target
 
     if old is not None and state.registers is not None:
         t = old.target
@@ -265,8 +253,8 @@ def _relocate(vm: str, backend: str, old: _Boot | None, state: VMState) -> _Boot
                                           old.banner)
         if loc is None:
             raise ProfileError("the vCPU's page tables lead to no kernel of this profile")
-        return _Boot(Target(t.memory, loc, t.isf, t.profile_path, t.description))
-    new = _Boot(open_target(vm=vm, backend=backend))
+        return _Boot(dataclasses.replace(t, location=loc, warnings=[]))  # same source, monitor and memory
+    new = _Boot(open_target(vm=vm, backend=backend, connect=connect))
     if old is not None:
         old.target.close()
     return new
@@ -275,14 +263,19 @@ def _relocate(vm: str, backend: str, old: _Boot | None, state: VMState) -> _Boot
 class _Kernel:
     """The kernel watch reads, followed across reboots of the guest (one :class:`_Boot` each)."""
 
-    def __init__(self, vm: str, backend: str, err: TextIO) -> None:
+    def __init__(self, vm: str, backend: str, err: TextIO, connect: str | None = None) -> None:
         from .target import open_target
 
-        self.vm, self.backend, self.err = vm, backend, err
-        self.boot: _Boot | None = _Boot(open_target(vm=vm, backend=backend))
+        self.vm, self.backend, self.connect, self.err = vm, backend, connect, err
+        self.boot: _Boot | None = _Boot(open_target(vm=vm, backend=backend, connect=connect))
         self.last = self.boot  # the boot whose memory is closed at the end
         self.lost = False  # said that the kernel is gone, not yet that it is back
         self.was = 0  # the KASLR shift of the kernel that went away
+
+    @property
+    def target(self) -> Any:
+        """The target of the boot read last: its source's monitor outlives a reboot."""
+        return self.last.target
 
     def at(self, tick: int, state: VMState) -> _Boot | None:
         """The boot to read at this tick; None while no kernel is found (a reboot under way)."""
@@ -292,7 +285,7 @@ class _Kernel:
             self.was, self.boot, self.lost = self.boot.target.location.virt_shift, None, True
         if self.boot is None:
             try:
-                self.boot = self.last = _relocate(self.vm, self.backend, self.last, state)
+                self.boot = self.last = _relocate(self.vm, self.backend, self.connect, self.last, state)
             except ShadowvolError as exc:  # still booting: try again next tick
                 if self.lost:
                     self.err.write(f"shadowvol: tick {tick}: no kernel found yet ({exc})\n")
@@ -337,23 +330,27 @@ class _Changes:
 def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval: float = 2.0,
           count: int | None = None, renderer: str = "text", backend: str = "shadow",
           out: TextIO = sys.stdout, err: TextIO = sys.stderr, stats: bool = False,
-          pause_ms: float | None = None, costs: list[tuple[float, float]] | None = None) -> int:
+          pause_ms: float | None = None, costs: list[tuple[float, float]] | None = None,
+          connect: str | None = None) -> int:
     """Run ``plugin`` on ``vm`` every ``interval`` s (``count`` ticks, or until the VM stops).
 
     With ``pause_ms``, a running VM is paused during each tick for at most that long.
     ``costs`` (if given) gets each whole tick's (wall, CPU) time in ms, from its VM
-    check to its output (``shadowvol bench watch``)."""
+    check to its output (``shadowvol bench watch``). ``connect``: the libvirt URI of a
+    ``-vm`` naming a libvirt domain."""
     from . import volbridge
 
     plugin_cls = volbridge.load_plugin(plugin)
     options = options or {}
-    qmp = None
-    if pause_ms is not None:
-        from .target import qmp_endpoint
-
-        qmp = qmp_endpoint(vm)
-        if qmp is None:
-            raise ShadowvolError(f"watch: --pause-ms needs the VM's QMP socket ({vm} has none)")
+    kernel = _Kernel(vm, backend, err, connect)
+    qmp = kernel.target.endpoints.qmp
+    if pause_ms is not None and qmp is None:
+        kernel.close()
+        raise ShadowvolError(f"watch: --pause-ms needs the VM's own QMP socket ({vm} has none: a libvirt "
+                             "domain's monitor is libvirt's, a pid: QEMU may have none)")
+    if kernel.target.registers() is None:
+        err.write(f"shadowvol: {vm} gives no vCPU registers (no QMP socket): a guest reboot is seen only "
+                  "once the old kernel's banner is overwritten\n")
     pauses: list[_TickPause] = []
 
     def pause() -> _TickPause:
@@ -364,7 +361,6 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
         err.write(f"shadowvol: VM {vm} has stopped: watch ends after {tick} ticks\n")
         return 0
 
-    kernel = _Kernel(vm, backend, err)
     changes = _Changes(out, renderer)
     try:
         tick = 0
@@ -373,7 +369,7 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
             time.sleep(max(0.0, next_at - time.monotonic()))
             next_at = max(next_at + interval, time.monotonic())
             t0, c0 = time.perf_counter(), time.process_time()
-            state = vm_state(vm)
+            state = vm_state(kernel.target)
             if not state.alive:
                 return stopped(tick)
             boot = kernel.at(tick, state)
@@ -381,13 +377,13 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
                 tick += 1
                 continue
             pauses.clear()
-            result, partial = look_twice(lambda: boot.look(plugin_cls, options, pause if qmp else None),
+            result, partial = look_twice(lambda: boot.look(plugin_cls, options, pause if pause_ms else None),
                                          boot.context.new_epoch)
             if any(p.overran for p in pauses):
                 err.write(f"shadowvol: tick {tick}: longer than --pause-ms {pause_ms:g}, "
                           "the VM ran again before the tick ended\n")
             if result is None:
-                if not vm_state(vm).alive:
+                if not kernel.target.alive():
                     return stopped(tick)
                 err.write(f"shadowvol: tick {tick}: partial, the plugin failed twice ({partial})\n")
                 tick += 1
@@ -419,7 +415,8 @@ def cmd_watch(args: Any) -> int:
             (args.pause_ms is not None and args.pause_ms <= 0):
         raise ShadowvolError("watch: --interval and --pause-ms must be > 0, --count >= 1")
     return watch(args.vm, args.plugin, options, interval=args.interval, count=args.count,
-                 renderer=args.renderer, backend=args.backend, stats=args.stats, pause_ms=args.pause_ms)
+                 renderer=args.renderer, backend=args.backend, stats=args.stats, pause_ms=args.pause_ms,
+                 connect=args.connect)
 
 
 def add_parser(sub: Any) -> None:
@@ -429,7 +426,7 @@ def add_parser(sub: Any) -> None:
     from .target import add_source_options
 
     wp = sub.add_parser("watch", help="run a plugin every few seconds, print rows that appear (+) or go (-)")
-    add_source_options(wp, dump=False, profile=False, connect=False)
+    add_source_options(wp, dump=False, profile=False)
     wp.add_argument("--interval", type=float, default=2.0, help="seconds between ticks (default 2)")
     wp.add_argument("--count", type=int, help="stop after N ticks (the first is the baseline)")
     wp.add_argument("-r", dest="renderer", default="text", choices=["text", "jsonl"])

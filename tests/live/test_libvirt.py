@@ -349,3 +349,44 @@ def test_user_without_permission(lvdom):
                        capture_output=True, text=True, timeout=120)
     shutil.rmtree(home, ignore_errors=True)
     _one_line(r, "permission denied for user nobody")
+
+
+def test_snapshot_diff_and_watch_through_connect(lvdom, lvguest, unchanged, tmp_path):
+    """``snapshot``, ``diff`` and ``watch`` on ``-vm libvirt:NAME --connect URI``: the snapshot
+    pauses the domain through libvirt (it runs again after, libvirt's state intact: the
+    ``unchanged`` fixture) and verifies; a process started after it is ``added`` in a diff
+    against the domain now, and ``+`` under watch, with the pid the guest gave it."""
+    from shadowvol.bundle import verify_bundle
+
+    spec, uri = f"libvirt:{lvdom.name}", ["--connect", "qemu:///system"]
+    r = run_cli("snapshot", "-vm", spec, *uri, "-o", str(tmp_path / "a"), "-r", "json")
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)
+    assert made["was_running"] and made["pause_ms"] > 0 and verify_bundle(tmp_path / "a") == []
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["vcpus"] and manifest["vcpus"][0]["cr3"] and manifest["vmcoreinfo"]["OSRELEASE"]
+    assert manifest["kernel"]["release"] == lvguest("uname -r").strip()
+
+    proc = subprocess.Popen([sys.executable, "-m", "shadowvol", "watch", "-vm", spec, *uri, "--interval", "5",
+                             "--count", "3", "-r", "jsonl", "--stats", "linux.pslist"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        line = ""
+        while "tick 0:" not in line:
+            line = proc.stderr.readline()
+            assert line, f"watch gave no first tick: {proc.communicate(timeout=60)[1][-500:]}"
+        pid = int(lvguest("sleep 5679 >/dev/null 2>&1 & echo $!").split()[-1])
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    plus = [c for c in map(json.loads, out.splitlines()) if c["change"] == "+" and c["PID"] == pid]
+    assert plus and plus[0]["COMM"] == "sleep", out
+
+    r = run_cli("diff", str(tmp_path / "a"), "-vm", spec, *uri, "--kinds", "process,module", "-r", "json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert any(x["kind"] == "process" and x["change"] == "added" and x["pid"] == pid and x["comm"] == "sleep"
+               for x in rows), rows
+    assert not any(x["change"] == "removed" and x.get("pid") == 1 for x in rows)

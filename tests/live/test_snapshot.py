@@ -234,10 +234,13 @@ def _kaslr_shift(entry) -> int:
     return int(out.split()[0], 16) - 0xFFFFFFFF81000000
 
 
-def test_watch_follows_a_guest_reboot(image) -> None:
+@pytest.mark.parametrize("how", ["name", "qmp", "pid"])
+def test_watch_follows_a_guest_reboot(image, how: str) -> None:
     """A guest of its own rebooted from inside under watch: one line names the new
     KASLR shift (the guest's own, from /proc/kallsyms), and the watch goes on
-    reading the new kernel (a process started after the reboot appears as +)."""
+    reading the new kernel (a process started after the reboot appears as +). The
+    same whether -vm names it, its QMP socket (qmp:) or its QEMU process (pid:): the
+    vCPU's CR3 is asked through the target's own monitor."""
     from shadowvol.errors import VMError
     from shadowvol.vm import qemu
     from shadowvol.vm.console import vm_exec
@@ -248,7 +251,8 @@ def test_watch_follows_a_guest_reboot(image) -> None:
         with QMPClient(entry.qmp) as q:  # our guests run with -no-reboot: let this one reset instead
             q.execute("set-action", reboot="reset")
         old_shift = _kaslr_shift(entry)
-        proc = subprocess.Popen([sys.executable, "-m", "shadowvol", "watch", "-vm", "boot14", "--interval", "1",
+        spec = {"name": entry.name, "qmp": f"qmp:{entry.qmp}", "pid": f"pid:{entry.pid}"}[how]
+        proc = subprocess.Popen([sys.executable, "-m", "shadowvol", "watch", "-vm", spec, "--interval", "1",
                                  "--count", "400", "-r", "jsonl", "--stats", "linux.pslist"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
         line = ""

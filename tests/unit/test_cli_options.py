@@ -97,14 +97,46 @@ def test_bench_options_are_checked_before_any_work(argv: list[str], says: str,
     assert says in err and "internal error" not in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv", [["watch", "-vm", "x", "--connect", "qemu:///session", "linux.pslist"],
-                                  ["snapshot", "-vm", "x", "--connect", "qemu:///session", "-o", "/nonexistent/s"],
-                                  ["diff", "-vm", "x", "--connect", "qemu:///session", "a"]])
-def test_connect_is_refused_where_it_would_be_ignored(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    """A libvirt URI a command would not pass on is an error, never silently the default URI."""
+@pytest.mark.parametrize("argv", [["watch", "-vm", "libvirt:dom1", "--connect", "qemu:///session", "linux.pslist"],
+                                  ["snapshot", "-vm", "libvirt:dom1", "--connect", "qemu:///session", "-o", "NEW"],
+                                  ["diff", "SNAP", "-vm", "libvirt:dom1", "--connect", "qemu:///session"]])
+def test_connect_reaches_libvirt(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """snapshot, watch and diff pass --connect on to the one resolver: the domain is looked
+    up at that URI (never the default one), and a failed lookup is one line."""
+    from shadowvol.vm import libvirt
+
+    asked: list[tuple[str, str | None]] = []
+
+    def lookup(name: str, uri: str | None = None):
+        asked.append((name, uri))
+        raise VMError(f"no libvirt domain named {name!r} at {uri}")
+
+    monkeypatch.setattr(libvirt, "lookup_domain", lookup)
+    (tmp_path / "SNAP").mkdir()
+    (tmp_path / "SNAP" / "manifest.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("shadowvol.diff._both_sides",  # one process: the fake lookup is seen
+                        lambda a, b, kinds, connect=None: (_side(a, kinds, connect), _side(b, kinds, connect)))
     assert main(argv) != 0
     err = capsys.readouterr().err
-    assert "unrecognized arguments: --connect" in err and len(err.strip().splitlines()) == 1
+    assert ("dom1", "qemu:///session") in asked, asked
+    assert all(uri == "qemu:///session" for _, uri in asked)
+    assert "qemu:///session" in err and "internal error" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "NEW").exists()
+
+
+def _side(side, kinds, connect):
+    from shadowvol.diff import _side_rows
+
+    if side[1] is not None:  # the snapshot side: not what this test is about
+        return {k: [] for k in kinds}, ""
+    return _side_rows(*side, kinds, connect)
+
+
+def test_diff_connect_needs_a_vm(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diff", "a", "b", "--connect", "qemu:///session"]) != 0
+    assert "--connect is the libvirt URI of -vm NAME" in capsys.readouterr().err
 
 
 def test_bench_connect_only_where_used(capsys: pytest.CaptureFixture[str]) -> None:

@@ -87,11 +87,18 @@ def test_partial_changes_are_marked_and_not_a_baseline(monkeypatch) -> None:
             return self.now
 
     class Target:
+        endpoints = type("Endpoints", (), {"qmp": None})()
+
+        def registers(self) -> None:
+            return None
+
+        def alive(self) -> bool:
+            return True
+
         def close(self) -> None:
             pass
 
     monkeypatch.setattr(w, "_Boot", Boot)
-    monkeypatch.setattr(w, "vm_state", lambda vm: w.VMState(True, None))
     monkeypatch.setattr("shadowvol.volbridge.load_plugin", lambda name: object)
     monkeypatch.setattr("shadowvol.target.open_target", lambda **kw: Target())
     out, err = io.StringIO(), io.StringIO()
@@ -102,6 +109,69 @@ def test_partial_changes_are_marked_and_not_a_baseline(monkeypatch) -> None:
     assert lines == [{"PID": 7, "COMM": "sh", "change": "-", "tick": 1, "partial": True},
                      {"PID": 9, "COMM": "new", "change": "+", "tick": 2}]
     assert "tick 1: partial, smeared twice" in err.getvalue()
+
+
+@pytest.mark.parametrize("spec", ["pid:4242", "qmp:/run/q.sock", "libvirt:dom1", "web01"])
+def test_a_reboot_is_seen_through_the_targets_own_registers(monkeypatch, spec: str) -> None:
+    """Whatever -vm named the VM (pid:, qmp:, libvirt:, ours), each tick asks the target's own
+    monitor for CR3: when it leads elsewhere, the reboot is said once and the kernel located
+    again from those registers. Tick 2's CR3 is the new kernel's; at tick 4 the VM is gone.
+    (Before, pid: targets had no registers here, and qmp:/libvirt: ones were asked through a
+    QMP socket found from the name, none for libvirt.)"""
+    from shadowvol import watch as w
+
+    cr3 = iter([0x1000, 0x1000, 0x1000, 0x9000, 0x9000])  # at start, then ticks 0-3
+    alive = iter([True, True, True, True, False])  # ticks 0-4
+
+    class Target:
+        endpoints = type("E", (), {"qmp": None})()
+        location = type("L", (), {"virt_shift": 0x200000})()
+
+        def registers(self):
+            return (next(cr3), 0x6f0)
+
+        def alive(self) -> bool:
+            return next(alive)
+
+        def close(self) -> None:
+            pass
+
+    class Boot:
+        def __init__(self, target, dtb: int = 0x1000) -> None:
+            self.target, self.dtb, self.context = target, dtb, self
+
+        def is_current(self, registers) -> bool:
+            return registers is not None and registers[0] == self.dtb
+
+        def new_epoch(self) -> None:
+            pass
+
+        def look(self, plugin_cls, options, pause) -> Look:
+            return Look([{"DTB": self.dtb}], set())
+
+    relocated = []
+
+    def relocate(vm, backend, connect, old, state):
+        relocated.append(state.registers)
+        boot = Boot(old.target, state.registers[0])
+        boot.target.location = type("L", (), {"virt_shift": 0x3400000})()
+        return boot
+
+    monkeypatch.setattr(w, "_Boot", Boot)
+    monkeypatch.setattr(w, "_relocate", relocate)
+    monkeypatch.setattr("shadowvol.volbridge.load_plugin", lambda name: object)
+    monkeypatch.setattr("shadowvol.target.open_target", lambda **kw: Target())
+    out, err = io.StringIO(), io.StringIO()
+    assert w.watch(spec, "linux.pslist", interval=0.001, count=10, renderer="jsonl", out=out, err=err) == 0
+    said = err.getvalue()
+    assert relocated == [(0x9000, 0x6f0)]
+    assert said.count("no longer at KASLR shift 0x200000") == 1 and "0x200000 -> 0x3400000" in said
+    assert f"VM {spec} has stopped: watch ends after 4 ticks" in said
+    assert "gives no vCPU registers" not in said
+    import json
+
+    assert [json.loads(x) for x in out.getvalue().splitlines()] == [
+        {"DTB": 4096, "change": "-", "tick": 2}, {"DTB": 0x9000, "change": "+", "tick": 2}]
 
 
 def _linux_isf() -> dict:
