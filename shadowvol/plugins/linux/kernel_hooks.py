@@ -93,7 +93,9 @@ class KernelImage(Kernel):
             if cached is not None and cached[0] == (shift, self.mask):
                 self._index = cached[1]
                 return self._index
-            pairs = sorted((self.canonical(shift + a), n) for n, a in self._link_addresses())
+            by_address = getattr(self.table, "symbols_by_address", None)  # the table's own index, shared
+            links = by_address() if callable(by_address) else [(a, n) for n, a in self._link_addresses()]
+            pairs = sorted((self.canonical(shift + a), n) for a, n in links)  # nearly sorted already
             self._index = ([a for a, _ in pairs], [n for _, n in pairs])
             self.table._kernel_image_index = ((shift, self.mask), self._index)
         return self._index
