@@ -568,6 +568,51 @@ def _render_with_retry(target, args, popts: dict, live: bool) -> "RunHealth":
     return health
 
 
+def find_kernel_image(target) -> "os.PathLike[str] | None":
+    """The vmlinuz the target's kernel was booted from, if we have it: the image of a VM we
+    started, else a cached image of the profile's kernel release (the banner names it)."""
+    from pathlib import Path
+
+    from .vm.image import images_dir
+
+    if target.vm is not None and target.vm.image:
+        found = Path(target.vm.image) / "vmlinuz"
+        if found.is_file():
+            return found
+    import re
+
+    from .profiles import profile_banner
+
+    try:
+        m = re.match(rb"Linux version ([\w.+~-]+) ", profile_banner(target.isf))
+    except ShadowvolError:
+        return None
+    release = m.group(1).decode("ascii") if m else ""
+    if not release or release.startswith("."):
+        return None
+    found = images_dir() / release / "vmlinuz"
+    return found if found.is_file() else None
+
+
+def _kernel_image_option(plugin_cls: type, plugin: str, popts: dict, target) -> None:
+    """A plugin that compares kernel text (``--kernel-image``) gets the decompressed kernel image:
+    the one the user named, else the one :func:`find_kernel_image` finds. Without one,
+    linux.check_text stops here with one line; malware_report runs its other checks and says so."""
+    from .symbols.vmlinuz import kernel_payload_file
+    from .volbridge import plugin_options
+
+    if not any(req.name == "kernel_image" for req in plugin_options(plugin_cls)):
+        return
+    given = popts.get("kernel_image")
+    found = given or find_kernel_image(target)
+    if found is None:
+        if plugin_cls.__name__ == "CheckText":
+            raise ShadowvolError(f"{plugin} needs the kernel image the guest booted and none was found for it: "
+                                 "pass --kernel-image PATH (its vmlinuz from the linux-image package, or vmlinux)")
+        return
+    popts["kernel_image"] = str(kernel_payload_file(found))
+
+
 def run_plugin_cli(argv: list[str]) -> int:
     args = _top_parser().parse_args(argv)
     if not args.plugin:
@@ -595,6 +640,7 @@ def run_plugin_cli(argv: list[str]) -> int:
     for warning in target.warnings:
         print(f"shadowvol: warning: {warning}", file=sys.stderr)
     try:
+        _kernel_image_option(plugin_cls, args.plugin, popts, target)
         health = _render_with_retry(target, args, popts, live=args.vm is not None)
     finally:
         target.close()

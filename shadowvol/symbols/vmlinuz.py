@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import bz2
 import lzma
+import os
 import shutil
 import struct
 import subprocess
 import zlib
+from pathlib import Path
 from typing import Any
 
 from shadowvol.errors import ProfileError
 
 __all__ = ["extract_vmlinux", "bzimage_payload", "decompress_payload", "COMPRESSORS", "MAX_VMLINUX",
-           "elf_errors", "open_elf"]
+           "elf_errors", "open_elf", "kernel_payload_file"]
 
 #: Largest decompressed kernel accepted (a 6.1 cloud vmlinux is 53 MB; a
 #: decompression bomb must not exhaust memory).
@@ -215,3 +217,31 @@ def open_elf(data: bytes, what: str = "kernel image") -> "Any":
     except elf_errors() as exc:
         raise ProfileError(f"{what}: corrupt or truncated ELF ({type(exc).__name__}: {exc})") from None
     return elf
+
+
+def kernel_payload_file(vmlinuz: "str | os.PathLike[str]") -> Path:
+    """A file holding the decompressed payload of a vmlinuz (the vmlinux ELF
+    followed by ``vmlinux.relocs``), for checks that compare kernel text.
+
+    An ELF is returned as it is. The payload is kept in the cache, keyed by
+    the vmlinuz's path, size and mtime, and written whole or not at all.
+
+    :raises ProfileError: the file is unreadable or not a kernel image.
+    """
+    import hashlib
+
+    from shadowvol import paths
+    from shadowvol.safeio import atomic_write, check_input, read_input
+
+    src = check_input(vmlinuz, "kernel image")
+    with open(src, "rb") as f:
+        if f.read(4) == _ELF_MAGIC:
+            return src
+    st = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    out = paths.private_dir(paths.cache_dir() / "kernel-payload") / f"{key}.elf"
+    if out.is_file():
+        return out
+    payload = extract_vmlinux(read_input(src, "kernel image", limit=256 << 20))
+    atomic_write(out, payload, mode=0o600)
+    return out

@@ -52,4 +52,4 @@ def test_generic_kernel_with_our_stub_has_no_findings_from_any_check(generic):
     report = rows(generic.name, "linux.malware_report")
     assert [(r["Check"], r["Verdict"]) for r in report] == [
         (c, "clean") for c in ("linux.check_syscall", "linux.check_idt", "linux.check_modules", "linux.psxview",
-                               "linux.check_kprobes", "linux.check_ftrace", "linux.check_ebpf")]
+                               "linux.check_kprobes", "linux.check_ftrace", "linux.check_ebpf", "linux.check_text")]

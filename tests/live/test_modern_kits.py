@@ -137,7 +137,8 @@ def test_clean_guest_with_our_stub_probing(stubbed) -> None:
     vm, run = stubbed
     assert_clean(vm, run)
     report = rows(vm, "linux.malware_report")
-    assert {r["Verdict"] for r in report} == {"clean"} and len(report) == 7, report
+    assert {r["Verdict"] for r in report} == {"clean"} and len(report) == 8, report
+    assert report[-1]["Check"] == "linux.check_text"  # shadowvol found the image the guest booted
 
 
 def test_malware_report_names_every_culprit(stubbed) -> None:
@@ -148,7 +149,8 @@ def test_malware_report_names_every_culprit(stubbed) -> None:
         report = rows(vm, "linux.malware_report")
         found = {(r["Check"], r["Culprit"]) for r in report if r["Verdict"] == "FINDING"}
         assert found == {("linux.check_syscall", "rk_kprobe"), ("linux.check_syscall", "rk_dispatch"),
-                         ("linux.check_kprobes", "rk_kprobe"), ("linux.check_ftrace", "rk_kprobe")}, report
+                         ("linux.check_kprobes", "rk_kprobe"), ("linux.check_ftrace", "rk_kprobe"),
+                         ("linux.check_text", "rk_dispatch")}, report
         assert {r["Check"] for r in report if r["Verdict"] == "clean"} == \
             {"linux.check_idt", "linux.check_modules", "linux.psxview", "linux.check_ebpf"}
         text = run_cli("-vm", vm, "linux.malware_report")
@@ -265,6 +267,10 @@ def test_hidden_culprit_is_named_from_the_carve(ghost) -> None:
     inline = next(h for h in hooks if h["Check"] == "inline")
     assert table["Address"] == syms["sys_call_table"] + 8 * 110 and inline["Address"] == syms[TARGET]
     assert table["Target"] == inline["Target"]  # both lead to the same function of the hidden module
+    text = [r for r in rows(vm, "linux.check_text") if r["Finding"]]  # the handler's bytes against the image
+    assert [(r["Symbol"], r["Offset"], r["Address"], r["Owner"]) for r in text] == \
+        [(TARGET, 0, syms[TARGET], "hidden:rk_ghost")]
+    assert text[0]["Target"] == inline["Target"] and text[0]["Target symbol"].endswith("[hidden:rk_ghost]")
     mods = rows(vm, "linux.check_modules")
     hidden = [r for r in mods if r["Hidden"]]
     assert [(r["Name"], r["module_list"], r["sysfs"], r["carve"]) for r in hidden] == \

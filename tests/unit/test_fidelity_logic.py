@@ -69,5 +69,5 @@ def test_plugin_listings():
     ours = {p.name for p in fidelity.our_plugins()}
     assert ours == {"linux.check_ebpf.CheckEbpf", "linux.check_ftrace.CheckFtrace", "linux.check_idt.CheckIdt",
                     "linux.check_kprobes.CheckKprobes", "linux.check_modules.CheckModules",
-                    "linux.check_syscall.CheckSyscall", "linux.hidden_modules.HiddenModules",
+                    "linux.check_syscall.CheckSyscall", "linux.check_text.CheckText", "linux.hidden_modules.HiddenModules",
                     "linux.malware_report.MalwareReport", "linux.psxview.PsXView"}

@@ -219,8 +219,12 @@ class CheckSyscall(interfaces.plugins.PluginInterface):
                 rows.append(cls._row("inline", nr, syscall_name(nr), addr, None, None, False, image,
                                       note=image.describe(addr)))
             else:
-                owner, how, ours = image.hook_owner(hook.target, addr + hook.offset)
-                if image.ftrace_trampoline_at(hook.target) is not None:
+                # An optimized kprobe is a jmp to its detour buffer: the probe's handlers say whose it is.
+                optimized = image.kprobe_hooks(addr + hook.offset, addr + hook.offset + 1)
+                owner, how, ours = optimized or image.hook_owner(hook.target, addr + hook.offset)
+                if optimized is not None:
+                    how = f"{hook.kind} -> {how} (optimized){' (ours)' if ours else ''}"
+                elif image.ftrace_trampoline_at(hook.target) is not None:
                     how = f"{hook.kind} -> {how}{' (ours)' if ours else ''}"
                 else:
                     how = f"{hook.kind} {image.describe(hook.target)}"
