@@ -60,26 +60,35 @@ def grid_rows(grid: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def row_key(row: dict[str, Any]) -> str:
-    """A row's identity: its fields as canonical JSON."""
-    return json.dumps(row, sort_keys=True, default=str)
+def row_key(row: dict[str, Any]) -> Any:
+    """A row's identity: its (column, value) pairs in column-name order (canonical JSON
+    when a value is not hashable)."""
+    try:
+        key = tuple(sorted(row.items()))
+        hash(key)
+        return key
+    except TypeError:
+        return json.dumps(row, sort_keys=True, default=str)
 
 
-def diff_rows(before: Iterable[dict[str, Any]], after: Iterable[dict[str, Any]]
+def diff_rows(before: Iterable[dict[str, Any]], after: Iterable[dict[str, Any]],
+              before_keys: list[Any] | None = None, after_keys: list[Any] | None = None
               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(appeared, disappeared) between two lists of rows, as multisets, each in its list's order."""
+    """(appeared, disappeared) between two lists of rows, as multisets, each in its list's order.
+    Each row's :func:`row_key` is computed once (or given: the previous tick's)."""
     before, after = list(before), list(after)
-    a = collections.Counter(row_key(r) for r in before)
-    b = collections.Counter(row_key(r) for r in after)
-    added, gone = b - a, a - b
+    kb = before_keys if before_keys is not None else [row_key(r) for r in before]
+    ka = after_keys if after_keys is not None else [row_key(r) for r in after]
+    added = collections.Counter(ka)
+    added.subtract(kb)
+    gone = collections.Counter(kb)
+    gone.subtract(ka)
     appeared, disappeared = [], []
-    for row in after:
-        k = row_key(row)
+    for row, k in zip(after, ka):
         if added[k] > 0:
             added[k] -= 1
             appeared.append(row)
-    for row in before:
-        k = row_key(row)
+    for row, k in zip(before, kb):
         if gone[k] > 0:
             gone[k] -= 1
             disappeared.append(row)
@@ -307,6 +316,7 @@ class _Changes:
     def __init__(self, out: TextIO, renderer: str) -> None:
         self.out, self.renderer = out, renderer
         self.previous: list[dict[str, Any]] | None = None
+        self.previous_keys: list[Any] = []
         self.header = False
 
     def show(self, tick: int, look: Look, partial: bool) -> None:
@@ -316,15 +326,16 @@ class _Changes:
         if self.renderer == "text" and not self.header and rows:
             self.out.write("  " + "\t".join(rows[0].keys()) + "\n")
             self.header = True
+        keys = [row_key(r) for r in rows]
         if self.previous is not None:
-            appeared, disappeared = diff_rows(self.previous, rows)
+            appeared, disappeared = diff_rows(self.previous, rows, self.previous_keys, keys)
             for row in disappeared:
                 _emit(self.out, self.renderer, "-", tick, row, look.hexed, partial)
             for row in appeared:
                 _emit(self.out, self.renderer, "+", tick, row, look.hexed, partial)
         self.out.flush()
         if not partial:
-            self.previous = rows
+            self.previous, self.previous_keys = rows, keys
 
 
 def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval: float = 2.0,

@@ -162,6 +162,8 @@ def test_diff_rows_is_a_multiset_difference() -> None:
     assert disappeared == [{"PID": 2, "COMM": "kthreadd"}, {"PID": 9, "COMM": "sh"}]
     assert diff_rows(a, a) == ([], [])
     assert row_key({"a": 1, "b": 2}) == row_key({"b": 2, "a": 1})
+    assert row_key({"a": 1}) != row_key({"a": "1"}) and row_key({"a": [1]}) == row_key({"a": [1]})
+    assert diff_rows([{"a": [1]}], [{"a": [1]}, {"a": [2]}]) == ([{"a": [2]}], [])  # unhashable cells too
 
 
 
