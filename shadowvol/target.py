@@ -312,6 +312,48 @@ def _qmp_alive(qmp: str | QMPClient) -> bool:
         return False
 
 
+@dataclass
+class RunControl:
+    """Pause and resume ``-vm SPEC`` one step at a time (``watch --pause-ms``): ``pause()``
+    pauses a running VM and says whether it ran, ``resume()`` lets it run again."""
+
+    pause: Callable[[], bool]
+    resume: Callable[[], None]
+
+
+@contextmanager
+def vm_run_control(spec: str, connect: str | None = None) -> Iterator[RunControl]:
+    """A :class:`RunControl` of ``-vm SPEC`` held for the block: a libvirt domain through
+    libvirt (its state stays libvirt's; one connection for the block), any other VM through
+    its QMP socket (one connection per step: QEMU serves one QMP client at a time)."""
+    if _is_libvirt(spec):
+        from .vm import libvirt
+
+        name = spec[len("libvirt:"):] if spec.startswith("libvirt:") else spec
+        dom = libvirt.lookup_domain(libvirt.check_name(name), connect)
+        try:
+            yield RunControl(dom.suspend_if_running, dom.resume)
+        finally:
+            dom.close()
+        return
+    qmp = qmp_endpoint(spec)
+    if not qmp:
+        raise VMError(f"{spec} has no QMP socket: cannot pause it (a pid: QEMU started without -qmp)")
+
+    def pause() -> bool:
+        with _monitor(qmp) as q:
+            running = bool(q.execute("query-status").get("running"))
+            if running:
+                q.execute("stop")
+        return running
+
+    def resume() -> None:
+        with _monitor(qmp) as q:
+            q.execute("cont")
+
+    yield RunControl(pause, resume)
+
+
 @contextmanager
 def vm_monitor(spec: str, connect: str | None = None) -> Iterator[Any]:
     """A monitor (``execute``/``hmp``) of ``-vm SPEC`` for the block: QMP on our VMs'
@@ -362,24 +404,13 @@ def vm_paused(spec: str, connect: str | None = None) -> Iterator[bool]:
     """Pause ``-vm SPEC`` for the block (yields whether it ran): our VMs through their QMP
     socket, libvirt domains through libvirt (so libvirt's state stays right). A paused VM
     stays paused; a running one is resumed, also when the block fails."""
-    if _is_libvirt(spec):
-        from .vm import libvirt
-
-        name = spec[len("libvirt:"):] if spec.startswith("libvirt:") else spec
-        dom = libvirt.lookup_domain(libvirt.check_name(name), connect)
+    with vm_run_control(spec, connect) as run:
+        was_running = run.pause()
         try:
-            with dom.paused() as was_running:
-                yield was_running
+            yield was_running
         finally:
-            dom.close()
-        return
-    qmp = qmp_endpoint(spec)
-    if not qmp:
-        raise VMError(f"{spec} has no QMP socket: cannot pause it for a consistent copy")
-    from .qemu.qmp import paused
-
-    with paused(qmp) as was_running:
-        yield was_running
+            if was_running:
+                run.resume()
 
 
 def _open_vm(spec: str, backend: str, connect: str | None = None) -> _Source:

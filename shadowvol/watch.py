@@ -16,6 +16,7 @@ tick's changes are marked partial.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -121,33 +122,26 @@ def hex_columns(grid: Any) -> set[str]:
 
 class _TickPause:
     """Pause a running VM for one tick, for at most ``limit_ms``: a timer resumes it
-    if the plugin takes longer (then the tick saw a running guest for the rest)."""
+    if the plugin takes longer (then the tick saw a running guest for the rest).
+    ``control``: the VM's :class:`~shadowvol.target.RunControl` (QMP, or libvirt)."""
 
-    def __init__(self, qmp: str, limit_ms: float) -> None:
-        self.qmp, self.limit_ms = qmp, limit_ms
+    def __init__(self, control: Any, limit_ms: float) -> None:
+        self.control, self.limit_ms = control, limit_ms
         self.was_running = False
         self.overran = False
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
 
     def _resume(self, timed_out: bool) -> None:
-        from .qemu.qmp import QMPClient
-
         with self._lock:
             if not self.was_running:
                 return
             self.was_running = False
             self.overran = timed_out
-            with QMPClient(self.qmp, timeout=5.0) as q:
-                q.execute("cont")
+            self.control.resume()
 
     def __enter__(self) -> "_TickPause":
-        from .qemu.qmp import QMPClient
-
-        with QMPClient(self.qmp, timeout=5.0) as q:
-            self.was_running = bool(q.execute("query-status").get("running"))
-            if self.was_running:
-                q.execute("stop")
+        self.was_running = self.control.pause()
         if self.was_running:
             self._timer = threading.Timer(self.limit_ms / 1000.0, self._resume, (True,))
             self._timer.daemon = True
@@ -354,64 +348,71 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
     plugin_cls = volbridge.load_plugin(plugin)
     options = options or {}
     kernel = _Kernel(vm, backend, err, connect)
-    qmp = kernel.target.endpoints.qmp
-    if pause_ms is not None and qmp is None:
-        kernel.close()
-        raise ShadowvolError(f"watch: --pause-ms needs the VM's own QMP socket ({vm} has none: a libvirt "
-                             "domain's monitor is libvirt's, a pid: QEMU may have none)")
+    with contextlib.ExitStack() as held:
+        held.callback(kernel.close)
+        control = None
+        if pause_ms is not None:
+            from .target import vm_run_control
+
+            control = held.enter_context(vm_run_control(vm, connect))
+        return _ticks(kernel, plugin_cls, options, interval, count, _Changes(out, renderer), err,
+                      stats, pause_ms, control, costs)
+
+
+def _ticks(kernel: _Kernel, plugin_cls: type, options: dict[str, Any], interval: float, count: int | None,
+           changes: _Changes, err: TextIO, stats: bool, pause_ms: float | None, control: Any,
+           costs: list[tuple[float, float]] | None) -> int:
+    """The watch loop (see :func:`watch`)."""
+    vm = kernel.vm
     if kernel.target.registers() is None:
         err.write(f"shadowvol: {vm} gives no vCPU registers (no QMP socket): a guest reboot is seen only "
                   "once the old kernel's banner is overwritten\n")
     pauses: list[_TickPause] = []
 
     def pause() -> _TickPause:
-        pauses.append(_TickPause(qmp, pause_ms))
+        pauses.append(_TickPause(control, pause_ms))
         return pauses[-1]
 
     def stopped(tick: int) -> int:
         err.write(f"shadowvol: VM {vm} has stopped: watch ends after {tick} ticks\n")
         return 0
 
-    changes = _Changes(out, renderer)
-    try:
-        tick = 0
-        next_at = time.monotonic()
-        while count is None or tick < count:
-            time.sleep(max(0.0, next_at - time.monotonic()))
-            next_at = max(next_at + interval, time.monotonic())
-            t0, c0 = time.perf_counter(), time.process_time()
-            state = vm_state(kernel.target)
-            if not state.alive:
-                return stopped(tick)
-            boot = kernel.at(tick, state)
-            if boot is None:
-                tick += 1
-                continue
-            pauses.clear()
-            result, partial = look_twice(lambda: boot.look(plugin_cls, options, pause if pause_ms else None),
-                                         boot.context.new_epoch)
-            if any(p.overran for p in pauses):
-                err.write(f"shadowvol: tick {tick}: longer than --pause-ms {pause_ms:g}, "
-                          "the VM ran again before the tick ended\n")
-            if result is None:
-                if not kernel.target.alive():
-                    return stopped(tick)
-                err.write(f"shadowvol: tick {tick}: partial, the plugin failed twice ({partial})\n")
-                tick += 1
-                continue
-            changes.show(tick, result, partial is not None)
-            cost_ms = (time.perf_counter() - t0) * 1000.0
-            if costs is not None:
-                costs.append((cost_ms, (time.process_time() - c0) * 1000.0))
-            if partial is not None:
-                err.write(f"shadowvol: tick {tick}: partial, smeared twice by the running guest ({partial}); "
-                          "its changes are marked partial\n")
-            if stats:
-                err.write(f"shadowvol: tick {tick}: {len(result.rows)} rows, {cost_ms:.1f} ms\n")
+    tick = 0
+    next_at = time.monotonic()
+    while count is None or tick < count:
+        time.sleep(max(0.0, next_at - time.monotonic()))
+        next_at = max(next_at + interval, time.monotonic())
+        t0, c0 = time.perf_counter(), time.process_time()
+        state = vm_state(kernel.target)
+        if not state.alive:
+            return stopped(tick)
+        boot = kernel.at(tick, state)
+        if boot is None:
             tick += 1
-        return 0
-    finally:
-        kernel.close()
+            continue
+        pauses.clear()
+        result, partial = look_twice(lambda: boot.look(plugin_cls, options, pause if pause_ms else None),
+                                     boot.context.new_epoch)
+        if any(p.overran for p in pauses):
+            err.write(f"shadowvol: tick {tick}: longer than --pause-ms {pause_ms:g}, "
+                      "the VM ran again before the tick ended\n")
+        if result is None:
+            if not kernel.target.alive():
+                return stopped(tick)
+            err.write(f"shadowvol: tick {tick}: partial, the plugin failed twice ({partial})\n")
+            tick += 1
+            continue
+        changes.show(tick, result, partial is not None)
+        cost_ms = (time.perf_counter() - t0) * 1000.0
+        if costs is not None:
+            costs.append((cost_ms, (time.process_time() - c0) * 1000.0))
+        if partial is not None:
+            err.write(f"shadowvol: tick {tick}: partial, smeared twice by the running guest ({partial}); "
+                      "its changes are marked partial\n")
+        if stats:
+            err.write(f"shadowvol: tick {tick}: {len(result.rows)} rows, {cost_ms:.1f} ms\n")
+        tick += 1
+    return 0
 
 
 def cmd_watch(args: Any) -> int:

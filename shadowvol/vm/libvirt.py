@@ -175,11 +175,9 @@ class LibvirtDomain:
             raise VMError(f"libvirt domain {self.name}: {_reason(exc)}") from None
         return state == libvirt.VIR_DOMAIN_RUNNING
 
-    @contextmanager
-    def paused(self) -> Iterator[bool]:
-        """Suspend the domain for the block through libvirt (its state stays libvirt's);
-        yields whether it was running. A paused domain stays paused; a running one
-        is resumed, also when the block fails."""
+    def suspend_if_running(self) -> bool:
+        """Suspend a running domain through libvirt (its state stays libvirt's); returns
+        whether it was running (a paused domain is left as it is)."""
         libvirt, _ = _binding()
         was_running = self.running()
         if was_running:
@@ -187,14 +185,26 @@ class LibvirtDomain:
                 self.dom.suspend()
             except libvirt.libvirtError as exc:
                 raise VMError(f"libvirt domain {self.name}: cannot pause: {_reason(exc)}") from None
+        return was_running
+
+    def resume(self) -> None:
+        """Let a domain :meth:`suspend_if_running` paused run again."""
+        libvirt, _ = _binding()
+        try:
+            self.dom.resume()
+        except libvirt.libvirtError as exc:
+            raise VMError(f"libvirt domain {self.name}: cannot resume: {_reason(exc)}") from None
+
+    @contextmanager
+    def paused(self) -> Iterator[bool]:
+        """Suspend the domain for the block through libvirt; yields whether it was running.
+        A paused domain stays paused; a running one is resumed, also when the block fails."""
+        was_running = self.suspend_if_running()
         try:
             yield was_running
         finally:
             if was_running:
-                try:
-                    self.dom.resume()
-                except libvirt.libvirtError as exc:
-                    raise VMError(f"libvirt domain {self.name}: cannot resume: {_reason(exc)}") from None
+                self.resume()
 
     def close(self) -> None:
         try:

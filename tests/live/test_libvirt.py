@@ -353,8 +353,8 @@ def test_user_without_permission(lvdom):
 
 def test_snapshot_diff_and_watch_through_connect(lvdom, lvguest, unchanged, tmp_path):
     """``snapshot``, ``diff`` and ``watch`` on ``-vm libvirt:NAME --connect URI``: the snapshot
-    pauses the domain through libvirt (it runs again after, libvirt's state intact: the
-    ``unchanged`` fixture) and verifies; a process started after it is ``added`` in a diff
+    (and ``watch --pause-ms``) pause the domain through libvirt (it runs again after,
+    libvirt's state intact: the ``unchanged`` fixture) and the snapshot verifies; a process started after it is ``added`` in a diff
     against the domain now, and ``+`` under watch, with the pid the guest gave it."""
     from shadowvol.bundle import verify_bundle
 
@@ -383,6 +383,9 @@ def test_snapshot_diff_and_watch_through_connect(lvdom, lvguest, unchanged, tmp_
     assert proc.returncode == 0, err
     plus = [c for c in map(json.loads, out.splitlines()) if c["change"] == "+" and c["PID"] == pid]
     assert plus and plus[0]["COMM"] == "sleep", out
+    r = run_cli("watch", "-vm", spec, *uri, "--count", "2", "--interval", "1", "--pause-ms", "5", "linux.pslist")
+    assert r.returncode == 0, r.stderr  # paused and resumed through libvirt: unchanged checks its state
+    assert lvdom.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
 
     r = run_cli("diff", str(tmp_path / "a"), "-vm", spec, *uri, "--kinds", "process,module", "-r", "json")
     assert r.returncode == 0, r.stderr

@@ -142,3 +142,39 @@ def test_diff_connect_needs_a_vm(capsys: pytest.CaptureFixture[str]) -> None:
 def test_bench_connect_only_where_used(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "reads", "-vm", "x", "--connect", "qemu:///session"]) != 0
     assert "does not take --connect" in capsys.readouterr().err
+
+
+def test_run_control_of_a_libvirt_domain_goes_through_libvirt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """watch --pause-ms and snapshot pause a libvirt domain through libvirt (its state stays
+    libvirt's), at the URI given, on one connection held for the watch, closed after."""
+    from shadowvol import target
+    from shadowvol.vm import libvirt
+
+    calls: list[str] = []
+
+    class Domain:
+        def suspend_if_running(self) -> bool:
+            calls.append("suspend")
+            return True
+
+        def resume(self) -> None:
+            calls.append("resume")
+
+        def close(self) -> None:
+            calls.append("close")
+
+    def lookup(name: str, uri: str | None = None) -> Domain:
+        calls.append(f"lookup {name} {uri}")
+        return Domain()
+
+    monkeypatch.setattr(libvirt, "lookup_domain", lookup)
+    with target.vm_run_control("libvirt:dom1", "qemu:///session") as run:
+        assert run.pause() is True
+        run.resume()
+        assert run.pause() is True
+        run.resume()
+    assert calls == ["lookup dom1 qemu:///session", "suspend", "resume", "suspend", "resume", "close"]
+    calls.clear()
+    with target.vm_paused("libvirt:dom1", "qemu:///session") as was_running:
+        assert was_running and calls[-1] == "suspend"
+    assert calls[-2:] == ["resume", "close"]
