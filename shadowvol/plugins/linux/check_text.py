@@ -86,6 +86,7 @@ class TextImage:
         self.image = image
         self.delta = image.shift
         self._check_banner(path)
+        self.functions = CheckText.functions(image)
         self.sites = self._sites()
 
     def link(self, live: int) -> int:
@@ -124,7 +125,8 @@ class TextImage:
             if lo is not None and hi is not None:
                 bounds[section] = (self.image.canonical(lo), self.image.canonical(hi))
         try:
-            return patch_sites(self.elf, layouts, bounds)
+            ranges = sorted((self.link(addr), self.link(addr) + size) for _n, addr, size in self.functions)
+            return patch_sites(self.elf, layouts, bounds, ranges)
         except KernelTextError as exc:
             raise exceptions.VolatilityException(f"kernel image: {exc}") from None
 
@@ -153,7 +155,8 @@ class CheckText(interfaces.plugins.PluginInterface):
         addrs, names = image._symbols()
         seen: dict[int, str] = {}
         for addr, name in zip(addrs, names):
-            if (name == DISPATCH or name.startswith(SYSCALL_PREFIX)) and image.in_text(addr):
+            if name.startswith((SYSCALL_PREFIX, DISPATCH)) and (name == DISPATCH or name.startswith(SYSCALL_PREFIX)) \
+                    and image.in_text(addr):
                 seen.setdefault(addr, name)
         out = []
         for addr, name in sorted(seen.items()):
@@ -197,7 +200,7 @@ class CheckText(interfaces.plugins.PluginInterface):
         try:
             check = cls.site_check(image, text)
             rows = []
-            for name, addr, size in cls.functions(image):
+            for name, addr, size in text.functions:
                 link = text.link(addr)
                 try:
                     mine = text.elf.text(link, size, text.delta)
@@ -207,7 +210,7 @@ class CheckText(interfaces.plugins.PluginInterface):
                 for diff in compare_text(image.cs, link, text.delta, live, mine, text.sites.within(link, link + size),
                                          check):
                     rows.append(cls._row(image, name, addr, diff))
-            vollog.info("compared %d functions; %d patch sites (%s)", len(rows), len(text.sites),
+            vollog.info("compared %d functions; %d patch sites (%s)", len(text.functions), len(text.sites),
                         ", ".join(text.sites.kinds))
             return rows
         finally:

@@ -35,7 +35,6 @@ __all__ = ["KernelTextError", "Section", "ElfImage", "Relocs", "Layout", "PatchS
 
 _ELF_MAGIC = b"\x7fELF"
 SHT_NOBITS = 8
-KERNEL_HALF = 0xFFFF_FFFF_0000_0000
 MAX_TABLE_ENTRIES = 1 << 22
 
 
@@ -57,18 +56,20 @@ class Section:
         return self.addr <= addr < self.addr + self.size
 
 
-def _sign32(value: int) -> int:
-    """A 32-bit relocation entry: the sign-extended link address it stands for."""
-    return value | KERNEL_HALF if value & 0x8000_0000 else value
-
-
 class Relocs:
-    """``vmlinux.relocs``: link addresses of the words KASLR relocates, sorted."""
+    """``vmlinux.relocs``: link addresses of the words KASLR relocates, sorted.
+
+    Entries are the low 32 bits of addresses in the top 2 GiB
+    (0xffffffff80000000 and up), so they sort and compare as the full
+    addresses do, without sign-extending each of them.
+    """
+
+    LOW = 0xFFFF_FFFF
 
     def __init__(self, r32: Sequence[int], inv32: Sequence[int], r64: Sequence[int]) -> None:
-        self.r32 = sorted(_sign32(v) for v in r32)
-        self.inv32 = sorted(_sign32(v) for v in inv32)
-        self.r64 = sorted(_sign32(v) for v in r64)
+        self.r32 = sorted(r32)
+        self.inv32 = sorted(inv32)
+        self.r64 = sorted(r64)
 
     @classmethod
     def from_tail(cls, tail: bytes) -> Optional["Relocs"]:
@@ -81,16 +82,15 @@ class Relocs:
         if words.itemsize != 4:
             return None
         words.reverse()
-        tables: list[list[int]] = []
+        tables: list[array] = []
         i = 0
         for _ in range(3):
-            start = i
-            while i < len(words) and words[i]:
-                i += 1
-            if i >= len(words):
+            try:
+                end = words.index(0, i)
+            except ValueError:
                 return None
-            tables.append(list(words[start:i]))
-            i += 1
+            tables.append(words[i:end])
+            i = end + 1
         if any(words[i:]):  # anything before the 64-bit table is not relocs
             return None
         return cls(*tables)
@@ -100,12 +100,13 @@ class Relocs:
         that straddle an edge of ``buf`` are left alone (read a margin around what you need)."""
         if not delta:
             return
-        end = base + len(buf)
+        low = base & self.LOW
+        end = low + len(buf)
         for table, size, sign in ((self.r32, 4, 1), (self.inv32, 4, -1), (self.r64, 8, 1)):
             fmt = "<I" if size == 4 else "<Q"
             modulo = (1 << (8 * size)) - 1
-            for i in range(bisect.bisect_left(table, base), bisect.bisect_left(table, end - size + 1)):
-                off = table[i] - base
+            for i in range(bisect.bisect_left(table, low), bisect.bisect_left(table, end - size + 1)):
+                off = table[i] - low
                 value = struct.unpack_from(fmt, buf, off)[0]
                 struct.pack_into(fmt, buf, off, (value + sign * delta) & modulo)
 
@@ -231,11 +232,11 @@ def _table(elf: ElfImage, section: str, bounds: Mapping[str, tuple[int, int]]) -
     return span[0], elf.read(span[0], span[1] - span[0])
 
 
-def _rel32(base: int, data: bytes) -> Iterator[tuple[int, int]]:
-    """(entry address, target) of each s32 self-relative entry."""
-    n = min(len(data) // 4, MAX_TABLE_ENTRIES)
-    for i, off in enumerate(struct.unpack_from(f"<{n}i", data)):
-        yield base + 4 * i, base + 4 * i + off
+def _rel32(base: int, data: bytes) -> list[int]:
+    """The target of each s32 self-relative entry of a table at ``base``."""
+    offs = array("i")
+    offs.frombytes(data[:min(len(data) // 4, MAX_TABLE_ENTRIES) * 4])
+    return [base + 4 * i + v for i, v in enumerate(offs)]
 
 
 def _structs(base: int, data: bytes, layout: Layout) -> Iterator[tuple[int, int]]:
@@ -246,64 +247,102 @@ def _structs(base: int, data: bytes, layout: Layout) -> Iterator[tuple[int, int]
         yield base + i * layout.size, i * layout.size
 
 
-def patch_sites(elf: ElfImage, layouts: Mapping[str, Layout], bounds: Mapping[str, tuple[int, int]]) -> "PatchSites":
+def patch_sites(elf: ElfImage, layouts: Mapping[str, Layout], bounds: Mapping[str, tuple[int, int]],
+                ranges: Optional[Sequence[tuple[int, int]]] = None) -> "PatchSites":
     """Every site the kernel patches in itself, from the image's tables.
 
     ``layouts``: ``alt_instr``, ``jump_entry``, ``static_call_site``,
     ``paravirt_patch_site`` (those the profile has). ``bounds``: link
     addresses (start, stop) of tables without a section of their own, keyed
     by the section name they would have (``__mcount_loc``, ``__jump_table``,
-    ``.static_call_sites``).
+    ``.static_call_sites``). ``ranges``: sorted, disjoint (start, end) link
+    ranges of the text to be compared; only sites that may overlap them are
+    kept (a 6.12 kernel has ~400,000 sites, a few thousand in the syscall handlers).
     """
-    sites: list[PatchSite] = []
+    sites = _Collector(ranges)
     for section, kind, length in REL32_TABLES:
         found = _table(elf, section, bounds)
         if found:
-            sites.extend(PatchSite(t, length, kind) for _e, t in _rel32(*found))
+            sites.extend(_rel32(*found), length, kind)
     for name, sec in elf.sections.items():
         for prefix, length in RUNTIME_CONST_PREFIXES:
             if name.startswith(prefix):
-                sites.extend(PatchSite(t, length, "runtime-const") for _e, t in _rel32(*elf.section_bytes(name)))
+                sites.extend(_rel32(*elf.section_bytes(name)), length, "runtime-const")
     alt = _table(elf, ".altinstructions", bounds)
     if alt and "alt_instr" in layouts:
         lay = layouts["alt_instr"]
         io, il = lay.offsets["instr_offset"], lay.offsets["instrlen"]
         for addr, off in _structs(alt[0], alt[1], lay):
             rel, = struct.unpack_from("<i", alt[1], off + io)
-            sites.append(PatchSite(addr + io + rel, alt[1][off + il], "alternative"))
+            sites.add(addr + io + rel, alt[1][off + il], "alternative")
     para = _table(elf, ".parainstructions", bounds)
     if para and "paravirt_patch_site" in layouts:
         lay = layouts["paravirt_patch_site"]
         for _addr, off in _structs(para[0], para[1], lay):
             instr, = struct.unpack_from("<Q", para[1], off + lay.offsets["instr"])
-            sites.append(PatchSite(instr, para[1][off + lay.offsets["len"]], "paravirt"))
+            sites.add(instr, para[1][off + lay.offsets["len"]], "paravirt")
     jump = _table(elf, "__jump_table", bounds)
     if jump and "jump_entry" in layouts:
         lay = layouts["jump_entry"]
         co, to = lay.offsets["code"], lay.offsets["target"]
         for addr, off in _structs(jump[0], jump[1], lay):
             code, target = struct.unpack_from("<i", jump[1], off + co)[0], struct.unpack_from("<i", jump[1], off + to)[0]
-            sites.append(PatchSite(addr + co + code, 0, "jump-label", addr + to + target))
+            sites.add(addr + co + code, 0, "jump-label", addr + to + target)
     calls = _table(elf, ".static_call_sites", bounds)
     if calls and "static_call_site" in layouts:
         lay = layouts["static_call_site"]
         ao = lay.offsets["addr"]
         for addr, off in _structs(calls[0], calls[1], lay):
-            sites.append(PatchSite(addr + ao + struct.unpack_from("<i", calls[1], off + ao)[0], 5, "static-call"))
+            sites.add(addr + ao + struct.unpack_from("<i", calls[1], off + ao)[0], 5, "static-call")
     mcount = _table(elf, "__mcount_loc", bounds)
     if mcount:
         n = min(len(mcount[1]) // 8, MAX_TABLE_ENTRIES)
-        sites.extend(PatchSite(a, 5, "ftrace") for a in struct.unpack_from(f"<{n}Q", mcount[1]) if a)
-    return PatchSites(sites)
+        sites.extend([a for a in struct.unpack_from(f"<{n}Q", mcount[1]) if a], 5, "ftrace")
+    return PatchSites(sites.sites, sites.kinds)
+
+
+class _Collector:
+    """Patch sites as they are read, keeping those that may overlap the compared ranges."""
+
+    REACH = 16  # a site starting this far before a range may still overlap it
+    PAGE = 12
+
+    def __init__(self, ranges: Optional[Sequence[tuple[int, int]]]) -> None:
+        self.sites: list[PatchSite] = []
+        self.kinds: set[str] = set()
+        self._starts = [lo - self.REACH for lo, _ in ranges] if ranges is not None else None
+        self._ends = [hi for _, hi in ranges] if ranges is not None else None
+        self._pages = {p for lo, hi in (ranges or ()) for p in range((lo - self.REACH) >> self.PAGE,
+                                                                     ((hi - 1) >> self.PAGE) + 1)}
+
+    def add(self, addr: int, length: int, kind: str, target: Optional[int] = None) -> None:
+        self.kinds.add(kind)
+        if self._starts is not None:
+            i = bisect.bisect_right(self._starts, addr) - 1
+            if i < 0 or addr >= self._ends[i]:
+                return
+        self.sites.append(PatchSite(addr, length, kind, target))
+
+    def extend(self, addrs: list[int], length: int, kind: str) -> None:
+        """Sites of one kind and length (a page of the ranges first, as a cheap filter)."""
+        if not addrs:
+            return
+        self.kinds.add(kind)
+        if self._starts is not None:
+            shift, pages = self.PAGE, self._pages
+            addrs = [a for a in addrs if a >> shift in pages]
+        for addr in addrs:
+            self.add(addr, length, kind)
 
 
 class PatchSites:
     """Patch sites sorted by address, looked up by range."""
 
-    def __init__(self, sites: list[PatchSite]) -> None:
+    def __init__(self, sites: list[PatchSite], kinds: Optional[set[str]] = None) -> None:
         self.sites = sorted(sites, key=lambda s: s.addr)
         self._addrs = [s.addr for s in self.sites]
-        self.kinds = sorted({s.kind for s in self.sites})
+        #: every kind of site the image has (also those outside the compared ranges)
+        self.kinds = sorted(kinds if kinds is not None else {s.kind for s in self.sites})
 
     def __len__(self) -> int:
         return len(self.sites)
@@ -329,9 +368,9 @@ def instruction_bounds(cs, code: bytes, base: int) -> list[int]:
     off = 0
     while off < len(code):
         n = 0
-        for insn in cs.disasm(code[off:], base + off):
-            out.append(insn.address - base)
-            n = insn.address + insn.size - base
+        for address, size, _m, _o in cs.disasm_lite(code[off:], base + off):
+            out.append(address - base)
+            n = address + size - base
         if n <= off:
             out.append(off)
             n = off + 1
@@ -342,10 +381,10 @@ def instruction_bounds(cs, code: bytes, base: int) -> list[int]:
 def is_nop(cs, code: bytes, base: int = 0) -> bool:
     """Whether ``code`` decodes entirely to nops (the kernel's x86_nops, of any length)."""
     end = 0
-    for insn in cs.disasm(code, base):
-        if insn.mnemonic != "nop":
+    for address, size, mnemonic, _o in cs.disasm_lite(code, base):
+        if mnemonic != "nop":
             return False
-        end = insn.address + insn.size - base
+        end = address + size - base
     return end == len(code)
 
 
@@ -400,6 +439,6 @@ def _insn_length(cs, image: bytes, off: int, addr: int) -> int:
     """Length of the image's instruction at ``off`` (1 if it does not decode)."""
     if not 0 <= off < len(image):
         return 0
-    for insn in cs.disasm(image[off:off + 16], addr + off, 1):
-        return insn.size
+    for _a, size, _m, _o in cs.disasm_lite(image[off:off + 16], addr + off, 1):
+        return size
     return 1
