@@ -56,3 +56,53 @@ def test_exceptions_without_a_handler_keep_the_early_one(idt, kallsyms) -> None:
         assert g["Index"] < 32
         assert g["Symbol"].startswith("early_idt_handler_array")
         assert not g["Hooked"]
+
+
+# Issue 14: an IDT hook whose module hides from the module list and sysfs is still named.
+
+@pytest.fixture(scope="module")
+def idt_ghost(image):
+    """A throw-away guest (rk_idtghost cannot be unloaded) with the kit copied in."""
+    from conftest import ROOT
+    from shadowvol.vm import qemu
+    from shadowvol.vm.console import vm_cp, vm_exec
+    from shadowvol.vm.kmod import build_module
+
+    entry = qemu.start_vm("idt14", image, memory="512M")
+
+    def run(cmd: str) -> str:
+        rc, out = vm_exec(entry, cmd, timeout=120.0)
+        assert rc == 0, f"guest command {cmd!r} failed ({rc}): {out.decode(errors='replace')}"
+        return out.decode(errors="replace")
+
+    vm_cp(entry, build_module(image, ROOT / "tests/kits/rk_idtghost")[0], "/tmp/rk_idtghost.ko")
+    yield entry.name, run
+    qemu.stop_vm(entry.name)
+
+
+def _rows(vm: str, plugin: str) -> list[dict]:
+    r = run_cli("-vm", vm, "-r", "json", plugin)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_idt_hook_of_a_hidden_module_names_the_culprit(idt_ghost) -> None:
+    import re
+
+    vm, run = idt_ghost
+    before = _rows(vm, "linux.check_idt")
+    assert [g for g in before if g["Hooked"]] == []
+    run("insmod /tmp/rk_idtghost.ko")
+    said = re.search(r"rk_idtghost: vector (0x[0-9a-f]+) -> ([0-9a-f]+), int \$0x80 answered (\d+), hidden",
+                     run("dmesg | grep rk_idtghost:"))
+    vector, stub, answer = int(said.group(1), 16), int(said.group(2), 16), int(said.group(3))
+    assert answer == 1337  # the kit works: its stub answered the interrupt
+    assert "rk_idtghost" not in run("cat /proc/modules") and "rk_idtghost" not in run("ls /sys/module")  # hidden
+    after = _rows(vm, "linux.check_idt")
+    hooked = [g for g in after if g["Hooked"]]
+    assert [(g["Index"], g["Address"], g["Owner"], g["Symbol"]) for g in hooked] == \
+        [(vector, stub, "hidden:rk_idtghost", "rk_idt_stub [hidden:rk_idtghost]")]
+    assert [g for g in after if g["Index"] != vector] == [g for g in before if g["Index"] != vector]
+    report = _rows(vm, "linux.malware_report")
+    found = {(r["Check"], r["Culprit"]) for r in report if r["Verdict"] == "FINDING"}
+    assert found == {("linux.check_idt", "hidden:rk_idtghost"), ("linux.check_modules", "hidden:rk_idtghost")}, report

@@ -95,7 +95,7 @@ class CheckIdt(interfaces.plugins.PluginInterface):
         early = cls.early_idt_handlers(image)
         for vec, handler, gtype, present in cls.read_idt_table(image):
             hooked = bool(present) and not image.in_text(handler) and early.get(vec) != handler
-            yield (vec, handler, image.describe(handler) if present else "-",
+            yield (vec, handler, image.function_name(handler) if present else "-",
                    image.owner(handler) if present else "-", GATE_TYPES.get(gtype, f"{gtype:#x}"), bool(present),
                    hooked)
 

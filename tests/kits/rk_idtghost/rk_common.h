@@ -1,0 +1,1 @@
+../common/rk_common.h
