@@ -50,7 +50,8 @@ def profile_files() -> Iterator[Path]:
 
 def _fast_path(path: Path) -> Path:
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    # |2: fast copies carry the symbol address index (older ones are left unused)
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|2".encode()).hexdigest()[:20]
     return paths.cache_dir() / "profile-cache" / f"{key}.marshal"
 
 

@@ -342,6 +342,9 @@ class LazySection(dict):
     ~9,000 types (that alone cost 0.6 s per run with a Mapping).
     """
 
+    #: For ``symbols``: the fast copy's marshalled :func:`symbols_by_address` index, if stored.
+    by_address: bytes | None = None
+
     def __getitem__(self, key: str) -> Any:
         value = dict.__getitem__(self, key)
         if type(value) is bytes:
@@ -367,9 +370,22 @@ def symbols_by_address(symbols: Mapping[str, Any], mask: int = 0) -> list[tuple[
     address (``& mask`` when a mask is given), sorted: the index volatility3's
     ``get_symbols_by_location`` and check_syscall's kernel image search.
 
-    A :class:`LazySection`'s entries are read without being decoded into it (nobody
-    keeps 82k symbol dicts for an index): ~0.2 s for a kernel, not the ~1 s of 82k
-    ``get_symbol`` calls."""
+    A fast copy's section carries the index, stored when it was written (~65 ms to
+    load and mask, for a kernel's 82k symbols); otherwise a :class:`LazySection`'s
+    entries are read without being decoded into it (nobody keeps 82k symbol dicts
+    for an index): ~0.2 s, not the ~1 s of 82k ``get_symbol`` calls."""
+    stored = getattr(symbols, "by_address", None)  # the fast copy's (save_fast), unmasked and sorted
+    if isinstance(stored, bytes):
+        try:
+            pairs = marshal.loads(stored)
+            if type(pairs) is not list:
+                raise ValueError("not a list")
+            if mask:
+                pairs = [(a & mask, n) for a, n in pairs]
+                pairs.sort()  # already sorted unless masking moved some: linear
+            return pairs
+        except (EOFError, ValueError, TypeError):
+            pass  # a damaged index: built from the entries below
     raw = dict.items(symbols) if isinstance(symbols, LazySection) else symbols.items()
     loads = marshal.loads
     pairs = []
@@ -384,6 +400,9 @@ def symbols_by_address(symbols: Mapping[str, Any], mask: int = 0) -> list[tuple[
 
 
 _LAZY = ("user_types", "enums", "symbols")
+#: The fast copy's symbol index (:func:`symbols_by_address`, marshalled), kept out of the ISF
+#: dict: ``load_fast`` hangs it on the symbols section, where nobody iterating the ISF sees it.
+_BY_ADDRESS = "__shadowvol_symbols_by_address__"
 
 
 def save_fast(isf: dict[str, Any], path: Path) -> Path:
@@ -394,6 +413,7 @@ def save_fast(isf: dict[str, Any], path: Path) -> Path:
     out = {k: v for k, v in isf.items() if k not in _LAZY}
     for key in _LAZY:
         out[key] = {name: marshal.dumps(value) for name, value in isf[key].items()}
+    out[_BY_ADDRESS] = marshal.dumps(symbols_by_address(isf["symbols"]))
     from shadowvol.safeio import atomic_write
 
     return atomic_write(path, FAST_MAGIC + marshal.dumps(out))
@@ -412,9 +432,12 @@ def load_fast(path: Path, lazy: bool = True) -> dict[str, Any]:
         isf = marshal.loads(memoryview(raw)[len(FAST_MAGIC):])
         if not isinstance(isf, dict) or any(k not in isf for k in _LAZY):
             raise ValueError("missing sections")
+        by_address = isf.pop(_BY_ADDRESS, None)
         for key in _LAZY:
             section = LazySection(isf[key])
             isf[key] = section if lazy else {k: section[k] for k in section}
+        if lazy and isinstance(by_address, bytes):
+            isf["symbols"].by_address = by_address
     except (EOFError, ValueError, TypeError, AttributeError) as exc:
         raise ProfileError(f"{path}: corrupt fast profile ({exc})") from None
     return isf

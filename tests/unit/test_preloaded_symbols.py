@@ -51,3 +51,25 @@ def test_every_symbol_is_what_stock_gives(mask: int) -> None:
     with pytest.raises(exceptions.SymbolError):
         ours.get_symbol("missing")
     assert sorted(ours.get_symbols_by_location(ours.get_symbol("plain").address)) == ["plain"]
+
+
+@pytest.mark.parametrize("mask", [0, MASK])
+def test_symbols_by_location_is_what_stock_gives(mask: int, tmp_path) -> None:
+    """Our by-address index (built from the ISF's entries, or stored in the fast copy)
+    answers get_symbols_by_location as stock's own index (82k get_symbol calls) does."""
+    from shadowvol.symbols import load_fast, save_fast, symbols_by_address
+
+    ours, stock = _tables(mask)
+    stock_index = sorted((stock.get_symbol(n).address, n) for n in stock.symbols)
+    assert ours.symbols_by_address() == stock_index
+    for name in ("plain", "typed", "banner", "zero"):
+        at = stock.get_symbol(name).address
+        assert list(ours.get_symbols_by_location(at, 0x10)) == \
+            [n for a, n in stock_index if at <= a <= at + 0x10]
+    save_fast(_isf(), tmp_path / "p.marshal")
+    fast = load_fast(tmp_path / "p.marshal")
+    assert isinstance(fast["symbols"].by_address, bytes) and set(fast) == set(_isf())
+    assert symbols_by_address(fast["symbols"], mask) == stock_index
+    assert all(type(v) is bytes for v in dict.values(fast["symbols"]))  # the stored index decoded nothing
+    fast["symbols"].by_address = b"damaged"
+    assert symbols_by_address(fast["symbols"], mask) == stock_index
