@@ -97,6 +97,7 @@ def test_idt_hook_of_a_hidden_module_names_the_culprit(idt_ghost) -> None:
                      run("dmesg | grep rk_idtghost:"))
     vector, stub, answer = int(said.group(1), 16), int(said.group(2), 16), int(said.group(3))
     assert answer == 1337  # the kit works: its stub answered the interrupt
+    assert "Call Trace" not in run("dmesg")  # and the kernel did not complain (an unpatched return thunk...)
     assert "rk_idtghost" not in run("cat /proc/modules") and "rk_idtghost" not in run("ls /sys/module")  # hidden
     after = _rows(vm, "linux.check_idt")
     hooked = [g for g in after if g["Hooked"]]

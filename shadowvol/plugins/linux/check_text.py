@@ -43,6 +43,11 @@ __all__ = ["CheckText", "TextImage", "NO_IMAGE"]
 
 SYSCALL_PREFIX = "__x64_sys_"
 DISPATCH = "x64_sys_call"
+#: The path of a system call before its handler: the SYSCALL entry (MSR_LSTAR) and its inner labels
+#: (entry_SYSCALL_64_after_hwframe...), its C part, the dispatch.
+ENTRY_PREFIX = "entry_SYSCALL_64"
+ENTRY = ("do_syscall_64", DISPATCH)
+PREFIXES = (SYSCALL_PREFIX, ENTRY_PREFIX, *ENTRY)
 MAX_FUNCTION = 1 << 16
 NO_IMAGE = ("linux.check_text needs the kernel image the guest booted: --kernel-image PATH (its vmlinuz, "
             "or the vmlinux ELF with its relocations); shadowvol finds it for its own VMs and cached kernels")
@@ -151,12 +156,12 @@ class CheckText(interfaces.plugins.PluginInterface):
 
     @classmethod
     def functions(cls, image: kernel_hooks.KernelImage) -> list[tuple[str, int, int]]:
-        """(name, live address, size) of x64_sys_call and every ``__x64_sys_*`` handler in kernel text."""
+        """(name, live address, size) of the syscall path in kernel text: ``entry_SYSCALL_64`` (and its
+        inner labels), ``do_syscall_64``, ``x64_sys_call`` and every ``__x64_sys_*`` handler."""
         addrs, names = image._symbols()
         seen: dict[int, str] = {}
         for addr, name in zip(addrs, names):
-            if name.startswith((SYSCALL_PREFIX, DISPATCH)) and (name == DISPATCH or name.startswith(SYSCALL_PREFIX)) \
-                    and image.in_text(addr):
+            if name.startswith(PREFIXES) and (name in ENTRY or name.startswith(PREFIXES[:2])) and image.in_text(addr):
                 seen.setdefault(addr, name)
         out = []
         for addr, name in sorted(seen.items()):
