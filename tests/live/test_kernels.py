@@ -4,7 +4,7 @@ generic, cloud, rt).
 For each package: ``vm build --kernel-package P`` (image, profile, stub if it
 builds), ``vm start --image P``, then on the live guest: pslist equals the
 guest's own /proc, lsmod equals /proc/modules, and the forensic checks
-(check_syscall, check_idt, hidden_modules, psxview) find nothing; when the
+(check_syscall, check_idt, hidden_modules, psxview, check_text) find nothing; when the
 stub was built, ``trace`` sees a syscall of a program started in the guest.
 
 Slow (a build of up to 2 minutes per new kernel, a TCG boot, ~1 minute of
@@ -158,6 +158,8 @@ def test_no_findings(kernel_vm):
         tasks = rows(entry.name, "linux.psxview", backend)
         assert len(tasks) > 30 and not [r for r in tasks if r["Hidden"]]
         assert all(r["task_list"] and r["pid_hash"] and r["task_scan"] for r in tasks)
+        # the syscall path's text is the image's, byte for byte, once the kernel's own patching is masked
+        assert rows(entry.name, "linux.check_text", backend) == []
 
 
 def test_kallsyms_api_names_what_the_guest_names(kernel_vm, run):
