@@ -119,8 +119,10 @@ class LivePhysicalLayer(interfaces.layers.DataLayerInterface):
         total = sum(n for _, n in ram) or 1
         done = 0
         for start, length in ram:
-            for offset, needle in find_literals(self._memory, start, start + length, needles):
-                if isinstance(scanner, scanners.BytesScanner):
+            bytes_scanner = type(scanner) is scanners.BytesScanner
+            for offset, needle in find_literals(self._memory, start, start + length, needles,
+                                                overlapping=bytes_scanner):
+                if bytes_scanner:
                     yield offset
                 else:
                     yield offset, needle
@@ -173,22 +175,27 @@ def _anchor(needles: list[bytes]) -> tuple[int, bytes]:
     return best
 
 
-def find_literals(memory: PhysicalMemory, start: int, end: int,
-                  needles: list[bytes]) -> Iterator[tuple[int, bytes]]:
+def find_literals(memory: PhysicalMemory, start: int, end: int, needles: list[bytes],
+                  overlapping: bool = False) -> Iterator[tuple[int, bytes]]:
     """``(address, needle)`` for each occurrence of any needle in ``[start, end)``, in order.
 
     The semantics of ``re.finditer`` over an alternation of the needles (as
     volatility3's MultiStringScanner compiles them): at each position the
-    longest needle that matches wins, and matches never overlap. With one
-    needle, every occurrence is reported (as BytesScanner does).
+    longest needle that matches wins, and matches never overlap, even with
+    one needle (``b"\\0\\0"`` in four zero bytes: at 0 and 2). With
+    ``overlapping`` (one needle only), every occurrence is reported, as
+    BytesScanner does (``data.find(needle, pos + 1)``: at 0, 1 and 2).
 
     Several needles are searched through the longest anchor they share at
     one offset (kernel pointers share their high bytes), then verified;
     without an anchor of 3 bytes, each needle is searched on its own.
     """
     if len(needles) == 1:
-        for addr in memory.find(needles[0], start, end):
-            yield addr, needles[0]
+        needle, last_end = needles[0], start
+        for addr in memory.find(needle, start, end):
+            if overlapping or addr >= last_end:
+                last_end = addr + len(needle)
+                yield addr, needle
         return
     wanted = set(needles)
     lengths = sorted({len(n) for n in needles}, reverse=True)

@@ -9,7 +9,7 @@ straddling segment boundaries), with the stock scanner as the reference.
 
 from __future__ import annotations
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from volatility3.framework.layers import scanners
 
 from shadowvol.backends.base import BufferMemory, PhysicalMemory, Segment
@@ -52,6 +52,7 @@ def haystack(draw, needles_strategy):
 
 @settings(max_examples=400, deadline=None)
 @given(st.one_of(haystack(pointer_like), haystack(free_form)))
+@example(([b"\0\0", b"\0\0"], b"\0\0\0\0"))  # one distinct needle: still never overlapping (0, 2)
 def test_find_literals_equals_multistringscanner(case):
     needles, data = case
     if not data:
@@ -60,6 +61,22 @@ def test_find_literals_equals_multistringscanner(case):
     mem = BufferMemory(data, [Segment(0, len(data), 0)])
     assert list(find_literals(mem, 0, len(data), list(dict.fromkeys(needles)))) == want
     assert list(find_literals(_Copying(data), 0, len(data), list(dict.fromkeys(needles)))) == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=3), st.lists(st.sampled_from([b"\0", b"\0\0", b"a", b"aa", b"xyz"]), max_size=30))
+@example(b"\0\0", [b"\0\0", b"\0\0"])
+def test_find_literals_overlapping_equals_bytesscanner(needle, parts):
+    """BytesScanner reports every occurrence, overlapping ones included (``find(needle, pos + 1)``)."""
+    data = b"".join(parts)
+    if not data:
+        return
+    scanner = scanners.BytesScanner(needle)
+    scanner.chunk_size = len(data) + 1
+    want = list(scanner(data, 0))
+    got = [a for a, _ in find_literals(BufferMemory(data, [Segment(0, len(data), 0)]), 0, len(data), [needle],
+                                       overlapping=True)]
+    assert got == want
 
 
 @settings(max_examples=200, deadline=None)
