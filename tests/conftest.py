@@ -16,8 +16,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Property tests draw new inputs on every run but keep no example database in the checkout
+# (.hypothesis/): nothing is remembered between runs, and a failure prints the example
+# (and a reproduction blob) to pin with @example.
+hypothesis_settings.register_profile("shadowvol", database=None, print_blob=True)
+hypothesis_settings.load_profile("shadowvol")
 
 
 @pytest.fixture(scope="session", autouse=True)
