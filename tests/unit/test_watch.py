@@ -109,6 +109,8 @@ def test_partial_changes_are_marked_and_not_a_baseline(monkeypatch) -> None:
     assert lines == [{"PID": 7, "COMM": "sh", "change": "-", "tick": 1, "partial": True},
                      {"PID": 9, "COMM": "new", "change": "+", "tick": 2}]
     assert "tick 1: partial, smeared twice" in err.getvalue()
+    # a source without registers (a pid: QEMU with no QMP socket): said once, at start
+    assert err.getvalue().count("fake gives no vCPU registers (no QMP socket)") == 1
 
 
 @pytest.mark.parametrize("spec", ["pid:4242", "qmp:/run/q.sock", "libvirt:dom1", "web01"])
