@@ -22,7 +22,7 @@ import re
 import pytest
 
 from conftest import ROOT, run_cli
-from test_modern_kits import MARKER, TARGET, effect, kallsyms, rows, static_exe
+from test_modern_kits import MARKER, TARGET, _guest, effect, kallsyms, rows, static_exe
 
 pytestmark = pytest.mark.live
 
@@ -35,24 +35,10 @@ MID_PROBE = "__x64_sys_getuid+5"
 @pytest.fixture(scope="module")
 def textguest(image, tmp_path_factory):
     from shadowvol.vm import qemu
-    from shadowvol.vm.console import vm_cp, vm_exec
-    from shadowvol.vm.kmod import build_module
 
     exe = static_exe(ROOT / "tests/kits/bin/getppid.c", tmp_path_factory.mktemp("bin") / "getppid")
-    entry = qemu.start_vm("text14", image, memory="512M", stub=True,
-                          stub_params={"points": f"{PROBED[0]},{MID_PROBE}"})
-
-    def run(cmd: str, check: bool = True) -> str:
-        rc, out = vm_exec(entry, cmd, timeout=120.0)
-        if check:
-            assert rc == 0, f"guest command {cmd!r} failed ({rc}): {out.decode(errors='replace')}"
-        return out.decode(errors="replace")
-
-    vm_cp(entry, exe, "/tmp/rkmark")
-    vm_cp(entry, exe, "/tmp/plain")
-    run("chmod +x /tmp/rkmark /tmp/plain")
-    for kit in ("rk_dispatch", "rk_inline"):
-        vm_cp(entry, build_module(image, ROOT / "tests/kits" / kit)[0], f"/tmp/{kit}.ko")
+    entry, run = _guest(image, "text14", exe, ("rk_dispatch", "rk_inline"), stub=True,
+                        stub_params={"points": f"{PROBED[0]},{MID_PROBE}"})
     yield entry.name, run
     qemu.stop_vm(entry.name)
 
