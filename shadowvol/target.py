@@ -327,14 +327,8 @@ def vm_run_control(spec: str, connect: str | None = None) -> Iterator[RunControl
     libvirt (its state stays libvirt's; one connection for the block), any other VM through
     its QMP socket (one connection per step: QEMU serves one QMP client at a time)."""
     if _is_libvirt(spec):
-        from .vm import libvirt
-
-        name = spec[len("libvirt:"):] if spec.startswith("libvirt:") else spec
-        dom = libvirt.lookup_domain(libvirt.check_name(name), connect)
-        try:
+        with _libvirt_domain(spec, connect) as dom:
             yield RunControl(dom.suspend_if_running, dom.resume)
-        finally:
-            dom.close()
         return
     qmp = qmp_endpoint(spec)
     if not qmp:
@@ -355,18 +349,25 @@ def vm_run_control(spec: str, connect: str | None = None) -> Iterator[RunControl
 
 
 @contextmanager
+def _libvirt_domain(spec: str, connect: str | None) -> Iterator[Any]:
+    """The libvirt domain ``-vm SPEC`` names (``libvirt:NAME`` or a bare name libvirt has), closed after the block."""
+    from .vm import libvirt
+
+    name = spec[len("libvirt:"):] if spec.startswith("libvirt:") else spec
+    dom = libvirt.lookup_domain(libvirt.check_name(name), connect)
+    try:
+        yield dom
+    finally:
+        dom.close()
+
+
+@contextmanager
 def vm_monitor(spec: str, connect: str | None = None) -> Iterator[Any]:
     """A monitor (``execute``/``hmp``) of ``-vm SPEC`` for the block: QMP on our VMs'
     and ``qmp:``/``pid:`` sockets, QMP passed through libvirt for a libvirt domain."""
     if _is_libvirt(spec):
-        from .vm import libvirt
-
-        name = spec[len("libvirt:"):] if spec.startswith("libvirt:") else spec
-        dom = libvirt.lookup_domain(libvirt.check_name(name), connect)
-        try:
+        with _libvirt_domain(spec, connect) as dom:
             yield dom.monitor()
-        finally:
-            dom.close()
         return
     qmp = qmp_endpoint(spec)
     if not qmp:
