@@ -171,6 +171,10 @@ class TranslationCache:
         return len(self._tables)
 
 
+_ENUMERATE_FROM = 64 * _PAGE
+"""Longer ``mapping(ignore_errors=True)`` ranges are enumerated from the page tables."""
+
+
 class PagedMemory:
     """A virtual address space: physical memory plus CR3 and a paging format.
 
@@ -319,9 +323,16 @@ class PagedMemory:
     def mapping(self, vaddr: int, length: int, ignore_errors: bool = False) -> Iterator[tuple[int, int, int]]:
         """Runs ``(vaddr, length, paddr)`` covering the range, physically contiguous runs merged.
 
-        With ``ignore_errors`` unmapped parts are skipped (whole non-present
-        entries at a time) instead of raising.
+        With ``ignore_errors`` unmapped parts are skipped instead of raising.
+        A range of more than ``_ENUMERATE_FROM`` bytes is enumerated from the
+        page tables themselves (:meth:`iter_mapped`), so a hole costs one look
+        at a non-present entry, not a failed walk and an exception per 4 KiB
+        page (a scan of the kernel's virtual space meets about a million of
+        those); a short one goes page by page through the TLB.
         """
+        if ignore_errors and length > _ENUMERATE_FROM:
+            yield from self._mapped_runs(vaddr, vaddr + length)
+            return
         pos, end = vaddr, vaddr + length
         run_v = run_p = run_n = 0
         tlb_get = self._tlb_get
@@ -350,6 +361,22 @@ class PagedMemory:
                     yield run_v, run_n, run_p
                 run_v, run_p, run_n = pos, paddr, n
             pos += n
+        if run_n:
+            yield run_v, run_n, run_p
+
+    def _mapped_runs(self, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """:meth:`mapping` with ``ignore_errors``: the present pages of ``[start, end)``, clipped
+        to it, physically contiguous ones merged into runs."""
+        run_v = run_p = run_n = 0
+        for va, size, pa in self.iter_mapped(max(start, 0), min(end, _U64)):
+            lo, hi = max(va, start), min(va + size, end)
+            paddr = pa + (lo - va)
+            if run_n and run_v + run_n == lo and run_p + run_n == paddr:
+                run_n += hi - lo
+                continue
+            if run_n:
+                yield run_v, run_n, run_p
+            run_v, run_p, run_n = lo, paddr, hi - lo
         if run_n:
             yield run_v, run_n, run_p
 

@@ -233,6 +233,43 @@ def test_iter_mapped_subrange(syn: Synthetic, data: st.DataObject) -> None:
     assert [v for v, _, _ in layer.iter_mapped(a, b)] == expected
 
 
+def _reference_runs(syn: Synthetic, a: int, b: int) -> list[tuple[int, int, int]]:
+    """The present pages of [a, b), clipped, physically contiguous ones merged (mapping()'s runs)."""
+    runs: list[tuple[int, int, int]] = []
+    for v in sorted(syn.pages):
+        p, s = syn.pages[v]
+        lo, hi = max(v, a), min(v + s, b)
+        if lo >= hi:
+            continue
+        pp = p + (lo - v)
+        if runs and runs[-1][0] + runs[-1][1] == lo and runs[-1][2] + runs[-1][1] == pp:
+            runs[-1] = (runs[-1][0], runs[-1][1] + hi - lo, runs[-1][2])
+        else:
+            runs.append((lo, hi - lo, pp))
+    return runs
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_mapping_ignoring_errors_is_the_reference(syn: Synthetic, data: st.DataObject) -> None:
+    """Short ranges (page by page through the TLB) and long ones (enumerated from the tables) alike."""
+    vbases = sorted(syn.pages)
+    a = data.draw(st.sampled_from(vbases)) + data.draw(st.integers(-(1 << 22), 1 << 22))
+    length = data.draw(st.one_of(st.integers(1, 64 * 4096), st.integers(1, 1 << 34)))
+    a = max(a, 0)
+    b = min(a + length, U64)
+    want = _reference_runs(syn, a, b)
+    for layer in layers(syn):
+        assert list(layer.mapping(a, b - a, ignore_errors=True)) == want
+        assert list(layer.mapping(a, b - a, ignore_errors=True)) == want  # again, through a warm TLB
+
+
+def test_mapping_ignoring_errors_whole_kernel_half(syn: Synthetic) -> None:
+    top = U64 - (1 << (syn.fmt.va_bits - 1))
+    for layer in layers(syn):
+        assert list(layer.mapping(top, U64 - top, ignore_errors=True)) == _reference_runs(syn, top, U64)
+
+
 def _expected_bytes(syn: Synthetic, vaddr: int, length: int) -> bytes | None:
     out = bytearray()
     for v in range(vaddr, vaddr + length):
