@@ -16,6 +16,7 @@ import pytest
 
 from conftest import run_cli
 from shadowvol import fidelity
+from shadowvol.errors import VMError
 from shadowvol.qemu.qmp import QMPClient
 
 pytestmark = pytest.mark.live
@@ -41,15 +42,29 @@ def _status(qmp: str) -> str:
 
 
 class _Watch:
-    """Polls the VM's run state while commands run (a resume-then-stop shows up)."""
+    """Polls the VM's run state while commands run (a resume-then-stop shows up).
+
+    QEMU serves one QMP client at a time: while a command holds the socket, a
+    poll gets no greeting and is counted as ``busy``, not as a state. Any other
+    error ends the watch and is raised when the block ends, so a watcher that
+    died can never pass for one that saw nothing wrong."""
 
     def __init__(self, qmp: str) -> None:
         self.qmp, self.seen, self._stop = qmp, set(), threading.Event()
+        self.samples = self.busy = 0
+        self.error: BaseException | None = None
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.seen.add(_status(self.qmp))
+            try:
+                self.seen.add(_status(self.qmp))
+                self.samples += 1
+            except VMError:
+                self.busy += 1
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+                self.error = exc
+                return
             time.sleep(0.01)
 
     def __enter__(self) -> "_Watch":
@@ -59,6 +74,9 @@ class _Watch:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._t.join()
+        if self.error is not None:
+            raise self.error
+        assert self.samples > 0, f"the watcher never read the run state ({self.busy} polls found QMP busy)"
 
 
 def _commands(backend: str) -> list[list[str]]:
