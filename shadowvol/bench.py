@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ShadowvolError
-from .qemu.qmp import paused as qmp_paused
 from .safeio import atomic_copy, atomic_write
 
 SIZES = (4, 64, 4096)
@@ -96,7 +95,7 @@ def _time_cmd(cmd: list[str], runs: int) -> tuple[float, str]:
 def bench_pslist(vm: str, runs: int = 3) -> list[dict[str, Any]]:
     """End-to-end pslist: shadow and libvmi live vs stock vol on a raw dump, warm."""
     from . import fidelity
-    from .target import open_target
+    from .target import open_target, vm_paused
 
     me = [sys.executable, "-m", "shadowvol", "-vm", vm]
     rows = []
@@ -114,7 +113,7 @@ def bench_pslist(vm: str, runs: int = 3) -> list[dict[str, Any]]:
                 if t.endpoints.qmp is None:
                     raise ShadowvolError(f"{t.description} has no QMP socket: cannot pause it for a "
                                          "consistent copy")
-                with qmp_paused(t.endpoints.qmp):  # a consistent raw copy of guest RAM
+                with vm_paused(vm):  # a consistent raw copy of guest RAM
                     fidelity.raw_copy(t.memory, dump)
                 profile = t.profile_path
             finally:

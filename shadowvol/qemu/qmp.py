@@ -12,8 +12,6 @@ import json
 import socket
 import struct
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Protocol
 
 from ..errors import VMError
@@ -170,21 +168,3 @@ class QMPClient(MonitorCommands):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-@contextmanager
-def paused(qmp_path: str) -> Iterator[bool]:
-    """Pause the VM behind ``qmp_path`` for the block; yields whether it was running.
-
-    A VM that was paused stays paused; one that was running is resumed, also
-    when the block fails.
-    """
-    with QMPClient(qmp_path, timeout=10.0) as q:
-        was_running = bool(q.execute("query-status").get("running"))
-        if was_running:
-            q.execute("stop")
-    try:
-        yield was_running
-    finally:
-        if was_running:
-            with QMPClient(qmp_path, timeout=10.0) as q:
-                q.execute("cont")

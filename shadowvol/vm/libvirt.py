@@ -23,10 +23,9 @@ import json
 import os
 import re
 import xml.etree.ElementTree as ET
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .. import paths
 from ..errors import VMError
@@ -194,17 +193,6 @@ class LibvirtDomain:
             self.dom.resume()
         except libvirt.libvirtError as exc:
             raise VMError(f"libvirt domain {self.name}: cannot resume: {_reason(exc)}") from None
-
-    @contextmanager
-    def paused(self) -> Iterator[bool]:
-        """Suspend the domain for the block through libvirt; yields whether it was running.
-        A paused domain stays paused; a running one is resumed, also when the block fails."""
-        was_running = self.suspend_if_running()
-        try:
-            yield was_running
-        finally:
-            if was_running:
-                self.resume()
 
     def close(self) -> None:
         try:
