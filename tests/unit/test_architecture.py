@@ -96,7 +96,7 @@ def test_backends_import_no_layer_above_nor_each_other(mod: str) -> None:
 
 
 # 2. volatility3 is imported by the bridge, the plugin runners and the plugins only.
-VOL_IMPORTERS = ("shadowvol.volbridge", "shadowvol.run", "shadowvol.fidelity", "shadowvol.bench",
+VOL_IMPORTERS = ("shadowvol.volbridge", "shadowvol.voladapt", "shadowvol.run", "shadowvol.fidelity", "shadowvol.bench",
                  "shadowvol.plugins")
 
 

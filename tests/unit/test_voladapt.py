@@ -1,4 +1,4 @@
-"""volbridge.adapt_volatility3: each replacement behaves as the stock method it replaces.
+"""voladapt.adapt_volatility3: each replacement behaves as the stock method it replaces.
 
 The adaptations speed up volatility3's object model for stock plugins (issue
 12); they must not change any result. Each is compared here with the stock
@@ -17,7 +17,7 @@ from volatility3.framework import contexts, objects
 from volatility3.framework.interfaces import objects as iobjects
 from volatility3.framework.objects import templates
 
-from shadowvol import volbridge
+from shadowvol import voladapt, volbridge
 
 keys = st.sampled_from(["a", "b", "c", "size", "offset", "type_name", "layer_name", "x"])
 maps = st.lists(st.dictionaries(keys, st.integers()), min_size=1, max_size=4)
@@ -26,18 +26,18 @@ maps = st.lists(st.dictionaries(keys, st.integers()), min_size=1, max_size=4)
 @settings(max_examples=300, deadline=None)
 @given(maps, keys, st.integers())
 def test_volchainmap_is_chainmap(ms, key, default):
-    stock, ours = collections.ChainMap(*ms), volbridge.VolChainMap(*ms)
+    stock, ours = collections.ChainMap(*ms), voladapt.VolChainMap(*ms)
     assert (key in ours) == (key in stock)
     assert ours.get(key, default) == stock.get(key, default)
     assert list(ours) == list(stock) and dict(ours) == dict(stock)
     if key in stock:
         assert ours[key] == stock[key]
     child = ours.new_child({"a": 1})
-    assert isinstance(child, volbridge.VolChainMap) and child["a"] == 1
+    assert isinstance(child, voladapt.VolChainMap) and child["a"] == 1
 
 
 def test_object_information_contains_matches_dataclass_fields():
-    volbridge.adapt_volatility3()
+    voladapt.adapt_volatility3()
     info = iobjects.ObjectInformation(layer_name="l", offset=0, native_layer_name="n")
     fields = {f.name for f in dataclasses.fields(info)}
     for key in list(fields) + ["nope", "", "__dict__", "vol"]:
@@ -51,8 +51,8 @@ def test_object_information_contains_matches_dataclass_fields():
 
 
 def test_read_only_mapping_getattr():
-    volbridge.adapt_volatility3()
-    m = iobjects.ReadOnlyMapping(volbridge.VolChainMap({}, {"a": 1}, {"a": 2, "b": None}))
+    voladapt.adapt_volatility3()
+    m = iobjects.ReadOnlyMapping(voladapt.VolChainMap({}, {"a": 1}, {"a": 2, "b": None}))
     assert m.a == 1 and m.b is None
     try:
         m.c
@@ -88,7 +88,7 @@ def _context_with_bytes(data: bytes):
 
 
 def test_template_call_and_size_match_stock():
-    volbridge.adapt_volatility3()
+    voladapt.adapt_volatility3()
     ctx = _context_with_bytes(bytes(range(64)))
     info = iobjects.ObjectInformation(layer_name="mem", offset=8, native_layer_name="mem")
     int_t = templates.ObjectTemplate(objects.Integer, "u32", data_format=objects.DataFormatInfo(4, "little", False))
@@ -104,7 +104,7 @@ def test_template_call_and_size_match_stock():
 
 def test_struct_member_access_matches_stock():
     """AggregateType.__getattr__ adapted vs the stock method it wraps, member by member."""
-    volbridge.adapt_volatility3()
+    voladapt.adapt_volatility3()
     ctx = _context_with_bytes(bytes(range(64)))
     u16 = templates.ObjectTemplate(objects.Integer, "u16", data_format=objects.DataFormatInfo(2, "little", False))
     struct_t = templates.ObjectTemplate(objects.StructType, "s", size=8,
@@ -136,7 +136,7 @@ def test_boottime_read_once_per_epoch_and_copied():
         calls.append(1)
         return Timespec64Concrete(100, 5)
 
-    wrapped = volbridge._epoch_cached_boottime(stock)
+    wrapped = voladapt._epoch_cached_boottime(stock)
 
     def task(ctx):
         return SimpleNamespace(_context=ctx, vol=SimpleNamespace(layer_name="kernel_layer"),
@@ -159,10 +159,10 @@ def test_boottime_read_once_per_epoch_and_copied():
        st.dictionaries(st.sampled_from(["offset", "size", "subtype", "x"]), st.integers(), max_size=3))
 def test_volchainmap_with_object_information_is_chainmap(key, kwargs):
     """An object's vol: ``{}, vol_info, ObjectInformation, kwargs`` as volatility3 builds it."""
-    volbridge.adapt_volatility3()
+    voladapt.adapt_volatility3()
     info = iobjects.ObjectInformation(layer_name="l", offset=16, native_layer_name="n", size=None)
     ms = ({}, {"type_name": "t", "offset": 16}, info, kwargs)
-    stock, ours = collections.ChainMap(*ms), volbridge.VolChainMap(*ms)
+    stock, ours = collections.ChainMap(*ms), voladapt.VolChainMap(*ms)
     assert (key in ours) == (key in stock)
     assert ours.get(key, "d") == stock.get(key, "d")
     if key in stock:
@@ -215,7 +215,7 @@ def test_volchainmap_flat_view_follows_writes(ms, script, probe):
     """The flattened lookup of a sealed map stays equal to stock ChainMap under every
     write ChainMap offers, and maps derived from it (sharing its dicts) too."""
     stock = collections.ChainMap(*[dict(m) for m in ms])
-    ours = volbridge.VolChainMap(*[dict(m) for m in ms])
+    ours = voladapt.VolChainMap(*[dict(m) for m in ms])
     for op, key, value in script:
         assert ours.get(probe) == stock.get(probe)  # flattens early, then writes follow
         if op == "set":
@@ -236,7 +236,7 @@ def test_volchainmap_flat_view_follows_writes(ms, script, probe):
                 (stock.parents if op == "parents" else stock.copy())
             ours = getattr(ours, "new_child")() if op == "child" else \
                 (ours.parents if op == "parents" else ours.copy())
-            assert isinstance(ours, volbridge.VolChainMap)
+            assert isinstance(ours, voladapt.VolChainMap)
         assert list(ours) == list(stock) and dict(ours) == dict(stock)
         assert (probe in ours) == (probe in stock) and ours.get(probe) == stock.get(probe)
     if ours.flat() is not None:
@@ -245,7 +245,7 @@ def test_volchainmap_flat_view_follows_writes(ms, script, probe):
 
 def test_volchainmap_derived_maps_see_later_writes_to_shared_dicts():
     """new_child shares the parent's first dict: a write there must show through."""
-    parent = volbridge.VolChainMap({}, {"a": 1})
+    parent = voladapt.VolChainMap({}, {"a": 1})
     child = parent.new_child()
     assert child["a"] == 1
     parent["a"] = 2
