@@ -96,13 +96,22 @@ def _template_call(self: Any, context: Any, object_info: Any) -> Any:
 
     A template's ``_vol`` is a ChainMap of plain dicts: merging them from the
     last to the first gives the same keys, in the same order, with the same
-    (first-map-wins) values as iterating the ChainMap.
+    (first-map-wins) values as iterating the ChainMap. The commonest objects
+    (integers, pointers, structures of stock classes) are built by
+    :func:`_maker` without the constructor chain.
     """
     vol = self._vol
     flat = vol.flat() if type(vol) is VolChainMap else None
     if flat is not None:
+        object_class = flat["object_class"]
+        try:
+            make, n_keys = _MAKER_OF_CLASS[object_class]
+        except KeyError:
+            make, n_keys = _maker(object_class)
+        if len(flat) == n_keys:
+            return make(object_class, context, object_info, flat)
         arguments = dict(flat)
-        object_class = arguments.pop("object_class")
+        del arguments["object_class"]
         return object_class(context=context, object_info=object_info, **arguments)
     maps = vol.maps
     if all(type(m) is dict for m in maps):
@@ -116,12 +125,188 @@ def _template_call(self: Any, context: Any, object_info: Any) -> Any:
     return object_class(context=context, object_info=object_info, **arguments)
 
 
-def _template_size(self: Any) -> int:
-    """``ObjectTemplate.size`` without building a ReadOnlyMapping."""
-    vol = self._vol
+def _new_vol(obj: Any, context: Any, type_name: str, object_info: Any, kwargs: dict) -> None:
+    """What ``ObjectInterface.__init__`` sets: ``_vol`` (already flattened when it can be) and ``_context``."""
+    offset = object_info.offset & context.layers[object_info.layer_name].address_mask
+    vol = VolChainMap({}, {"type_name": type_name, "offset": offset}, object_info, kwargs)
+    if type(object_info) is _ObjectInformation:
+        fields = object_info.__dict__
+        if len(fields) == _N_OBJECT_INFORMATION_FIELDS:
+            flat = dict(kwargs)
+            flat.update(fields)
+            flat["type_name"] = type_name
+            flat["offset"] = offset
+            vol._flat = flat
+    obj._vol = vol
+    obj._context = context
+
+
+def _make_primitive(cls: type, context: Any, object_info: Any, flat: dict) -> Any:
+    """``cls(context, object_info, type_name=..., data_format=...)`` for a class with
+    PrimitiveObject's ``__new__`` and ``__init__``: the same steps, in one call."""
+    data_format = flat["data_format"]
+    value = cls._unmarshall(context, data_format, object_info)
+    obj = cls._struct_type.__new__(cls, value)
+    obj._PrimitiveObject__new_value = value
+    _new_vol(obj, context, flat["type_name"], object_info, {"data_format": data_format})
+    obj._data_format = data_format
+    return obj
+
+
+def _make_pointer(cls: type, context: Any, object_info: Any, flat: dict) -> Any:
+    """``cls(context, object_info, type_name=..., data_format=..., subtype=...)`` for
+    a class with PrimitiveObject's ``__new__`` and Pointer's ``__init__``."""
+    obj = _make_primitive(cls, context, object_info, flat)
+    obj._vol["subtype"] = flat["subtype"]
+    obj._cache = {}
+    return obj
+
+
+def _make_aggregate(cls: type, context: Any, object_info: Any, flat: dict) -> Any:
+    """``cls(context, object_info, type_name=..., size=..., members=...)`` for a class
+    with object's ``__new__`` and AggregateType's ``__init__`` (structs, unions
+    and volatility3's extension classes of them: task_struct, list_head...)."""
+    obj = cls.__new__(cls)
+    _new_vol(obj, context, flat["type_name"], object_info, {"size": flat["size"], "members": flat["members"]})
+    obj._concrete_members = {}
+    return obj
+
+
+#: object class -> (how to build it from a template's flat vol, the number of
+#: keys that vol has: the constructor's arguments and object_class); a template
+#: with other keys, or a class without a maker (None, -1), takes the stock
+#: constructor.
+_MAKER_OF_CLASS: dict[type, Any] = {}
+
+
+def _maker(object_class: type) -> Any:
+    from volatility3.framework.objects import AggregateType, Pointer, PrimitiveObject
+
+    make, n_keys = None, -1
+    new, init = object_class.__new__, object_class.__init__
+    if new is PrimitiveObject.__new__ and init is PrimitiveObject.__init__:
+        make, n_keys = _make_primitive, 3  # object_class, type_name, data_format
+    elif new is PrimitiveObject.__new__ and init is Pointer.__init__:
+        make, n_keys = _make_pointer, 4  # + subtype
+    elif new is object.__new__ and init is AggregateType.__init__:
+        make, n_keys = _make_aggregate, 4  # object_class, type_name, size, members
+    _MAKER_OF_CLASS[object_class] = (make, n_keys)
+    return make, n_keys
+
+
+def _flat_vol(vol: Any) -> Any:
+    """The one dict behind a sealed :class:`VolChainMap` (else the map itself)."""
     if type(vol) is VolChainMap:
-        vol = vol._flat if vol._flat is not None else (vol.flat() or vol)
-    return vol["object_class"].VolTemplateProxy.size(self)
+        flat = vol._flat
+        if flat is not None:
+            return flat
+        return vol.flat() or vol
+    return vol
+
+
+def _primitive_size(vol: Any) -> int:
+    return vol["data_format"].length  # PrimitiveObject/Pointer: template.vol.data_format.length
+
+
+def _aggregate_size(vol: Any) -> int:
+    size = vol.get("size", None)  # AggregateType: template.vol.size, which must be set
+    if size is None:
+        raise ValueError("ObjectTemplate not provided with a size")
+    return size
+
+
+#: object class -> its template size read straight from the template's vol, for
+#: classes whose ``VolTemplateProxy.size`` is one of the stock functions below
+#: (None: the class has its own; it is called as stock calls it).
+_SIZE_OF_CLASS: dict[type, Any] = {}
+
+
+def _size_reader(object_class: type) -> Any:
+    from volatility3.framework.objects import AggregateType, Integer, Pointer, PrimitiveObject
+
+    stock = {PrimitiveObject.VolTemplateProxy.size.__func__: _primitive_size,
+             Pointer.VolTemplateProxy.size.__func__: _primitive_size,  # Integer's, by definition
+             Integer.VolTemplateProxy.size.__func__: _primitive_size,
+             AggregateType.VolTemplateProxy.size.__func__: _aggregate_size}
+    reader = stock.get(getattr(object_class.VolTemplateProxy.size, "__func__", None))
+    _SIZE_OF_CLASS[object_class] = reader
+    return reader
+
+
+def _template_size(self: Any) -> int:
+    """``ObjectTemplate.size`` without building a ReadOnlyMapping.
+
+    For the stock size functions of integers, pointers and structures (most
+    templates), the size is read from the template's vol directly; a missing
+    key falls back to the stock function, so its error is stock's own.
+    """
+    vol = _flat_vol(self._vol)
+    object_class = vol["object_class"]
+    try:
+        reader = _SIZE_OF_CLASS[object_class]
+    except KeyError:
+        reader = _size_reader(object_class)
+    if reader is not None:
+        try:
+            return reader(vol)
+        except (KeyError, AttributeError):
+            pass
+    return object_class.VolTemplateProxy.size(self)
+
+
+def _object_interface_init(stock: Any) -> Any:
+    """``ObjectInterface.__init__`` building its vol already flattened (:func:`_new_vol`).
+
+    Stock builds ``ChainMap({}, {type_name, offset}, object_info, kwargs)``;
+    this builds the same :class:`VolChainMap` and, when ``object_info`` is a
+    plain ``ObjectInformation`` (its fields and nothing else), its merged dict
+    too (ChainMap's key order and first-map-wins values), which the first
+    lookup would otherwise compute field by field.
+    """
+    def __init__(self: Any, context: Any, type_name: str, object_info: Any, **kwargs: Any) -> None:
+        _new_vol(self, context, type_name, object_info, kwargs)
+
+    __init__.__wrapped__ = stock  # type: ignore[attr-defined]
+    return __init__
+
+
+def _pointer_dereference(stock: Any) -> Any:
+    """``Pointer.dereference`` with its vol read once (same per-layer cache)."""
+    def dereference(self: Any, layer_name: str | None = None) -> Any:
+        vol = _flat_vol(self._vol)
+        if layer_name is None:
+            layer_name = vol["native_layer_name"]
+        cache = self._cache
+        if cache.get(layer_name, None) is None:
+            layer_name = layer_name or vol["native_layer_name"]
+            subtype = vol["subtype"]
+            cache[layer_name] = subtype(context=self._context, object_info=_ObjectInformation(
+                layer_name=layer_name, offset=self & self._context.layers[layer_name].address_mask,
+                parent=self, size=subtype.size, native_layer_name=layer_name))
+        return cache[layer_name]
+
+    dereference.__wrapped__ = stock  # type: ignore[attr-defined]
+    return dereference
+
+
+def _pointer_is_readable(stock: Any) -> Any:
+    """``Pointer.is_readable`` with its vol read once."""
+    def is_readable(self: Any, layer_name: str | None = None) -> bool:
+        vol = _flat_vol(self._vol)
+        layer_name = layer_name or vol["native_layer_name"]
+        return self._context.layers[layer_name].is_valid(self, vol["subtype"].size)
+
+    is_readable.__wrapped__ = stock  # type: ignore[attr-defined]
+    return is_readable
+
+
+def _aggregate_has_member(stock: Any) -> Any:
+    """``AggregateType.has_member`` without building a ReadOnlyMapping."""
+    def has_member(self: Any, member_name: str) -> bool:
+        return member_name in _flat_vol(self._vol)["members"]
+
+    has_member.__wrapped__ = stock  # type: ignore[attr-defined]
+    return has_member
 
 
 def _epoch_cached_boottime(stock: Any) -> Any:
@@ -152,6 +337,7 @@ def _epoch_cached_boottime(stock: Any) -> Any:
 _ObjectInformation = interfaces.objects.ObjectInformation
 _OBJECT_INFORMATION_FIELD_ORDER = tuple(f.name for f in dataclasses.fields(_ObjectInformation))
 _OBJECT_INFORMATION_FIELDS = frozenset(_OBJECT_INFORMATION_FIELD_ORDER)
+_N_OBJECT_INFORMATION_FIELDS = len(_OBJECT_INFORMATION_FIELD_ORDER)
 
 
 class VolChainMap(collections.ChainMap):
@@ -294,6 +480,7 @@ def adapt_volatility3() -> None:
     stock plugin output), written so they could be offered upstream as they
     are. Applied when a context is built (idempotent), never at import.
     """
+    from volatility3.framework import objects
     from volatility3.framework.interfaces import objects as iobjects
     from volatility3.framework.objects import AggregateType, templates
 
@@ -305,6 +492,11 @@ def adapt_volatility3() -> None:
     AggregateType.__getattr__ = _aggregate_getattr(AggregateType.__getattr__)  # type: ignore[method-assign]
     templates.ObjectTemplate.__call__ = _template_call  # type: ignore[method-assign]
     templates.ObjectTemplate.size = property(_template_size)  # type: ignore[method-assign,assignment]
+    iobjects.ObjectInterface.__init__ = _object_interface_init(  # type: ignore[method-assign]
+        iobjects.ObjectInterface.__init__)
+    objects.Pointer.dereference = _pointer_dereference(objects.Pointer.dereference)  # type: ignore[method-assign]
+    objects.Pointer.is_readable = _pointer_is_readable(objects.Pointer.is_readable)  # type: ignore[method-assign]
+    AggregateType.has_member = _aggregate_has_member(AggregateType.has_member)  # type: ignore[method-assign]
     from volatility3.framework.symbols.linux.extensions import task_struct
 
     task_struct._get_boottime_raw = _epoch_cached_boottime(  # type: ignore[method-assign]

@@ -250,3 +250,117 @@ def test_volchainmap_derived_maps_see_later_writes_to_shared_dicts():
     assert child["a"] == 1
     parent["a"] = 2
     assert child["a"] == 2 and parent["a"] == 2
+
+
+# -- object construction without the constructor chain (makers), sizes, pointers ------------
+
+def _stock_objects(monkeypatch):
+    """Build objects as stock volatility3 does: the stock ObjectInterface.__init__ and
+    ObjectTemplate.__call__ (undone when the test ends)."""
+    monkeypatch.setattr(iobjects.ObjectInterface, "__init__", iobjects.ObjectInterface.__init__.__wrapped__)
+    return lambda template, ctx, info: _stock_template_call(template, ctx, info)
+
+
+def _state(obj) -> tuple:
+    """Everything an object holds: its class, value, attributes in order, and its vol's maps."""
+    attrs = {k: v for k, v in vars(obj).items() if k != "_vol"}
+    maps = obj._vol.maps
+    return (type(obj), obj if isinstance(obj, int) else None, list(attrs), attrs,
+            [dict(m) if isinstance(m, dict) else m for m in maps])
+
+
+def _templates():
+    from volatility3.framework.symbols.linux import extensions as ext
+
+    u16 = templates.ObjectTemplate(objects.Integer, "u16", data_format=objects.DataFormatInfo(2, "little", False))
+    s32 = templates.ObjectTemplate(objects.Integer, "int", data_format=objects.DataFormatInfo(4, "little", True))
+    flag = templates.ObjectTemplate(objects.Boolean, "bool", data_format=objects.DataFormatInfo(1, "little", False))
+    ch = templates.ObjectTemplate(objects.Char, "char", data_format=objects.DataFormatInfo(1, "little", True))
+    ptr = templates.ObjectTemplate(objects.Pointer, "pointer", subtype=u16,
+                                   data_format=objects.DataFormatInfo(8, "little", False))
+    members = {"lo": (0, u16), "n": (4, s32), "p": (8, ptr), "c": (16, ch), "f": (17, flag)}
+    struct = templates.ObjectTemplate(objects.StructType, "s", size=24, members=members)
+    union = templates.ObjectTemplate(objects.UnionType, "u", size=8, members={"a": (0, u16), "b": (0, s32)})
+    task = templates.ObjectTemplate(ext.task_struct, "task_struct", size=24, members=members)
+    lst = templates.ObjectTemplate(ext.list_head, "list_head", size=16, members={"next": (0, ptr), "prev": (8, ptr)})
+    arr = templates.ObjectTemplate(objects.Array, "arr", count=3, subtype=u16)
+    return [u16, s32, flag, ch, ptr, struct, union, task, lst, arr]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=96, max_size=96), st.integers(0, 40), st.sampled_from([None, "m"]))
+def test_made_objects_are_stock_objects(data, offset, member_name):
+    """Every template's object, built by our makers, holds exactly what the stock constructors
+    put in it (class, value, attributes and their order, the vol's maps), and reads the same."""
+    import pytest
+
+    voladapt.adapt_volatility3()
+    with pytest.MonkeyPatch.context() as mp:
+        ctx = _context_with_bytes(data)
+        info = lambda: iobjects.ObjectInformation(layer_name="mem", offset=offset, member_name=member_name,  # noqa: E731
+                                                  native_layer_name="mem", size=None)
+        ts = _templates()
+        ours = [t(ctx, info()) for t in ts]
+        stock_call = _stock_objects(mp)
+        stock = [stock_call(t, ctx, info()) for t in ts]
+    for a, b in zip(ours, stock):
+        sa, sb = _state(a), _state(b)
+        assert sa[:4] == sb[:4]
+        assert [type(m) for m in sa[4]] == [type(m) for m in sb[4]]
+        assert [list(m) for m in sa[4] if isinstance(m, dict)] == [list(m) for m in sb[4] if isinstance(m, dict)]
+        assert [m if isinstance(m, dict) else vars(m) for m in sa[4]] == \
+               [m if isinstance(m, dict) else vars(m) for m in sb[4]]
+        for key in VOL_KEYS + ("data_format", "subtype", "members", "count", "nope"):
+            assert (key in a._vol) == (key in b._vol) and a._vol.get(key) == b._vol.get(key)
+    struct, stock_struct = ours[5], stock[5]
+    for name in ("lo", "n", "p", "c", "f"):
+        assert int(getattr(struct, name)) == int(getattr(stock_struct, name))
+    assert struct.p.vol.subtype is stock_struct.p.vol.subtype
+
+
+def test_a_template_with_other_arguments_takes_the_stock_constructor():
+    """A template holding an argument its class does not take fails as stock fails."""
+    voladapt.adapt_volatility3()
+    ctx = _context_with_bytes(bytes(16))
+    extra = templates.ObjectTemplate(objects.Integer, "u16", data_format=objects.DataFormatInfo(2, "little", False))
+    extra.update_vol(note="x")
+    info = iobjects.ObjectInformation(layer_name="mem", offset=0, native_layer_name="mem")
+    errors = []
+    for call in (extra, lambda c, i: _stock_template_call(extra, c, i)):
+        try:
+            call(ctx, info)
+        except TypeError as exc:
+            errors.append(str(exc))
+    assert len(errors) == 2 and errors[0] == errors[1] and "note" in errors[0]
+
+
+def test_template_sizes_are_stock_sizes():
+    voladapt.adapt_volatility3()
+    for t in _templates():
+        assert t.size == t.vol.object_class.VolTemplateProxy.size(t)
+    sizeless = templates.ObjectTemplate(objects.StructType, "s", members={})
+    for get in (lambda: sizeless.size, lambda: objects.StructType.VolTemplateProxy.size(sizeless)):
+        try:
+            get()
+        except ValueError as exc:
+            assert str(exc) == "ObjectTemplate not provided with a size"
+        else:
+            raise AssertionError("a struct template without a size has no size")
+
+
+def test_pointer_dereference_and_readability_are_stock():
+    voladapt.adapt_volatility3()
+    data = (24).to_bytes(8, "little") + (31).to_bytes(8, "little") + bytes(range(16))  # 31: its u16 ends past the layer
+    ctx = _context_with_bytes(data)
+    ptr_t = _templates()[4]
+    for offset, readable in ((0, True), (8, False)):
+        info = iobjects.ObjectInformation(layer_name="mem", offset=offset, native_layer_name="mem")
+        ours, stock = ptr_t(ctx, info), ptr_t(ctx, info)
+        assert ours.is_readable() == objects.Pointer.is_readable.__wrapped__(stock) == readable
+        if readable:
+            a, b = ours.dereference(), objects.Pointer.dereference.__wrapped__(stock)
+            assert int(a) == int(b) == int.from_bytes(data[24:26], "little") and _vol(a) == _vol(b)
+            assert ours.dereference() is a  # cached per layer, as stock
+    struct = _templates()[5](ctx, iobjects.ObjectInformation(layer_name="mem", offset=0, native_layer_name="mem"))
+    for name in ("lo", "p", "nope"):
+        assert struct.has_member(name) == objects.AggregateType.has_member.__wrapped__(struct, name)
