@@ -126,17 +126,22 @@ def _template_call(self: Any, context: Any, object_info: Any) -> Any:
 
 
 def _new_vol(obj: Any, context: Any, type_name: str, object_info: Any, kwargs: dict) -> None:
-    """What ``ObjectInterface.__init__`` sets: ``_vol`` (already flattened when it can be) and ``_context``."""
+    """What ``ObjectInterface.__init__`` sets: ``_vol`` (already flattened when it can be) and ``_context``.
+
+    The merged dict of ``ChainMap({}, {type_name, offset}, object_info, kwargs)``
+    is written as one dict display: kwargs' keys first, then the
+    ObjectInformation's fields in their order, then ``type_name``, with the
+    first map's values winning (the normalized offset), as ChainMap iterates
+    and looks up. Only the dataclass's fields are read, as ChainMap's lookup
+    through ``ObjectInformation.__getitem__`` sees them.
+    """
     offset = object_info.offset & context.layers[object_info.layer_name].address_mask
-    vol = VolChainMap({}, {"type_name": type_name, "offset": offset}, object_info, kwargs)
-    if type(object_info) is _ObjectInformation:
-        fields = object_info.__dict__
-        if len(fields) == _N_OBJECT_INFORMATION_FIELDS:
-            flat = dict(kwargs)
-            flat.update(fields)
-            flat["type_name"] = type_name
-            flat["offset"] = offset
-            vol._flat = flat
+    vol = _new_object(VolChainMap)
+    vol.maps = [{}, {"type_name": type_name, "offset": offset}, object_info, kwargs]
+    if type(object_info) is _ObjectInformation and _FIELDS_AS_WRITTEN:
+        vol._flat = {**kwargs, "layer_name": object_info.layer_name, "offset": offset,
+                     "native_layer_name": object_info.native_layer_name, "member_name": object_info.member_name,
+                     "parent": object_info.parent, "size": object_info.size, "type_name": type_name}
     obj._vol = vol
     obj._context = context
 
@@ -270,6 +275,46 @@ def _object_interface_init(stock: Any) -> Any:
     return __init__
 
 
+def _context_object(stock: Any) -> Any:
+    """``Context.object`` for a type name and no extra arguments, without cloning the template.
+
+    Stock clones the type's template (``clone()``: a new template from the
+    arguments it was constructed with), applies no ``update_vol`` and calls the
+    clone. When the cached template has had nothing added since (its
+    ``update_vol`` map is empty) and its class is one :func:`_maker` builds, the
+    clone would hold exactly the template's own arguments, so the template
+    itself builds the same object. Anything else (a template given, extra
+    arguments, enumerations, other classes) is stock's.
+    """
+    from volatility3.framework.objects import templates
+
+    def object(self: Any, object_type: Any, layer_name: str, offset: int, native_layer_name: str | None = None,
+               **arguments: Any) -> Any:
+        if arguments or type(object_type) is not str:
+            return stock(self, object_type, layer_name, offset, native_layer_name, **arguments)
+        try:
+            template = self._symbol_space.get_type(object_type)
+        except Exception:  # noqa: BLE001 (stock looks for an enumeration, or raises its own error)
+            return stock(self, object_type, layer_name, offset, native_layer_name)
+        vol = template._vol
+        if type(template) is not templates.ObjectTemplate or type(vol) is not VolChainMap or len(vol.maps) != 3 \
+                or vol.maps[0]:
+            return stock(self, object_type, layer_name, offset, native_layer_name)
+        flat = vol.flat()
+        if flat is None:
+            return stock(self, object_type, layer_name, offset, native_layer_name)
+        object_class = flat["object_class"]
+        make = _MAKER_OF_CLASS.get(object_class) or _maker(object_class)
+        if make[0] is None:
+            return stock(self, object_type, layer_name, offset, native_layer_name)
+        return template(context=self, object_info=_ObjectInformation(
+            layer_name=layer_name, offset=offset, native_layer_name=native_layer_name or layer_name,
+            size=template.size))
+
+    object.__wrapped__ = stock  # type: ignore[attr-defined]
+    return object
+
+
 def _pointer_dereference(stock: Any) -> Any:
     """``Pointer.dereference`` with its vol read once (same per-layer cache)."""
     def dereference(self: Any, layer_name: str | None = None) -> Any:
@@ -337,7 +382,10 @@ def _epoch_cached_boottime(stock: Any) -> Any:
 _ObjectInformation = interfaces.objects.ObjectInformation
 _OBJECT_INFORMATION_FIELD_ORDER = tuple(f.name for f in dataclasses.fields(_ObjectInformation))
 _OBJECT_INFORMATION_FIELDS = frozenset(_OBJECT_INFORMATION_FIELD_ORDER)
-_N_OBJECT_INFORMATION_FIELDS = len(_OBJECT_INFORMATION_FIELD_ORDER)
+#: :func:`_new_vol` writes these fields out, in this order (another volatility3: the generic path).
+_FIELDS_AS_WRITTEN = _OBJECT_INFORMATION_FIELD_ORDER == (
+    "layer_name", "offset", "native_layer_name", "member_name", "parent", "size")
+_new_object = object.__new__
 
 
 class VolChainMap(collections.ChainMap):
@@ -356,9 +404,12 @@ class VolChainMap(collections.ChainMap):
     fields, as its ``__contains__``/``__getitem__`` expose them.
     """
 
+    _flat: dict | None = None  # the merged dict, once made
+    _sealed = True  # False: look up map by map
+
     def __init__(self, *maps: Any) -> None:
         self.maps = list(maps) or [{}]
-        self._flat: dict | None = None
+        self._flat = None
         self._sealed = True
 
     def _flatten(self) -> dict | None:
@@ -480,7 +531,7 @@ def adapt_volatility3() -> None:
     stock plugin output), written so they could be offered upstream as they
     are. Applied when a context is built (idempotent), never at import.
     """
-    from volatility3.framework import objects
+    from volatility3.framework import contexts, objects
     from volatility3.framework.interfaces import objects as iobjects
     from volatility3.framework.objects import AggregateType, templates
 
@@ -497,6 +548,7 @@ def adapt_volatility3() -> None:
     objects.Pointer.dereference = _pointer_dereference(objects.Pointer.dereference)  # type: ignore[method-assign]
     objects.Pointer.is_readable = _pointer_is_readable(objects.Pointer.is_readable)  # type: ignore[method-assign]
     AggregateType.has_member = _aggregate_has_member(AggregateType.has_member)  # type: ignore[method-assign]
+    contexts.Context.object = _context_object(contexts.Context.object)  # type: ignore[method-assign]
     from volatility3.framework.symbols.linux.extensions import task_struct
 
     task_struct._get_boottime_raw = _epoch_cached_boottime(  # type: ignore[method-assign]
