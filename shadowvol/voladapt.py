@@ -101,7 +101,7 @@ def _template_call(self: Any, context: Any, object_info: Any) -> Any:
     :func:`_maker` without the constructor chain.
     """
     vol = self._vol
-    flat = vol.flat() if type(vol) is VolChainMap else None
+    flat = (vol._flat or vol.flat()) if type(vol) is VolChainMap else None
     if flat is not None:
         object_class = flat["object_class"]
         try:
@@ -158,10 +158,45 @@ def _make_primitive(cls: type, context: Any, object_info: Any, flat: dict) -> An
     return obj
 
 
+def _make_integer(cls: type, context: Any, object_info: Any, flat: dict) -> Any:
+    """:func:`_make_primitive` for an int class with PrimitiveObject's ``_unmarshall``,
+    whose read and conversion (``context.layers.read``, ``convert_data_to_value``:
+    ``int.from_bytes``) are written out."""
+    data_format = flat["data_format"]
+    length = data_format.length
+    data = context.layers[object_info.layer_name].read(object_info.offset, length, False) if length > 0 else b""
+    value = int.from_bytes(data, byteorder=data_format.byteorder, signed=data_format.signed)
+    obj = int.__new__(cls, value)
+    obj._PrimitiveObject__new_value = value
+    _new_vol(obj, context, flat["type_name"], object_info, {"data_format": data_format})
+    obj._data_format = data_format
+    return obj
+
+
 def _make_pointer(cls: type, context: Any, object_info: Any, flat: dict) -> Any:
     """``cls(context, object_info, type_name=..., data_format=..., subtype=...)`` for
     a class with PrimitiveObject's ``__new__`` and Pointer's ``__init__``."""
     obj = _make_primitive(cls, context, object_info, flat)
+    obj._vol["subtype"] = flat["subtype"]
+    obj._cache = {}
+    return obj
+
+
+def _make_plain_pointer(cls: type, context: Any, object_info: Any, flat: dict) -> Any:
+    """:func:`_make_pointer` for a class with Pointer's ``_unmarshall`` and
+    ``_get_raw_value``, written out: the raw value read from ``layer_name`` and
+    cut to the native layer's address mask."""
+    data_format = flat["data_format"]
+    mask = context.layers[object_info.native_layer_name].address_mask
+    length, endian, signed = data_format
+    if signed:
+        raise ValueError("Pointers cannot have signed values")
+    data = context.layers[object_info.layer_name].read(object_info.offset, length, False)
+    value = int.from_bytes(data, byteorder=endian, signed=signed) & mask
+    obj = int.__new__(cls, value)
+    obj._PrimitiveObject__new_value = value
+    _new_vol(obj, context, flat["type_name"], object_info, {"data_format": data_format})
+    obj._data_format = data_format
     obj._vol["subtype"] = flat["subtype"]
     obj._cache = {}
     return obj
@@ -189,10 +224,17 @@ def _maker(object_class: type) -> Any:
 
     make, n_keys = None, -1
     new, init = object_class.__new__, object_class.__init__
+    unmarshall = getattr(object_class._unmarshall, "__func__", None) if hasattr(object_class, "_unmarshall") else None
     if new is PrimitiveObject.__new__ and init is PrimitiveObject.__init__:
         make, n_keys = _make_primitive, 3  # object_class, type_name, data_format
+        if object_class._struct_type is int and issubclass(object_class, int) \
+                and unmarshall is PrimitiveObject._unmarshall.__func__:
+            make = _make_integer
     elif new is PrimitiveObject.__new__ and init is Pointer.__init__:
         make, n_keys = _make_pointer, 4  # + subtype
+        if issubclass(object_class, int) and unmarshall is Pointer._unmarshall.__func__ \
+                and object_class._get_raw_value.__func__ is Pointer._get_raw_value.__func__:
+            make = _make_plain_pointer
     elif new is object.__new__ and init is AggregateType.__init__:
         make, n_keys = _make_aggregate, 4  # object_class, type_name, size, members
     _MAKER_OF_CLASS[object_class] = (make, n_keys)
@@ -242,10 +284,16 @@ def _template_size(self: Any) -> int:
     """``ObjectTemplate.size`` without building a ReadOnlyMapping.
 
     For the stock size functions of integers, pointers and structures (most
-    templates), the size is read from the template's vol directly; a missing
-    key falls back to the stock function, so its error is stock's own.
+    templates), the size is read from the template's vol directly and kept
+    there until the vol is written to (it depends on that vol alone); a
+    missing key falls back to the stock function, so its error is stock's own.
     """
-    vol = _flat_vol(self._vol)
+    chain = self._vol
+    if type(chain) is VolChainMap:
+        size = chain._size
+        if size is not None:
+            return size
+    vol = _flat_vol(chain)
     object_class = vol["object_class"]
     try:
         reader = _SIZE_OF_CLASS[object_class]
@@ -253,9 +301,13 @@ def _template_size(self: Any) -> int:
         reader = _size_reader(object_class)
     if reader is not None:
         try:
-            return reader(vol)
+            size = reader(vol)
         except (KeyError, AttributeError):
             pass
+        else:
+            if type(chain) is VolChainMap and chain._sealed:
+                chain._size = size
+            return size
     return object_class.VolTemplateProxy.size(self)
 
 
@@ -406,6 +458,7 @@ class VolChainMap(collections.ChainMap):
 
     _flat: dict | None = None  # the merged dict, once made
     _sealed = True  # False: look up map by map
+    _size: int | None = None  # a template's size (see _template_size), until the next write
 
     def __init__(self, *maps: Any) -> None:
         self.maps = list(maps) or [{}]
@@ -470,27 +523,28 @@ class VolChainMap(collections.ChainMap):
     # Writes go to maps[0], as ChainMap's; the flat dict follows them.
     def __setitem__(self, key: Any, value: Any) -> None:
         self.maps[0][key] = value
+        self._size = None
         if self._flat is not None:
             self._flat[key] = value
 
     def __delitem__(self, key: Any) -> None:
-        self._flat = None
+        self._flat = self._size = None
         super().__delitem__(key)
 
     def popitem(self) -> Any:
-        self._flat = None
+        self._flat = self._size = None
         return super().popitem()
 
     def pop(self, key: Any, *args: Any) -> Any:
-        self._flat = None
+        self._flat = self._size = None
         return super().pop(key, *args)
 
     def clear(self) -> None:
-        self._flat = None
+        self._flat = self._size = None
         super().clear()
 
     def __ior__(self, other: Any) -> "VolChainMap":
-        self._flat = None
+        self._flat = self._size = None
         return super().__ior__(other)
 
     # Derived maps share dicts with this one: never flattened.

@@ -331,7 +331,11 @@ class LiveLinuxIntel32e(intel.LinuxIntel32e):
         return paddr, size, self._base_layer
 
     def read(self, offset: int, length: int, pad: bool = False) -> bytes:
-        vaddr = self.canonicalize(offset & self._vmask)
+        vaddr = offset & self._vmask
+        if self._canon_stock:
+            vaddr = self.canonicalize(vaddr)
+        elif vaddr >= self._half:  # canonicalize(), written out: every read comes here
+            vaddr = (vaddr & self._canon_keep) + self._canonical_prefix
         if pad:
             return self._paged.read_padded(vaddr, length)
         try:

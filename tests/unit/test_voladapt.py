@@ -367,3 +367,19 @@ def test_pointer_dereference_and_readability_are_stock():
     struct = _templates()[5](ctx, iobjects.ObjectInformation(layer_name="mem", offset=0, native_layer_name="mem"))
     for name in ("lo", "p", "nope"):
         assert struct.has_member(name) == objects.AggregateType.has_member.__wrapped__(struct, name)
+
+
+def test_template_size_follows_writes_to_the_template():
+    """A template's size is kept on its vol until the vol is written to."""
+    voladapt.adapt_volatility3()
+    u16 = templates.ObjectTemplate(objects.Integer, "u16", data_format=objects.DataFormatInfo(2, "little", False))
+    struct = templates.ObjectTemplate(objects.StructType, "s", size=8, members={})
+    assert (u16.size, struct.size) == (2, 8)
+    u16.update_vol(data_format=objects.DataFormatInfo(4, "little", False))
+    struct.update_vol(size=24)
+    assert (u16.size, struct.size) == (4, 24)
+    assert struct.clone().size == 8  # a clone holds the arguments as constructed, as stock
+    arr = templates.ObjectTemplate(objects.Array, "arr", count=3, subtype=u16)
+    assert arr.size == 12
+    u16.update_vol(data_format=objects.DataFormatInfo(8, "little", False))
+    assert arr.size == 24  # an array's size follows its subtype's (never kept)
