@@ -455,8 +455,15 @@ class DeferredTemplate:
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._resolve(), attr)
 
+    @property
+    def size(self) -> int:
+        """The real template's size (asked for every pointer that is checked or followed)."""
+        real = self._real if self._real is not None else self._resolve()
+        return real.size
+
     def __call__(self, context: Any, object_info: Any) -> Any:
-        return self._resolve()(context=context, object_info=object_info)
+        real = self._real if self._real is not None else self._resolve()
+        return real(context=context, object_info=object_info)
 
 
 class LazySymbolSpace(symbols.SymbolSpace):
