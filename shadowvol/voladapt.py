@@ -370,7 +370,8 @@ def _context_object(stock: Any) -> Any:
 def _pointer_dereference(stock: Any) -> Any:
     """``Pointer.dereference`` with its vol read once (same per-layer cache)."""
     def dereference(self: Any, layer_name: str | None = None) -> Any:
-        vol = _flat_vol(self._vol)
+        vol = self._vol
+        vol = vol._flat or _flat_vol(vol) if type(vol) is VolChainMap else vol
         if layer_name is None:
             layer_name = vol["native_layer_name"]
         cache = self._cache
@@ -389,7 +390,8 @@ def _pointer_dereference(stock: Any) -> Any:
 def _pointer_is_readable(stock: Any) -> Any:
     """``Pointer.is_readable`` with its vol read once."""
     def is_readable(self: Any, layer_name: str | None = None) -> bool:
-        vol = _flat_vol(self._vol)
+        vol = self._vol
+        vol = vol._flat or _flat_vol(vol) if type(vol) is VolChainMap else vol
         layer_name = layer_name or vol["native_layer_name"]
         return self._context.layers[layer_name].is_valid(self, vol["subtype"].size)
 
@@ -400,7 +402,9 @@ def _pointer_is_readable(stock: Any) -> Any:
 def _aggregate_has_member(stock: Any) -> Any:
     """``AggregateType.has_member`` without building a ReadOnlyMapping."""
     def has_member(self: Any, member_name: str) -> bool:
-        return member_name in _flat_vol(self._vol)["members"]
+        vol = self._vol
+        vol = vol._flat or _flat_vol(vol) if type(vol) is VolChainMap else vol
+        return member_name in vol["members"]
 
     has_member.__wrapped__ = stock  # type: ignore[attr-defined]
     return has_member

@@ -498,17 +498,38 @@ class LazySymbolSpace(symbols.SymbolSpace):
             parent.replace_child(child, new if new is not None else self._resolved[child.vol.type_name])
 
 
+class LiveLayers(dict, interfaces.layers.LayerContainer):
+    """volatility3's ``LayerContainer`` whose lookups are a dict's.
+
+    Every object built and every member read asks ``context.layers[name]``
+    (its address mask, its read): two Python calls each (the ``layers``
+    property, ``LayerContainer.__getitem__``), about 200 per task in pslist.
+    This container is a dict holding its layers (``_layers`` is itself, so
+    ``add_layer``, ``del_layer`` and the rest of the stock methods work on it
+    unchanged), and :class:`LiveContext` holds it as a plain attribute.
+    """
+
+    def __init__(self) -> None:
+        dict.__init__(self)
+        self._layers = self
+
+
 class LiveContext(contexts.Context):
     """A volatility3 context whose symbol space resolves pointer targets lazily.
 
     One context is one epoch (one snapshot of the guest): ``epoch_cache``
     holds values that cannot change within it (see :func:`adapt_volatility3`);
-    a new epoch is a new context.
+    a new epoch is a new context. Its layers are a :class:`LiveLayers`, read
+    without a property call (``layers`` is an instance attribute here).
     """
+
+    layers = None  # shadows Context.layers (a property): the instance's own attribute is read
 
     def __init__(self) -> None:
         super().__init__()
         self._symbol_space = LazySymbolSpace()
+        self._memory = LiveLayers()
+        self.layers = self._memory
         self.epoch_cache: dict[Any, Any] = {}
 
 

@@ -383,3 +383,32 @@ def test_template_size_follows_writes_to_the_template():
     assert arr.size == 12
     u16.update_vol(data_format=objects.DataFormatInfo(8, "little", False))
     assert arr.size == 24  # an array's size follows its subtype's (never kept)
+
+
+def test_live_layers_are_a_layer_container():
+    """LiveContext's layers: a dict that is also volatility3's LayerContainer, read as an attribute."""
+    from volatility3.framework import exceptions
+    from volatility3.framework.interfaces.layers import LayerContainer
+    from volatility3.framework.layers.physical import BufferDataLayer
+
+    ctx = volbridge.LiveContext()
+    layers = ctx.layers
+    assert isinstance(layers, LayerContainer) and layers is contexts.Context.layers.fget(ctx)
+    ctx.add_layer(BufferDataLayer(ctx, "cfg", "mem", bytes(range(64))))
+    assert list(layers) == ["mem"] and len(layers) == 1 and "mem" in layers
+    assert layers.read("mem", 4, 4) == bytes(range(4, 8)) and layers.free_layer_name("mem") == "mem_1"
+    try:
+        ctx.add_layer(BufferDataLayer(ctx, "cfg", "mem", bytes(8)))
+    except exceptions.LayerException:
+        pass
+    else:
+        raise AssertionError("a second layer of the same name is refused, as stock")
+    for missing in (lambda: layers["nope"], lambda: layers.read("nope", 0, 1)):
+        try:
+            missing()
+        except KeyError:
+            pass
+        else:
+            raise AssertionError("an unknown layer is a KeyError, as stock")
+    layers.del_layer("mem")
+    assert list(layers) == [] and dict(layers) == {}
