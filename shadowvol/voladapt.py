@@ -224,7 +224,7 @@ def _maker(object_class: type) -> Any:
 
     make, n_keys = None, -1
     new, init = object_class.__new__, object_class.__init__
-    unmarshall = getattr(object_class._unmarshall, "__func__", None) if hasattr(object_class, "_unmarshall") else None
+    unmarshall = getattr(getattr(object_class, "_unmarshall", None), "__func__", None)
     if new is PrimitiveObject.__new__ and init is PrimitiveObject.__init__:
         make, n_keys = _make_primitive, 3  # object_class, type_name, data_format
         if object_class._struct_type is int and issubclass(object_class, int) \

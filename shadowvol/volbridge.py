@@ -458,12 +458,10 @@ class DeferredTemplate:
     @property
     def size(self) -> int:
         """The real template's size (asked for every pointer that is checked or followed)."""
-        real = self._real if self._real is not None else self._resolve()
-        return real.size
+        return self._resolve().size
 
     def __call__(self, context: Any, object_info: Any) -> Any:
-        real = self._real if self._real is not None else self._resolve()
-        return real(context=context, object_info=object_info)
+        return self._resolve()(context=context, object_info=object_info)
 
 
 class LazySymbolSpace(symbols.SymbolSpace):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import gc
 import json
 import sys
 import threading
@@ -345,8 +346,6 @@ def _collect_tick(first: bool) -> None:
     still freed by reference counting), and each tick ends with a collection
     of the rest: 38-48 ms on average, 60 ms at most (same guest, same runs).
     """
-    import gc
-
     gc.collect()
     if first:
         gc.freeze()
@@ -368,8 +367,6 @@ def watch(vm: str, plugin: str, options: dict[str, Any] | None = None, interval:
     plugin_cls = volbridge.load_plugin(plugin)
     options = options or {}
     kernel = _Kernel(vm, backend, err, connect)
-    import gc
-
     with contextlib.ExitStack() as held:
         held.callback(kernel.close)
         held.callback(gc.unfreeze)  # what the ticks froze is the GC's again once watch returns
