@@ -1,7 +1,8 @@
 """The fast backends: guest RAM read straight from the host, without stopping the VM.
 
-- :class:`ShadowFile` mmaps the guest RAM file of a QEMU started with
-  ``-object memory-backend-file,share=on,mem-path=/dev/shm/...`` read-only.
+- :class:`ShadowFile` reads the guest RAM file of a QEMU started with
+  ``-object memory-backend-file,share=on,mem-path=/dev/shm/...`` (opened
+  and mapped read-only; reads are ``pread`` on it, see :class:`BufferMemory`).
 - :class:`ShadowProcess` reads the RAM of any QEMU process through
   ``/proc/PID/mem`` (needs ptrace access to that process).
 
@@ -25,7 +26,7 @@ from ..qemu.monitor import xp
 from ..qemu.process import qmp_socket_of, ram_by_maps, ram_by_monitor
 from ..qemu.qmp import Monitor, QMPClient
 from ..qemu.ramlayout import q35_layout, qemu_ram_layout
-from .base import BufferMemory, PhysicalMemory, Segment, map_file_readonly, merge_ranges
+from .base import BufferMemory, PhysicalMemory, Segment, merge_ranges, open_file_readonly
 
 __all__ = [
     "ShadowFile",
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 class ShadowFile(BufferMemory):
-    """A guest RAM file (``memory-backend-file,share=on``) mmapped read-only.
+    """A guest RAM file (``memory-backend-file,share=on``), read-only.
 
     ``segments`` map guest-physical ranges to file offsets; by default the
     q35 layout for the file's size. Reads see the guest live.
@@ -50,14 +51,15 @@ class ShadowFile(BufferMemory):
                  name: str = "shadow", populate: bool = False) -> None:
         self.path = str(path)
         flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-        mm = map_file_readonly(self.path, "guest RAM file", flags)
+        mm, fd = open_file_readonly(self.path, "guest RAM file", flags)
         size = len(mm)
         segs = list(segments) if segments is not None else q35_layout(size)
         try:
-            super().__init__(mm, segs, name=name,
+            super().__init__(mm, segs, name=name, fd=fd,
                              meta={"backend": "shadow-file", "source": self.path, "live": True})
         except ValueError as exc:
             mm.close()
+            os.close(fd)
             raise BackendError(f"{self.path}: {exc}") from None
 
     @classmethod

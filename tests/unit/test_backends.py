@@ -190,6 +190,43 @@ def test_shadow_file(tmp_path: Path) -> None:
         ShadowFile(tmp_path / "missing.ram")
 
 
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def test_shadow_file_reads_without_mapping_pages(tmp_path: Path) -> None:
+    """Reads copy bytes with pread: the pages they touch (and the kernel's
+    fault-around neighbours) never enter our RSS; a file that shrinks under us
+    gives a one-line error, not SIGBUS; close() releases the descriptor."""
+    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else tmp_path
+    path = base / f"shadowvol-test-rss-{os.getpid()}.ram"
+    size = 32 << 20
+    rng = random.Random(5)
+    with open(path, "wb") as f:
+        f.write(rng.randbytes(size))
+    field = "RssShmem" if str(path).startswith("/dev/shm") else "RssFile"
+    try:
+        mem = ShadowFile(path)
+        with open(path, "rb") as f:
+            expect = f.read()
+        before = _rss_kb(field)
+        for paddr in range(0, size, 64 << 10):  # one 8-byte read per 64 KiB: 512 reads
+            assert mem.read(paddr + 40, 8) == expect[paddr + 40:paddr + 48]
+        assert mem.read(size - 0x1800, 0x1000) == expect[size - 0x1800:size - 0x800]
+        grown = _rss_kb(field) - before
+        assert grown < 1024, f"reads mapped {grown} KiB of the file into our RSS"
+        fd = mem._fd
+        os.truncate(path, size // 2)
+        with pytest.raises(BackendError, match="shorter than when it was opened"):
+            mem.read(size - 0x100, 8)
+        mem.close()
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    finally:
+        path.unlink()
+
+
 def test_shadow_process_on_self() -> None:
     mm = anon(0x3000, seed=9)
     buf = (ctypes.c_char * 0x3000).from_buffer(mm)
