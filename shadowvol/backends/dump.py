@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BackendError, TruncatedError
-from .base import BufferMemory, Segment, open_file_readonly
+from .base import DROP_EVERY, BufferMemory, Segment, map_file_readonly
 
 __all__ = [
     "LIME_MAGIC",
@@ -205,14 +205,12 @@ def _check_overlap(segs: list[Segment], path: str) -> None:
 
 
 class DumpMemory(BufferMemory):
-    """A dump file, read-only; ``format`` is ``raw``, ``lime`` or ``elf``.
-
-    ``fd`` (owned from then on): the file, read with ``pread`` (see
-    :class:`BufferMemory`); without it, reads slice ``buffer``."""
+    """A dump file mmapped read-only; ``format`` is ``raw``, ``lime`` or ``elf``."""
 
     def __init__(self, buffer: mmap.mmap, segments: list[Segment], fmt: str, path: str,
-                 notes: list[ElfNote] | None = None, fd: int | None = None) -> None:
-        super().__init__(buffer, segments, name="dump", fd=fd,
+                 notes: list[ElfNote] | None = None) -> None:
+        super().__init__(buffer, segments, name="dump",
+                         drop_every=DROP_EVERY if isinstance(buffer, mmap.mmap) else 0,
                          meta={"backend": f"dump-{fmt}", "source": path, "live": False, "format": fmt})
         self.format = fmt
         self.path = path
@@ -243,7 +241,7 @@ def open_dump(path: str | os.PathLike[str], segments: list[Segment] | None = Non
     BackendError, or with ``partial`` opens what is there and lists the
     shortfall in ``DumpMemory.truncated``."""
     path = str(path)
-    mm, fd = open_file_readonly(path, "dump", mmap.MAP_PRIVATE)
+    mm = map_file_readonly(path, "dump", mmap.MAP_PRIVATE)
     truncated: list[str] = []
     try:
         head = mm[:16]
@@ -263,14 +261,13 @@ def open_dump(path: str | os.PathLike[str], segments: list[Segment] | None = Non
         if segments is not None and fmt != "raw":
             raise BackendError(f"{path}: segments can only be given for raw dumps, this is {fmt}")
         try:
-            dump = DumpMemory(mm, segs, fmt, path, notes, fd=fd)
+            dump = DumpMemory(mm, segs, fmt, path, notes)
             dump.truncated = truncated
             return dump
         except ValueError as exc:
             raise BackendError(f"{path}: {exc}") from None
     except BaseException:
         mm.close()
-        os.close(fd)
         raise
 
 

@@ -1,8 +1,7 @@
 """The fast backends: guest RAM read straight from the host, without stopping the VM.
 
-- :class:`ShadowFile` reads the guest RAM file of a QEMU started with
-  ``-object memory-backend-file,share=on,mem-path=/dev/shm/...`` (opened
-  and mapped read-only; reads are ``pread`` on it, see :class:`BufferMemory`).
+- :class:`ShadowFile` mmaps the guest RAM file of a QEMU started with
+  ``-object memory-backend-file,share=on,mem-path=/dev/shm/...`` read-only.
 - :class:`ShadowProcess` reads the RAM of any QEMU process through
   ``/proc/PID/mem`` (needs ptrace access to that process).
 
@@ -26,7 +25,7 @@ from ..qemu.monitor import xp
 from ..qemu.process import qmp_socket_of, ram_by_maps, ram_by_monitor
 from ..qemu.qmp import Monitor, QMPClient
 from ..qemu.ramlayout import q35_layout, qemu_ram_layout
-from .base import BufferMemory, PhysicalMemory, Segment, merge_ranges, open_file_readonly
+from .base import DROP_EVERY, BufferMemory, PhysicalMemory, Segment, map_file_readonly, merge_ranges
 
 __all__ = [
     "ShadowFile",
@@ -37,29 +36,30 @@ __all__ = [
 ]
 
 class ShadowFile(BufferMemory):
-    """A guest RAM file (``memory-backend-file,share=on``), read-only.
+    """A guest RAM file (``memory-backend-file,share=on``) mmapped read-only.
 
     ``segments`` map guest-physical ranges to file offsets; by default the
     q35 layout for the file's size. Reads see the guest live.
 
     ``populate`` pre-faults the whole mapping (MAP_POPULATE): about 37 ms per
     512 MiB at open instead of a minor fault on each first touch, but it
-    also allocates any never-touched (sparse) pages of the RAM file.
+    also allocates any never-touched (sparse) pages of the RAM file (give
+    ``drop_every=0`` too, or the first drop unmaps them again).
+    ``drop_every``: see :class:`BufferMemory` (it keeps our RSS bounded).
     """
 
     def __init__(self, path: str | os.PathLike[str], segments: Sequence[Segment] | None = None,
-                 name: str = "shadow", populate: bool = False) -> None:
+                 name: str = "shadow", populate: bool = False, drop_every: int = DROP_EVERY) -> None:
         self.path = str(path)
         flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-        mm, fd = open_file_readonly(self.path, "guest RAM file", flags)
+        mm = map_file_readonly(self.path, "guest RAM file", flags)
         size = len(mm)
         segs = list(segments) if segments is not None else q35_layout(size)
         try:
-            super().__init__(mm, segs, name=name, fd=fd,
+            super().__init__(mm, segs, name=name, drop_every=drop_every,
                              meta={"backend": "shadow-file", "source": self.path, "live": True})
         except ValueError as exc:
             mm.close()
-            os.close(fd)
             raise BackendError(f"{self.path}: {exc}") from None
 
     @classmethod
