@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any
 
 from volatility3.framework import interfaces
+from volatility3.framework.objects import templates
 
 
 def _object_information_contains(cls: type) -> Any:
@@ -75,14 +76,27 @@ def _aggregate_getattr(stock: Any) -> Any:
         if attr not in members:
             return stock(self, attr)
         layer_name = vol["layer_name"]
-        mask = self._context.layers[layer_name].address_mask
+        context = self._context
+        mask = context.layers[layer_name].address_mask
         relative_offset, template = members[attr]
         if isinstance(template, templates.ReferenceTemplate):
-            template = self._context.symbol_space.get_type(template.vol.type_name)
+            template = context.symbol_space.get_type(template.vol.type_name)
+        offset = mask & (vol["offset"] + relative_offset)
+        native_layer_name = vol["native_layer_name"] or layer_name
+        tvol = template._vol
+        if type(template) is _ObjectTemplate and type(tvol) is VolChainMap:
+            plan = tvol._plan
+            if plan is None:
+                plan = _plan(template, tvol)
+            if plan and plan[3] is not _UNSIZED:  # the stock steps below, in one call
+                make, object_class, tflat, size = plan
+                member = make(object_class, context, tflat, layer_name, offset, native_layer_name, attr, self, size)
+                concrete[attr] = member
+                return member
         object_info = ObjectInformation(
-            layer_name=layer_name, offset=mask & (vol["offset"] + relative_offset), member_name=attr,
-            parent=self, native_layer_name=vol["native_layer_name"] or layer_name, size=template.size)
-        member = template(context=self._context, object_info=object_info)
+            layer_name=layer_name, offset=offset, member_name=attr,
+            parent=self, native_layer_name=native_layer_name, size=template.size)
+        member = template(context=context, object_info=object_info)
         concrete[attr] = member
         return member
 
@@ -103,15 +117,16 @@ def _template_call(self: Any, context: Any, object_info: Any) -> Any:
     vol = self._vol
     flat = (vol._flat or vol.flat()) if type(vol) is VolChainMap else None
     if flat is not None:
-        object_class = flat["object_class"]
-        try:
-            make, n_keys = _MAKER_OF_CLASS[object_class]
-        except KeyError:
-            make, n_keys = _maker(object_class)
-        if len(flat) == n_keys:
-            return make(object_class, context, object_info, flat)
+        if type(object_info) is _ObjectInformation:
+            plan = vol._plan
+            if plan is None:
+                plan = _plan(self, vol)
+            if plan:
+                return plan[0](plan[1], context, plan[2], object_info.layer_name, object_info.offset,
+                               object_info.native_layer_name, object_info.member_name, object_info.parent,
+                               object_info.size)
         arguments = dict(flat)
-        del arguments["object_class"]
+        object_class = arguments.pop("object_class")
         return object_class(context=context, object_info=object_info, **arguments)
     maps = vol.maps
     if all(type(m) is dict for m in maps):
@@ -146,10 +161,42 @@ def _new_vol(obj: Any, context: Any, type_name: str, object_info: Any, kwargs: d
     obj._context = context
 
 
-def _make_primitive(cls: type, context: Any, object_info: Any, flat: dict) -> Any:
+def _born(obj: Any, context: Any, kind: int, type_name: str, layer_name: str, offset: int,
+          native_layer_name: str, member_name: str | None, parent: Any, size: int | None, a: Any, b: Any,
+          flat: dict) -> None:
+    """What ``ObjectInterface.__init__`` sets, for an object a maker builds: ``_context``
+    and a sealed :class:`VolChainMap` holding its merged dict (``flat``, written
+    out by the maker in ChainMap's key order with first-map-wins values). Its
+    ``maps`` (``{}`` or a pointer's ``{subtype}``, ``{type_name, offset}``, the
+    ``ObjectInformation``, the constructor's arguments) are built from ``_parts``
+    on first use (see :func:`_maps_of_parts`): nothing but the map itself reads them."""
+    vol = _new_object(VolChainMap)
+    vol._parts = (kind, type_name, offset, flat["offset"], layer_name, native_layer_name, member_name, parent,
+                  size, a, b)
+    vol._flat = flat
+    obj._vol = vol
+    obj._context = context
+
+
+_PRIMITIVE, _POINTER, _AGGREGATE = 0, 1, 2
+
+
+def _maps_of_parts(parts: tuple) -> list:
+    """The ChainMap maps stock ``ObjectInterface.__init__`` (and ``Pointer.__init__``) build."""
+    kind, type_name, offset, masked, layer_name, native_layer_name, member_name, parent, size, a, b = parts
+    return [{"subtype": b} if kind == _POINTER else {}, {"type_name": type_name, "offset": masked},
+            _ObjectInformation(layer_name=layer_name, offset=offset, native_layer_name=native_layer_name,
+                               member_name=member_name, parent=parent, size=size),
+            {"size": a, "members": b} if kind == _AGGREGATE else {"data_format": a}]
+
+
+def _make_primitive(cls: type, context: Any, flat: dict, layer_name: str, offset: int, native_layer_name: str,
+                    member_name: str | None, parent: Any, size: int | None) -> Any:
     """``cls(context, object_info, type_name=..., data_format=...)`` for a class with
     PrimitiveObject's ``__new__`` and ``__init__``: the same steps, in one call."""
     data_format = flat["data_format"]
+    object_info = _ObjectInformation(layer_name=layer_name, offset=offset, native_layer_name=native_layer_name,
+                                     member_name=member_name, parent=parent, size=size)
     value = cls._unmarshall(context, data_format, object_info)
     obj = cls._struct_type.__new__(cls, value)
     obj._PrimitiveObject__new_value = value
@@ -158,56 +205,77 @@ def _make_primitive(cls: type, context: Any, object_info: Any, flat: dict) -> An
     return obj
 
 
-def _make_integer(cls: type, context: Any, object_info: Any, flat: dict) -> Any:
+def _make_integer(cls: type, context: Any, flat: dict, layer_name: str, offset: int, native_layer_name: str,
+                  member_name: str | None, parent: Any, size: int | None) -> Any:
     """:func:`_make_primitive` for an int class with PrimitiveObject's ``_unmarshall``,
     whose read and conversion (``context.layers.read``, ``convert_data_to_value``:
     ``int.from_bytes``) are written out."""
     data_format = flat["data_format"]
     length = data_format.length
-    data = context.layers[object_info.layer_name].read(object_info.offset, length, False) if length > 0 else b""
+    layer = context.layers[layer_name]
+    data = layer.read(offset, length, False) if length > 0 else b""
     value = int.from_bytes(data, byteorder=data_format.byteorder, signed=data_format.signed)
     obj = int.__new__(cls, value)
     obj._PrimitiveObject__new_value = value
-    _new_vol(obj, context, flat["type_name"], object_info, {"data_format": data_format})
+    type_name = flat["type_name"]
+    _born(obj, context, _PRIMITIVE, type_name, layer_name, offset, native_layer_name, member_name, parent, size,
+          data_format, None,
+          {"data_format": data_format, "layer_name": layer_name, "offset": offset & layer.address_mask,
+           "native_layer_name": native_layer_name, "member_name": member_name, "parent": parent, "size": size,
+           "type_name": type_name})
     obj._data_format = data_format
     return obj
 
 
-def _make_pointer(cls: type, context: Any, object_info: Any, flat: dict) -> Any:
+def _make_pointer(cls: type, context: Any, flat: dict, layer_name: str, offset: int, native_layer_name: str,
+                  member_name: str | None, parent: Any, size: int | None) -> Any:
     """``cls(context, object_info, type_name=..., data_format=..., subtype=...)`` for
     a class with PrimitiveObject's ``__new__`` and Pointer's ``__init__``."""
-    obj = _make_primitive(cls, context, object_info, flat)
+    obj = _make_primitive(cls, context, flat, layer_name, offset, native_layer_name, member_name, parent, size)
     obj._vol["subtype"] = flat["subtype"]
     obj._cache = {}
     return obj
 
 
-def _make_plain_pointer(cls: type, context: Any, object_info: Any, flat: dict) -> Any:
+def _make_plain_pointer(cls: type, context: Any, flat: dict, layer_name: str, offset: int, native_layer_name: str,
+                        member_name: str | None, parent: Any, size: int | None) -> Any:
     """:func:`_make_pointer` for a class with Pointer's ``_unmarshall`` and
     ``_get_raw_value``, written out: the raw value read from ``layer_name`` and
     cut to the native layer's address mask."""
     data_format = flat["data_format"]
-    mask = context.layers[object_info.native_layer_name].address_mask
+    layers = context.layers
+    mask = layers[native_layer_name].address_mask
     length, endian, signed = data_format
     if signed:
         raise ValueError("Pointers cannot have signed values")
-    data = context.layers[object_info.layer_name].read(object_info.offset, length, False)
-    value = int.from_bytes(data, byteorder=endian, signed=signed) & mask
+    layer = layers[layer_name]
+    value = int.from_bytes(layer.read(offset, length, False), byteorder=endian, signed=signed) & mask
     obj = int.__new__(cls, value)
     obj._PrimitiveObject__new_value = value
-    _new_vol(obj, context, flat["type_name"], object_info, {"data_format": data_format})
+    type_name, subtype = flat["type_name"], flat["subtype"]
+    _born(obj, context, _POINTER, type_name, layer_name, offset, native_layer_name, member_name, parent, size,
+          data_format, subtype,
+          {"data_format": data_format, "layer_name": layer_name, "offset": offset & layer.address_mask,
+           "native_layer_name": native_layer_name, "member_name": member_name, "parent": parent, "size": size,
+           "type_name": type_name, "subtype": subtype})
     obj._data_format = data_format
-    obj._vol["subtype"] = flat["subtype"]
     obj._cache = {}
     return obj
 
 
-def _make_aggregate(cls: type, context: Any, object_info: Any, flat: dict) -> Any:
+def _make_aggregate(cls: type, context: Any, flat: dict, layer_name: str, offset: int, native_layer_name: str,
+                    member_name: str | None, parent: Any, size: int | None) -> Any:
     """``cls(context, object_info, type_name=..., size=..., members=...)`` for a class
     with object's ``__new__`` and AggregateType's ``__init__`` (structs, unions
-    and volatility3's extension classes of them: task_struct, list_head...)."""
+    and volatility3's extension classes of them: task_struct, list_head...).
+    The object's ``size`` (the ObjectInformation's) wins over the type's, as in ChainMap."""
     obj = cls.__new__(cls)
-    _new_vol(obj, context, flat["type_name"], object_info, {"size": flat["size"], "members": flat["members"]})
+    type_name, members = flat["type_name"], flat["members"]
+    _born(obj, context, _AGGREGATE, type_name, layer_name, offset, native_layer_name, member_name, parent, size,
+          flat["size"], members,
+          {"size": size, "members": members, "layer_name": layer_name,
+           "offset": offset & context.layers[layer_name].address_mask, "native_layer_name": native_layer_name,
+           "member_name": member_name, "parent": parent, "type_name": type_name})
     obj._concrete_members = {}
     return obj
 
@@ -223,6 +291,9 @@ def _maker(object_class: type) -> Any:
     from volatility3.framework.objects import AggregateType, Pointer, PrimitiveObject
 
     make, n_keys = None, -1
+    if not _FIELDS_AS_WRITTEN:  # another volatility3: its own constructors
+        _MAKER_OF_CLASS[object_class] = (make, n_keys)
+        return make, n_keys
     new, init = object_class.__new__, object_class.__init__
     unmarshall = getattr(getattr(object_class, "_unmarshall", None), "__func__", None)
     if new is PrimitiveObject.__new__ and init is PrimitiveObject.__init__:
@@ -239,6 +310,31 @@ def _maker(object_class: type) -> Any:
         make, n_keys = _make_aggregate, 4  # object_class, type_name, size, members
     _MAKER_OF_CLASS[object_class] = (make, n_keys)
     return make, n_keys
+
+
+_UNSIZED = object()  # a plan's size when the template's size raises (the stock path raises it)
+
+
+def _plan(template: Any, tvol: "VolChainMap") -> Any:
+    """How ``template`` builds its objects, kept on its vol until the vol is written
+    to: ``(maker, object_class, the template's flat vol, template.size)``, or
+    False when the stock constructor must (a class without a maker, a template
+    holding other arguments, a vol that is not sealed)."""
+    flat = tvol.flat()
+    if flat is None:
+        return False
+    object_class = flat["object_class"]
+    make, n_keys = _MAKER_OF_CLASS.get(object_class) or _maker(object_class)
+    if make is None or len(flat) != n_keys:
+        plan: Any = False
+    else:
+        try:
+            size = template.size
+        except Exception:  # noqa: BLE001 (raised again, as stock raises it, where a size is needed)
+            size = _UNSIZED
+        plan = (make, object_class, flat, size)
+    tvol._plan = plan
+    return plan
 
 
 def _flat_vol(vol: Any) -> Any:
@@ -352,16 +448,13 @@ def _context_object(stock: Any) -> Any:
         if type(template) is not templates.ObjectTemplate or type(vol) is not VolChainMap or len(vol.maps) != 3 \
                 or vol.maps[0]:
             return stock(self, object_type, layer_name, offset, native_layer_name)
-        flat = vol.flat()
-        if flat is None:
+        plan = vol._plan
+        if plan is None:
+            plan = _plan(template, vol)
+        if not plan or plan[3] is _UNSIZED:
             return stock(self, object_type, layer_name, offset, native_layer_name)
-        object_class = flat["object_class"]
-        make = _MAKER_OF_CLASS.get(object_class) or _maker(object_class)
-        if make[0] is None:
-            return stock(self, object_type, layer_name, offset, native_layer_name)
-        return template(context=self, object_info=_ObjectInformation(
-            layer_name=layer_name, offset=offset, native_layer_name=native_layer_name or layer_name,
-            size=template.size))
+        make, object_class, flat, size = plan
+        return make(object_class, self, flat, layer_name, offset, native_layer_name or layer_name, None, None, size)
 
     object.__wrapped__ = stock  # type: ignore[attr-defined]
     return object
@@ -378,9 +471,21 @@ def _pointer_dereference(stock: Any) -> Any:
         if cache.get(layer_name, None) is None:
             layer_name = layer_name or vol["native_layer_name"]
             subtype = vol["subtype"]
-            cache[layer_name] = subtype(context=self._context, object_info=_ObjectInformation(
-                layer_name=layer_name, offset=self & self._context.layers[layer_name].address_mask,
-                parent=self, size=subtype.size, native_layer_name=layer_name))
+            context = self._context
+            offset = self & context.layers[layer_name].address_mask
+            svol = subtype._vol
+            plan = None
+            if type(subtype) is _ObjectTemplate and type(svol) is VolChainMap:
+                plan = svol._plan
+                if plan is None:
+                    plan = _plan(subtype, svol)
+            if plan and plan[3] is not _UNSIZED:
+                cache[layer_name] = plan[0](plan[1], context, plan[2], layer_name, offset, layer_name, None, self,
+                                            plan[3])
+            else:
+                cache[layer_name] = subtype(context=context, object_info=_ObjectInformation(
+                    layer_name=layer_name, offset=offset, parent=self, size=subtype.size,
+                    native_layer_name=layer_name))
         return cache[layer_name]
 
     dereference.__wrapped__ = stock  # type: ignore[attr-defined]
@@ -436,6 +541,7 @@ def _epoch_cached_boottime(stock: Any) -> Any:
 
 
 _ObjectInformation = interfaces.objects.ObjectInformation
+_ObjectTemplate = templates.ObjectTemplate
 _OBJECT_INFORMATION_FIELD_ORDER = tuple(f.name for f in dataclasses.fields(_ObjectInformation))
 _OBJECT_INFORMATION_FIELDS = frozenset(_OBJECT_INFORMATION_FIELD_ORDER)
 #: :func:`_new_vol` writes these fields out, in this order (another volatility3: the generic path).
@@ -463,6 +569,17 @@ class VolChainMap(collections.ChainMap):
     _flat: dict | None = None  # the merged dict, once made
     _sealed = True  # False: look up map by map
     _size: int | None = None  # a template's size (see _template_size), until the next write
+    _plan: Any = None  # a template's plan (see _plan), until the next write
+    _parts: tuple | None = None  # what ``maps`` is built from, for an object a maker built (see _born)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for ``maps`` of a map born flat (see _born): built on first use.
+        parts = self._parts
+        if name != "maps" or parts is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        maps = self.maps = _maps_of_parts(parts)
+        self._parts = None
+        return maps
 
     def __init__(self, *maps: Any) -> None:
         self.maps = list(maps) or [{}]
@@ -527,28 +644,28 @@ class VolChainMap(collections.ChainMap):
     # Writes go to maps[0], as ChainMap's; the flat dict follows them.
     def __setitem__(self, key: Any, value: Any) -> None:
         self.maps[0][key] = value
-        self._size = None
+        self._size = self._plan = None
         if self._flat is not None:
             self._flat[key] = value
 
     def __delitem__(self, key: Any) -> None:
-        self._flat = self._size = None
+        self._flat = self._size = self._plan = None
         super().__delitem__(key)
 
     def popitem(self) -> Any:
-        self._flat = self._size = None
+        self._flat = self._size = self._plan = None
         return super().popitem()
 
     def pop(self, key: Any, *args: Any) -> Any:
-        self._flat = self._size = None
+        self._flat = self._size = self._plan = None
         return super().pop(key, *args)
 
     def clear(self) -> None:
-        self._flat = self._size = None
+        self._flat = self._size = self._plan = None
         super().clear()
 
     def __ior__(self, other: Any) -> "VolChainMap":
-        self._flat = self._size = None
+        self._flat = self._size = self._plan = None
         return super().__ior__(other)
 
     # Derived maps share dicts with this one: never flattened.

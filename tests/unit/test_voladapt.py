@@ -321,6 +321,63 @@ def test_made_objects_are_stock_objects(data, offset, member_name):
     assert struct.p.vol.subtype is stock_struct.p.vol.subtype
 
 
+def _stock_volatility3(mp) -> None:
+    """Undo every adaptation that builds objects, for the rest of ``mp``'s context."""
+    mp.setattr(iobjects.ObjectInterface, "__init__", iobjects.ObjectInterface.__init__.__wrapped__)
+    mp.setattr(templates.ObjectTemplate, "__call__", lambda self, context, object_info: _stock_template_call(
+        self, context, object_info))
+    mp.setattr(objects.AggregateType, "__getattr__", objects.AggregateType.__getattr__.__wrapped__)
+    mp.setattr(objects.Pointer, "dereference", objects.Pointer.dereference.__wrapped__)
+
+
+def _same_state(a, b, parents) -> None:
+    """``a`` and ``b`` hold the same (see _state); a parent in their ObjectInformation
+    is the one ``parents`` pairs with it."""
+    sa, sb = _state(a), _state(b)
+    assert sa[:3] == sb[:3]
+    assert {k: v for k, v in sa[3].items() if k != "_cache"} == {k: v for k, v in sb[3].items() if k != "_cache"}
+    assert [type(m) for m in sa[4]] == [type(m) for m in sb[4]]
+    for ma, mb in zip(sa[4], sb[4]):
+        va, vb = (dict(ma), dict(mb)) if isinstance(ma, dict) else (dict(vars(ma)), dict(vars(mb)))
+        assert list(va) == list(vb)
+        pa, pb = va.pop("parent", None), vb.pop("parent", None)
+        assert parents.get(id(pa), pa) is pb
+        assert va == vb
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(min_size=96, max_size=96), st.integers(0, 40), st.booleans())
+def test_members_and_dereferences_are_stock_objects(data, offset, write_first):
+    """A struct's members and a pointer's target, built by makers through their
+    plans (and their maps built only when asked for, after a write or not), hold
+    exactly what stock volatility3 builds."""
+    import pytest
+
+    voladapt.adapt_volatility3()
+    data = data[:offset + 8] + (60).to_bytes(8, "little") + data[offset + 16:]  # p: to offset 60 of the layer
+    names = ("lo", "n", "p", "c", "f")
+    built = []
+    ctx = _context_with_bytes(data)
+    struct_t = _templates()[5]
+    for stock in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            if stock:
+                _stock_volatility3(mp)
+            struct = struct_t(ctx, iobjects.ObjectInformation(layer_name="mem", offset=offset,
+                                                                      native_layer_name="mem"))
+            members = [getattr(struct, name) for name in names]
+            if write_first:
+                for m in members:
+                    m._vol["note"] = "x"
+            target = members[2].dereference()
+            built.append((struct, members, target))
+    (ours, our_members, our_target), (stock, stock_members, stock_target) = built
+    parents = {id(ours): stock, id(our_members[2]): stock_members[2]}
+    for a, b in zip(our_members + [our_target], stock_members + [stock_target]):
+        _same_state(a, b, parents)
+        assert a._vol.get("note") == b._vol.get("note")
+
+
 def test_a_template_with_other_arguments_takes_the_stock_constructor():
     """A template holding an argument its class does not take fails as stock fails."""
     voladapt.adapt_volatility3()
