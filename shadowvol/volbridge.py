@@ -242,6 +242,8 @@ class LiveLinuxIntel32e(intel.LinuxIntel32e):
         self._half = 1 << (self._maxvirtaddr - 1)
         self._canon_keep = (1 << (self._maxvirtaddr + 1)) - 1
         self._canon_stock = self._bits_per_register <= self._maxvirtaddr
+        self._ram_is_valid: Any = None  # the physical layer's is_valid, once looked up
+        self._tlb_get, self._phys_read = paged._tlb_get, paged._phys_read  # read()'s TLB hit
 
     def canonicalize(self, addr: int) -> int:
         """Intel's ``canonicalize`` with its masks computed once (called for every read)."""
@@ -265,18 +267,28 @@ class LiveLinuxIntel32e(intel.LinuxIntel32e):
         plugins call it for each pointer they follow."""
         vaddr = offset & self._vmask
         end = vaddr + length
-        half = 1 << (self._maxvirtaddr - 1)
-        if length <= 0 or (vaddr < half < end):
+        half = self._half
+        if length <= 0 or (vaddr < half < end) or self._canon_stock:
             return super().is_valid(offset, length)
-        phys = self._context.layers[self._base_layer]
+        ram_is_valid = self._ram_is_valid
+        if ram_is_valid is None:
+            ram_is_valid = self._ram_is_valid = self._context.layers[self._base_layer].is_valid
+        paged = self._paged
+        tlb_get = paged._tlb_get
+        # canonicalize(), written out: the range lies in one half of the masked space, and
+        # an upper-half address there only gains the sign-extension prefix
+        shift = 0 if vaddr < half else self._canonical_prefix
         pos = vaddr
         while pos < end:
             n = min(end, (pos | 0xFFF) + 1) - pos
-            try:
-                paddr = self._paged.vtop(self.canonicalize(pos))
-            except InvalidAddressError:
-                return False
-            if not phys.is_valid(paddr, n):
+            canonical = pos + shift
+            ppage = tlb_get(canonical >> 12)
+            if ppage is None:
+                try:
+                    ppage = paged._page(canonical)
+                except InvalidAddressError:
+                    return False
+            if not ram_is_valid(ppage | (canonical & 0xFFF), n):
                 return False
             pos += n
         return True
@@ -339,6 +351,11 @@ class LiveLinuxIntel32e(intel.LinuxIntel32e):
         if pad:
             return self._paged.read_padded(vaddr, length)
         try:
+            off = vaddr & 0xFFF
+            if off + length <= 0x1000 and length >= 0:  # PagedMemory.read's TLB hit, written out
+                ppage = self._tlb_get(vaddr >> 12)
+                if ppage is not None:
+                    return self._phys_read(ppage | off, length)
             return self._paged.read(vaddr, length)
         except InvalidAddressError as exc:
             raise self._fault(offset + (exc.address - vaddr), exc) from None

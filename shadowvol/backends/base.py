@@ -340,6 +340,8 @@ class BufferMemory(PhysicalMemory):
         return list(self._ranges)
 
     def is_valid(self, paddr: int, length: int = 1) -> bool:
+        if self._fast_start <= paddr and paddr + length <= self._fast_end and length >= 0:
+            return True
         i = bisect.bisect_right(self._range_starts, paddr) - 1
         return i >= 0 and paddr + length <= self._ranges[i][1]
 
