@@ -470,7 +470,7 @@ def _pointer_dereference(stock: Any) -> Any:
         cache = self._cache
         if cache.get(layer_name, None) is None:
             layer_name = layer_name or vol["native_layer_name"]
-            subtype = vol["subtype"]
+            subtype = _resolved(vol["subtype"])
             context = self._context
             offset = self & context.layers[layer_name].address_mask
             svol = subtype._vol
@@ -492,13 +492,27 @@ def _pointer_dereference(stock: Any) -> Any:
     return dereference
 
 
+def _resolved(template: Any) -> Any:
+    """``template``, or the template a deferred one stands for (an object with a
+    ``_resolve()`` that forwards every use to the real template, as
+    ``volbridge.DeferredTemplate`` does for pointer subtypes): the same object
+    is built either way, but the real one has a plan and a cached size."""
+    if type(template) is _ObjectTemplate:
+        return template
+    resolve = getattr(type(template), "_resolve", None)
+    return resolve(template) if resolve is not None else template
+
+
 def _pointer_is_readable(stock: Any) -> Any:
     """``Pointer.is_readable`` with its vol read once."""
     def is_readable(self: Any, layer_name: str | None = None) -> bool:
         vol = self._vol
         vol = vol._flat or _flat_vol(vol) if type(vol) is VolChainMap else vol
         layer_name = layer_name or vol["native_layer_name"]
-        return self._context.layers[layer_name].is_valid(self, vol["subtype"].size)
+        subtype = _resolved(vol["subtype"])
+        svol = subtype._vol
+        size = svol._size if type(svol) is VolChainMap else None  # _template_size's cache, read in place
+        return self._context.layers[layer_name].is_valid(self, subtype.size if size is None else size)
 
     is_readable.__wrapped__ = stock  # type: ignore[attr-defined]
     return is_readable

@@ -271,8 +271,10 @@ class LiveLinuxIntel32e(intel.LinuxIntel32e):
         if length <= 0 or (vaddr < half < end) or self._canon_stock:
             return super().is_valid(offset, length)
         ram_is_valid = self._ram_is_valid
-        if ram_is_valid is None:
-            ram_is_valid = self._ram_is_valid = self._context.layers[self._base_layer].is_valid
+        if ram_is_valid is None:  # the memory's own, behind our physical layer
+            phys = self._context.layers[self._base_layer]
+            ram_is_valid = self._ram_is_valid = \
+                phys.memory.is_valid if type(phys) is LivePhysicalLayer else phys.is_valid
         paged = self._paged
         tlb_get = paged._tlb_get
         # canonicalize(), written out: the range lies in one half of the masked space, and

@@ -466,14 +466,24 @@ def test_pointer_dereference_and_readability_are_stock():
     data = (24).to_bytes(8, "little") + (31).to_bytes(8, "little") + bytes(range(16))  # 31: its u16 ends past the layer
     ctx = _context_with_bytes(data)
     ptr_t = _templates()[4]
-    for offset, readable in ((0, True), (8, False)):
-        info = iobjects.ObjectInformation(layer_name="mem", offset=offset, native_layer_name="mem")
-        ours, stock = ptr_t(ctx, info), ptr_t(ctx, info)
-        assert ours.is_readable() == objects.Pointer.is_readable.__wrapped__(stock) == readable
-        if readable:
-            a, b = ours.dereference(), objects.Pointer.dereference.__wrapped__(stock)
-            assert int(a) == int(b) == int.from_bytes(data[24:26], "little") and _vol(a) == _vol(b)
-            assert ours.dereference() is a  # cached per layer, as stock
+
+    class Space:  # what a DeferredTemplate resolves its type name through
+        def get_type(self, name):
+            assert name == "u16"
+            return ptr_t.vol.subtype
+
+    # the subtype as a template, and deferred (as volbridge makes pointer subtypes)
+    deferred_t = templates.ObjectTemplate(objects.Pointer, "pointer", subtype=volbridge.DeferredTemplate(
+        Space(), "u16"), data_format=objects.DataFormatInfo(8, "little", False))
+    for template in (ptr_t, deferred_t):
+        for offset, readable in ((0, True), (8, False)):
+            info = iobjects.ObjectInformation(layer_name="mem", offset=offset, native_layer_name="mem")
+            ours, stock = template(ctx, info), template(ctx, info)
+            assert ours.is_readable() == objects.Pointer.is_readable.__wrapped__(stock) == readable
+            if readable:
+                a, b = ours.dereference(), objects.Pointer.dereference.__wrapped__(stock)
+                assert int(a) == int(b) == int.from_bytes(data[24:26], "little") and _vol(a) == _vol(b)
+                assert ours.dereference() is a  # cached per layer, as stock
     struct = _templates()[5](ctx, iobjects.ObjectInformation(layer_name="mem", offset=0, native_layer_name="mem"))
     for name in ("lo", "p", "nope"):
         assert struct.has_member(name) == objects.AggregateType.has_member.__wrapped__(struct, name)
