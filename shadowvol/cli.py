@@ -766,6 +766,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def entry() -> None:
+    """The ``shadowvol`` command: :func:`main`, then an exit without the heap's teardown.
+
+    A plugin run leaves every volatility3 object it built alive until exit
+    (one per member read: ~300,000 at 2,000 tasks), and the interpreter
+    frees them one by one as it finalizes: 0.57 s of pslist's 1.75 s there.
+    Once the output is flushed and the exit handlers have run (logging,
+    temporary directories, weakref finalizers: everything ``atexit`` holds),
+    what is left is memory, which the kernel takes back at once. Anything
+    unusual (other threads still running, an output that will not flush)
+    leaves through the normal ``sys.exit``.
+    """
+    import atexit
+    import threading
+
+    rc = main()
+    if threading.active_count() != 1:
+        sys.exit(rc)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        sys.exit(rc)  # Python reports a closed pipe at exit as it always does
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        rc = rc or 1
+    os._exit(rc)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

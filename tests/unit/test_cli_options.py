@@ -178,3 +178,29 @@ def test_run_control_of_a_libvirt_domain_goes_through_libvirt(monkeypatch: pytes
     with target.vm_paused("libvirt:dom1", "qemu:///session") as was_running:
         assert was_running and calls[-1] == "suspend"
     assert calls[-2:] == ["resume", "close"]
+
+
+def _entry(tmp_path: Path, argv: list[str], before: str = "", stdout=None) -> "subprocess.CompletedProcess":
+    """``shadowvol ARGV`` through the console script's entry(), after ``before`` ran."""
+    import subprocess
+    import sys
+
+    code = (f"import sys\n{before}\nsys.argv = ['shadowvol'] + {argv!r}\n"
+            "from shadowvol.cli import entry\nentry()\n")
+    env = {"PATH": "/usr/bin:/bin", "SHADOWVOL_RUN": str(tmp_path / "run"), "HOME": str(tmp_path)}
+    return subprocess.run([sys.executable, "-c", code], env=env, timeout=120, text=True,
+                          stdout=stdout if stdout is not None else subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_entry_keeps_main_exit_code_output_and_exit_handlers(tmp_path: Path) -> None:
+    """entry() skips the interpreter's teardown, not what exit does: main's exit code,
+    all its output, every atexit handler, and a thread still running finishes."""
+    done = tmp_path / "thread-done"
+    ok = _entry(tmp_path, ["vm", "list"], "import atexit; atexit.register(lambda: print('handler ran'))")
+    assert ok.returncode == 0 and ok.stdout.rstrip().endswith("handler ran") and "NAME" in ok.stdout
+    bad = _entry(tmp_path, ["vm", "stop", "-vm", "no-such-vm"])
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("shadowvol: error:") and bad.stderr.count("\n") == 1
+    threaded = _entry(tmp_path, ["vm", "list"], "import threading, time, pathlib\n"
+                      f"threading.Thread(target=lambda: (time.sleep(0.5), pathlib.Path({str(done)!r}).touch())).start()")
+    assert threaded.returncode == 0 and done.exists()
