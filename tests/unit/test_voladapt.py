@@ -178,12 +178,12 @@ def test_volchainmap_with_object_information_is_chainmap(key, kwargs):
                 raise AssertionError(key)
 
 
-def _live_layer():
-    """Our kernel layer (4-level) over a few synthetic pages, as build_context makes it."""
+def _live_layer(ram: bytes = bytes(0x4000)):
+    """Our kernel layer (4-level, CR3 0x1000) over ``ram``, as build_context makes it."""
     from shadowvol.backends.base import BufferMemory, Segment
     from shadowvol.paging import FOUR_LEVEL, PagedMemory, TranslationCache
 
-    mem = BufferMemory(bytes(0x4000), [Segment(0, 0x4000, 0)])
+    mem = BufferMemory(ram, [Segment(0, len(ram), 0)])
     paged = PagedMemory(mem, 0x1000, FOUR_LEVEL, TranslationCache(mem))
     ctx = volbridge.LiveContext()
     ctx.layers.add_layer(volbridge.LivePhysicalLayer(ctx, "p", volbridge.PHYSICAL_LAYER, mem,
@@ -210,9 +210,6 @@ def _layer_with_holes():
     """Our kernel layer over synthetic tables: the same page table serves the lower half
     (PML4 slot 0) and the top 512 GiB (slot 511); of its 16 pages, 0-7 are in RAM,
     8-11 point past the end of RAM, the rest are not present."""
-    from shadowvol.backends.base import BufferMemory, Segment
-    from shadowvol.paging import FOUR_LEVEL, PagedMemory, TranslationCache
-
     ram = bytearray(random.Random(7).randbytes(0xD000))  # page tables in pages 1-4, data in 5-12
     ram[0x1000:0x5000] = bytes(0x4000)
     for table, index, entry in ((0x1000, 0, 0x2003), (0x1000, 511, 0x2003), (0x2000, 0, 0x3003),
@@ -221,16 +218,7 @@ def _layer_with_holes():
     for i in range(12):
         frame = 0x5000 + i * 0x1000 if i < 8 else 0x20000 + i * 0x1000
         ram[0x4000 + 8 * i:0x4000 + 8 * i + 8] = (frame | 3).to_bytes(8, "little")
-    mem = BufferMemory(bytes(ram), [Segment(0, len(ram), 0)])
-    paged = PagedMemory(mem, 0x1000, FOUR_LEVEL, TranslationCache(mem))
-    ctx = volbridge.LiveContext()
-    ctx.layers.add_layer(volbridge.LivePhysicalLayer(ctx, "p", volbridge.PHYSICAL_LAYER, mem,
-                                                     cache=paged.cache))
-    ctx.config["k.memory_layer"] = volbridge.PHYSICAL_LAYER
-    ctx.config["k.page_map_offset"] = 0x1000
-    ctx.config["k.kernel_virtual_offset"] = 0
-    return volbridge.LiveLinuxIntel32e(ctx, "k", volbridge.KERNEL_LAYER, metadata={"os": "Linux"},
-                                       paged=paged)
+    return _live_layer(bytes(ram))
 
 
 @settings(max_examples=400, deadline=None)
