@@ -360,7 +360,9 @@ class LiveLinuxIntel32e(intel.LinuxIntel32e):
                     return self._phys_read(ppage | off, length)
             return self._paged.read(vaddr, length)
         except InvalidAddressError as exc:
-            raise self._fault(offset + (exc.address - vaddr), exc) from None
+            if exc.layer != self._paged.name:  # a frame outside RAM: the physical layer's fault, as Intel's
+                raise exceptions.InvalidAddressException(self._base_layer, exc.address, str(exc)) from None
+            raise self._fault((offset & self._vmask) + (exc.address - vaddr), exc) from None
 
     def write(self, offset: int, data: bytes) -> None:
         raise exceptions.LayerException(self.name, "shadowvol never writes guest memory")

@@ -241,8 +241,8 @@ def test_live_layer_is_valid_and_read_are_intel(base, delta, length, warm):
     for read in (layer.read, lambda o, n: TranslationLayerInterface.read(layer, o, n)):
         try:
             outcomes.append(read(offset, length))
-        except exceptions.InvalidAddressException:
-            outcomes.append("invalid address")
+        except exceptions.InvalidAddressException as exc:
+            outcomes.append((exc.layer_name, hex(exc.invalid_address)))
     assert outcomes[0] == outcomes[1]
 
 
