@@ -219,8 +219,9 @@ class BufferMemory(PhysicalMemory):
     The segment holding physical address 0 (or else the largest) is the fast
     path: a read inside it costs two comparisons and one slice.
 
-    ``drop_every`` (for an mmap of a *file* only): after that many reads,
-    unmap the pages our reads have faulted in (``MADV_DONTNEED``; the data
+    ``drop_every`` (for an mmap of a *file* only): after that many reads (a
+    long read counts once more per 4 KiB it spans), unmap the pages our reads
+    have faulted in (``MADV_DONTNEED``; the data
     stays in the file, and the next read faults it in again). A load through
     a file mapping maps the page *and its neighbours* (the kernel's
     fault-around, 64 KiB, even under MADV_RANDOM), and every page mapped
@@ -249,8 +250,8 @@ class BufferMemory(PhysicalMemory):
         self._buf = buffer
         self._drop_every = max(0, drop_every)
         # Counts down to 0, where the mapped pages are dropped; without
-        # dropping it starts below 0 and never meets 0.
-        self._until_drop = self._drop_every or -1
+        # dropping it starts where no run ever brings it down.
+        self._until_drop = self._drop_every or _NEVER
         self._segments = segs
         self._starts = [s.start for s in segs]
         # RAM ranges are fixed for the buffer's life: merged once (is_valid runs per page).
@@ -267,8 +268,8 @@ class BufferMemory(PhysicalMemory):
     def read(self, paddr: int, length: int) -> bytes:
         if self._fast_start <= paddr and paddr + length <= self._fast_end and length >= 0:
             paddr += self._fast_delta
-            n = self._until_drop = self._until_drop - 1
-            if n == 0:
+            n = self._until_drop = self._until_drop - 1 - (length >> 12)
+            if n <= 0:
                 self._drop_pages()
             return self._buf[paddr:paddr + length]
         return self._read_slow(paddr, length)
@@ -276,6 +277,9 @@ class BufferMemory(PhysicalMemory):
     def _drop_pages(self) -> None:
         """Unmap the pages reads faulted in (see the class docstring); the next
         read maps them again from the file."""
+        if not self._drop_every:
+            self._until_drop = _NEVER
+            return
         self._until_drop = self._drop_every
         self._buf.madvise(mmap.MADV_DONTNEED)
 
@@ -295,10 +299,9 @@ class BufferMemory(PhysicalMemory):
             seg = self._segments[i]
             stop = min(end, seg.end)
             off = seg.offset + addr - seg.start
-            if self._drop_every:
-                n = self._until_drop = self._until_drop - 1
-                if n <= 0:
-                    self._drop_pages()
+            n = self._until_drop = self._until_drop - 1 - ((stop - addr) >> 12)
+            if n <= 0:
+                self._drop_pages()
             parts.append(self._buf[off:off + stop - addr])
             addr = stop
             i += 1
@@ -352,7 +355,7 @@ class BufferMemory(PhysicalMemory):
 
     def close(self) -> None:
         buf, self._buf = self._buf, b""
-        self._drop_every, self._until_drop = 0, -1
+        self._drop_every, self._until_drop = 0, _NEVER
         self._closed = True
         self._fast_end = -1
         self._segments = []
@@ -365,6 +368,7 @@ class BufferMemory(PhysicalMemory):
 
 #: ``drop_every`` for guest RAM and dump files (see :class:`BufferMemory`).
 DROP_EVERY = 256
+_NEVER = 1 << 62  # a countdown no process reaches the end of
 
 
 def map_file_readonly(path: str, what: str, flags: int = mmap.MAP_SHARED) -> mmap.mmap:

@@ -214,10 +214,14 @@ def test_shadow_file_rss_stays_bounded(tmp_path: Path) -> None:
                     assert mem.read(paddr + 40, 8) == expect[paddr + 40:paddr + 48]
                 assert mem.read(size - 0x1800, 0x1000) == expect[size - 0x1800:size - 0x800]
                 grown = _rss_kb(field) - before
+                for k in range(6):  # long reads count once per 4 KiB: each one drops what came before
+                    assert mem.read(k << 20, 256 << 10) == expect[k << 20:(k << 20) + (256 << 10)]
+                grown_long = _rss_kb(field) - before
             if most is not None:
                 assert grown <= most, f"{grown} KiB of the file mapped after reads, dropping every {drop_every}"
+                assert grown_long <= 256 + 128, f"{grown_long} KiB mapped after long reads"
             else:  # without dropping, each read keeps at least its own page
-                assert grown >= 512 * 4
+                assert grown >= 512 * 4 and grown_long >= 6 * 256
     finally:
         path.unlink()
     with pytest.raises(TypeError, match="mmap of a file"):
