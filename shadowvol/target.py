@@ -415,7 +415,7 @@ def vm_paused(spec: str, connect: str | None = None) -> Iterator[bool]:
 
 
 def _open_vm(spec: str, backend: str, connect: str | None = None) -> _Source:
-    from .backends import libvmi, shadow
+    from .backends import shadow
     from .vm import registry
 
     if spec.startswith("libvirt:"):
@@ -438,9 +438,15 @@ def _open_vm(spec: str, backend: str, connect: str | None = None) -> _Source:
         qmp = spec[4:]
         if not os.path.exists(qmp):
             raise VMError(f"QMP socket {qmp} does not exist")
-        mem = shadow.open_shadow(qmp_path=qmp) if backend == "shadow" else libvmi.open_libvmi(None, qmp)
-        # Reading through xp, the backend holds QEMU's one QMP connection: ask through it.
-        monitor: str | QMPClient = mem.qmp if isinstance(mem, libvmi.QmpPhysicalMemory) else qmp
+        monitor: str | QMPClient = qmp
+        if backend == "shadow":
+            mem = shadow.open_shadow(qmp_path=qmp)
+        else:
+            from .backends import libvmi
+
+            mem = libvmi.open_libvmi(None, qmp)
+            if isinstance(mem, libvmi.QmpPhysicalMemory):
+                monitor = mem.qmp  # reading through xp, the backend holds QEMU's one QMP connection
         return _Source(mem, f"qmp:{qmp}", endpoints=Endpoints(qmp=qmp),
                        vmcoreinfo=lambda: _qmp_vmcoreinfo(monitor), registers=lambda: _qmp_registers(monitor),
                        alive=lambda: _qmp_alive(monitor))
@@ -465,6 +471,8 @@ def _open_vm(spec: str, backend: str, connect: str | None = None) -> _Source:
     elif backend == "shadow":
         mem = shadow.ShadowProcess.open_qmp(entry.qmp)
     else:
+        from .backends import libvmi
+
         mem = libvmi.open_libvmi(entry.gdb, entry.qmp)
     return _Source(mem, f"vm:{entry.name}", state_dir=Path(entry.dir), vm=entry,
                    endpoints=Endpoints(qmp=entry.qmp, gdb=entry.gdb, control=entry.ctl),
