@@ -295,11 +295,13 @@ def test_volchainmap_derived_maps_see_later_writes_to_shared_dicts():
 
 # -- object construction without the constructor chain (makers), sizes, pointers ------------
 
-def _stock_objects(monkeypatch):
-    """Build objects as stock volatility3 does: the stock ObjectInterface.__init__ and
-    ObjectTemplate.__call__ (undone when the test ends)."""
-    monkeypatch.setattr(iobjects.ObjectInterface, "__init__", iobjects.ObjectInterface.__init__.__wrapped__)
-    return lambda template, ctx, info: _stock_template_call(template, ctx, info)
+def _stock_volatility3(mp) -> None:
+    """Undo every adaptation that builds objects, for the rest of ``mp``'s context."""
+    mp.setattr(iobjects.ObjectInterface, "__init__", iobjects.ObjectInterface.__init__.__wrapped__)
+    mp.setattr(templates.ObjectTemplate, "__call__", lambda self, context, object_info: _stock_template_call(
+        self, context, object_info))
+    mp.setattr(objects.AggregateType, "__getattr__", objects.AggregateType.__getattr__.__wrapped__)
+    mp.setattr(objects.Pointer, "dereference", objects.Pointer.dereference.__wrapped__)
 
 
 def _state(obj) -> tuple:
@@ -342,8 +344,8 @@ def test_made_objects_are_stock_objects(data, offset, member_name):
                                                   native_layer_name="mem", size=None)
         ts = _templates()
         ours = [t(ctx, info()) for t in ts]
-        stock_call = _stock_objects(mp)
-        stock = [stock_call(t, ctx, info()) for t in ts]
+        _stock_volatility3(mp)
+        stock = [t(ctx, info()) for t in ts]
     for a, b in zip(ours, stock):
         if not isinstance(a, objects.Array):  # built by _new_vol: merged at birth, as _flatten merges
             assert a._vol._flat is not None
@@ -360,15 +362,6 @@ def test_made_objects_are_stock_objects(data, offset, member_name):
     for name in ("lo", "n", "p", "c", "f"):
         assert int(getattr(struct, name)) == int(getattr(stock_struct, name))
     assert struct.p.vol.subtype is stock_struct.p.vol.subtype
-
-
-def _stock_volatility3(mp) -> None:
-    """Undo every adaptation that builds objects, for the rest of ``mp``'s context."""
-    mp.setattr(iobjects.ObjectInterface, "__init__", iobjects.ObjectInterface.__init__.__wrapped__)
-    mp.setattr(templates.ObjectTemplate, "__call__", lambda self, context, object_info: _stock_template_call(
-        self, context, object_info))
-    mp.setattr(objects.AggregateType, "__getattr__", objects.AggregateType.__getattr__.__wrapped__)
-    mp.setattr(objects.Pointer, "dereference", objects.Pointer.dereference.__wrapped__)
 
 
 def _same_state(a, b, parents) -> None:
