@@ -180,7 +180,7 @@ def test_run_control_of_a_libvirt_domain_goes_through_libvirt(monkeypatch: pytes
     assert calls[-2:] == ["resume", "close"]
 
 
-def _entry(tmp_path: Path, argv: list[str], before: str = "", stdout=None) -> "subprocess.CompletedProcess":
+def _entry(tmp_path: Path, argv: list[str], before: str = "") -> "subprocess.CompletedProcess":
     """``shadowvol ARGV`` through the console script's entry(), after ``before`` ran."""
     import subprocess
     import sys
@@ -188,8 +188,7 @@ def _entry(tmp_path: Path, argv: list[str], before: str = "", stdout=None) -> "s
     code = (f"import sys\n{before}\nsys.argv = ['shadowvol'] + {argv!r}\n"
             "from shadowvol.cli import entry\nentry()\n")
     env = {"PATH": "/usr/bin:/bin", "SHADOWVOL_RUN": str(tmp_path / "run"), "HOME": str(tmp_path)}
-    return subprocess.run([sys.executable, "-c", code], env=env, timeout=120, text=True,
-                          stdout=stdout if stdout is not None else subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run([sys.executable, "-c", code], env=env, timeout=120, text=True, capture_output=True)
 
 
 def test_entry_keeps_main_exit_code_output_and_exit_handlers(tmp_path: Path) -> None:
