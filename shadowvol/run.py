@@ -536,9 +536,11 @@ def _render_with_retry(target, args, popts: dict, live: bool) -> "RunHealth":
     import contextlib
     import io
 
-    from volatility3.cli import text_renderer
     from volatility3.framework import exceptions
 
+    from .volbridge import text_renderer as stock_text_renderer
+
+    text_renderer = stock_text_renderer()
     attempts = 2 if live else 1
     for attempt in range(attempts):
         health = RunHealth()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import types
 from typing import Any, Iterable, Iterator, Mapping
 
 from volatility3.framework import constants, contexts, exceptions, interfaces, objects, symbols
@@ -751,3 +752,47 @@ def quiet_volatility() -> None:
     """volatility3 logs at WARNING by default; keep our output clean unless asked."""
     logging.getLogger("volatility3").setLevel(logging.ERROR)
     constants.PARALLELISM = constants.Parallelism.Off
+
+
+
+class DeferredModule(types.ModuleType):
+    """A stand-in, in ``sys.modules``, for a module not imported yet: the real one is
+    imported on the first attribute asked of it (and from then on is in ``sys.modules``).
+
+    For modules stock volatility3 imports at start-up but most runs never use:
+    ``volatility3.cli.text_renderer`` imports capstone (22 ms: a shared library
+    through ctypes, and its constants) only to render Disassembly columns. The
+    stdlib's ``LazyLoader`` cannot do this on Python 3.11: an ``import`` statement
+    reads the module's ``__spec__``, which loads it.
+    """
+
+    def __getattr__(self, attr: str) -> Any:
+        import sys
+
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), attr)
+
+    @classmethod
+    def install(cls, name: str) -> None:
+        """Defer ``name`` (a top-level module); one already imported, or not installed,
+        is left alone, so a stock ``import`` behaves as it always did without it."""
+        import importlib.util
+        import sys
+
+        if name in sys.modules or "." in name:
+            return
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            return
+        stand_in = cls(name)
+        stand_in.__spec__ = spec
+        sys.modules[name] = stand_in
+
+
+def text_renderer() -> Any:
+    """``volatility3.cli.text_renderer`` (stock), with capstone deferred to its first use."""
+    DeferredModule.install("capstone")
+    from volatility3.cli import text_renderer as module
+
+    return module
