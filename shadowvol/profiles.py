@@ -50,8 +50,8 @@ def profile_files() -> Iterator[Path]:
 
 def _fast_path(path: Path) -> Path:
     st = path.stat()
-    # |2: fast copies carry the symbol address index (older ones are left unused)
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|2".encode()).hexdigest()[:20]
+    # |3: the format of symbols.FAST_MAGIC (copies in older formats are left unused)
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|3".encode()).hexdigest()[:20]
     return paths.cache_dir() / "profile-cache" / f"{key}.marshal"
 
 
@@ -62,7 +62,7 @@ def load_profile(path: Path) -> dict[str, Any]:
     path = check_input(path, "profile")  # a FIFO or device is refused before any open()
     fast = _fast_path(path)
     try:
-        return symbols.load_fast(fast)
+        return symbols.load_fast(fast, mapped=True)
     except (OSError, ShadowvolError):  # no fresh fast copy yet, or a corrupt one
         pass
     try:
@@ -78,7 +78,7 @@ def load_profile(path: Path) -> dict[str, Any]:
         tmp.replace(fast)
     finally:
         tmp.unlink(missing_ok=True)
-    return symbols.load_fast(fast)
+    return symbols.load_fast(fast, mapped=True)
 
 
 def write_profile(isf: dict[str, Any], name: str) -> Path:

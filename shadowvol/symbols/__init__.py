@@ -18,10 +18,12 @@ import io
 import json
 import lzma
 import marshal
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zlib import crc32 as _crc32
 
 from shadowvol.errors import ProfileError
 from shadowvol.symbols.isf import SymbolEntry, build_isf
@@ -29,9 +31,9 @@ from shadowvol.symbols.kallsyms import Symbol, find_kallsyms, parse_system_map, 
 from shadowvol.symbols.typegraph import Kind, TypeGraph
 
 __all__ = ["build_profile", "builder_version", "PROFILE_BUILDER", "write_profile", "read_profile", "save_fast", "load_fast",
-           "ProfileReport", "LazySection", "symbols_by_address", "linux_banner", "FAST_MAGIC"]
+           "ProfileReport", "LazySection", "SymbolIndex", "symbols_by_address", "linux_banner", "FAST_MAGIC"]
 
-FAST_MAGIC = b"SVISF1\n"
+FAST_MAGIC = b"SVISF3\n"
 
 #: Bumped whenever the builder's output changes (types, symbols, metadata), so
 #: images rebuild profiles an older shadowvol stored (``vm build``).
@@ -332,7 +334,7 @@ def check_isf(isf: Any, name: str = "profile") -> None:
 
 
 class LazySection(dict):
-    """A read-only ISF section (``user_types``, ``enums``, ``symbols``) whose
+    """A read-only ISF section (``user_types``, ``enums``) whose
     entries stay marshalled until first looked up; decoded entries replace
     the raw bytes in place.
 
@@ -341,9 +343,6 @@ class LazySection(dict):
     values on CPython's fast path instead of calling ``__getitem__`` for all
     ~9,000 types (that alone cost 0.6 s per run with a Mapping).
     """
-
-    #: For ``symbols``: the fast copy's marshalled :func:`symbols_by_address` index, if stored.
-    by_address: bytes | None = None
 
     def __getitem__(self, key: str) -> Any:
         value = dict.__getitem__(self, key)
@@ -386,7 +385,8 @@ def symbols_by_address(symbols: Mapping[str, Any], mask: int = 0) -> list[tuple[
             return pairs
         except (EOFError, ValueError, TypeError):
             pass  # a damaged index: built from the entries below
-    raw = dict.items(symbols) if isinstance(symbols, LazySection) else symbols.items()
+    raw = dict.items(symbols) if isinstance(symbols, LazySection) else \
+        symbols.raw_items() if isinstance(symbols, SymbolIndex) else symbols.items()
     loads = marshal.loads
     pairs = []
     for name, entry in raw:
@@ -399,45 +399,223 @@ def symbols_by_address(symbols: Mapping[str, Any], mask: int = 0) -> list[tuple[
     return pairs
 
 
-_LAZY = ("user_types", "enums", "symbols")
-#: The fast copy's symbol index (:func:`symbols_by_address`, marshalled), kept out of the ISF
-#: dict: ``load_fast`` hangs it on the symbols section, where nobody iterating the ISF sees it.
-_BY_ADDRESS = "__shadowvol_symbols_by_address__"
+_LAZY = ("user_types", "enums")
+#: The section a fast copy holds as a :class:`SymbolIndex` over the file.
+_INDEX = "symbols"
 
 
 def save_fast(isf: dict[str, Any], path: Path) -> Path:
-    """Writes the ISF in the fast-loading format: a magic line, then one
-    ``marshal`` blob where each entry of user_types/enums/symbols is itself
-    marshalled bytes, decoded lazily by :func:`load_fast`."""
+    """Writes the ISF in the fast-loading format: ``FAST_MAGIC``, a little-endian u64
+    header length, the header, then the symbol index's arrays and blobs.
+
+    The header is one ``marshal`` blob: the small sections as they are, and each entry
+    of user_types and enums marshalled on its own (decoded lazily by :class:`LazySection`).
+    The symbols (82k in a kernel) are not in it: they are a hash table over the names
+    (:class:`SymbolIndex`), read in place, so loading them costs nothing until a lookup;
+    their by-address index (:func:`symbols_by_address`) is stored beside them."""
     path = Path(path)
-    out = {k: v for k, v in isf.items() if k not in _LAZY}
+    head = {k: v for k, v in isf.items() if k not in _LAZY and k != _INDEX}
     for key in _LAZY:
-        out[key] = {name: marshal.dumps(value) for name, value in isf[key].items()}
-    out[_BY_ADDRESS] = marshal.dumps(symbols_by_address(isf["symbols"]))
+        head[key] = {name: marshal.dumps(value) for name, value in isf[key].items()}
+    parts, offsets, at = [], {}, 0
+    for name, blob in SymbolIndex.encode(isf[_INDEX]).items():
+        offsets[name] = (at, len(blob))
+        pad = -len(blob) % 8  # each part starts 8-aligned (memoryview.cast needs no more)
+        parts += [blob, b"\0" * pad]
+        at += len(blob) + pad
+    head[_INDEX] = {"count": len(isf[_INDEX]), "parts": offsets}
+    header = marshal.dumps(head)
+    header += b"\0" * (-(len(FAST_MAGIC) + 8 + len(header)) % 8)
     from shadowvol.safeio import atomic_write
 
-    return atomic_write(path, FAST_MAGIC + marshal.dumps(out))
+    return atomic_write(path, b"".join([FAST_MAGIC, len(header).to_bytes(8, "little"), header, *parts]))
 
 
-def load_fast(path: Path, lazy: bool = True) -> dict[str, Any]:
-    """Reads a file written by :func:`save_fast`. With ``lazy``, the big
-    sections are :class:`LazySection` mappings (enough for Volatility's
-    ISF readers, which only use get/in/iteration); else plain dicts."""
-    from shadowvol.safeio import read_input
+def load_fast(path: Path, lazy: bool = True, mapped: bool = False) -> dict[str, Any]:
+    """Reads a file written by :func:`save_fast`. With ``lazy``, the big sections are
+    :class:`LazySection` and :class:`SymbolIndex` mappings (enough for Volatility's
+    ISF readers, which only use get/in/iteration); else plain dicts.
 
-    raw = read_input(path, "fast profile", limit=MAX_PROFILE)
-    if not raw.startswith(FAST_MAGIC):
+    ``mapped`` maps the file instead of reading it, for our own cache, which is only
+    ever replaced whole (a rename), never rewritten in place: a run then touches the
+    pages of the symbols it looks up, not the file's 12 MB."""
+    from shadowvol.safeio import open_input, read_input
+
+    if mapped:
+        import mmap
+
+        fd, size = open_input(path, "fast profile")
+        try:
+            if not 0 < size <= MAX_PROFILE:
+                raise ProfileError(f"{path}: not a shadowvol fast profile")
+            raw: Any = memoryview(mmap.mmap(fd, 0, prot=mmap.PROT_READ))
+        finally:
+            os.close(fd)
+    else:
+        raw = memoryview(read_input(path, "fast profile", limit=MAX_PROFILE))
+    if raw[:len(FAST_MAGIC)] != FAST_MAGIC:
         raise ProfileError(f"{path}: not a shadowvol fast profile")
     try:
-        isf = marshal.loads(memoryview(raw)[len(FAST_MAGIC):])
-        if not isinstance(isf, dict) or any(k not in isf for k in _LAZY):
+        at = len(FAST_MAGIC) + 8
+        header_len = int.from_bytes(raw[len(FAST_MAGIC):at], "little")
+        if len(raw) < at + header_len:
+            raise ValueError("short header")
+        isf = marshal.loads(raw[at:at + header_len])
+        if not isinstance(isf, dict) or any(k not in isf for k in (*_LAZY, _INDEX)) \
+                or not isinstance(isf[_INDEX], dict):
             raise ValueError("missing sections")
-        by_address = isf.pop(_BY_ADDRESS, None)
+        index = isf[_INDEX]
+        isf[_INDEX] = SymbolIndex(raw[at + header_len:], index.get("count"), index.get("parts"), str(path))
         for key in _LAZY:
             section = LazySection(isf[key])
             isf[key] = section if lazy else {k: section[k] for k in section}
-        if lazy and isinstance(by_address, bytes):
-            isf["symbols"].by_address = by_address
-    except (EOFError, ValueError, TypeError, AttributeError) as exc:
+        if not lazy:
+            isf[_INDEX] = dict(isf[_INDEX].items())
+    except (EOFError, ValueError, TypeError, AttributeError, KeyError) as exc:
         raise ProfileError(f"{path}: corrupt fast profile ({exc})") from None
     return isf
+
+
+class SymbolIndex(Mapping):
+    """A fast copy's ``symbols`` section, read in place: an open-addressing hash table
+    (CRC-32 of the name, linear probing) over the names, each entry's value marshalled
+    on its own and decoded on first lookup (then kept, as :class:`LazySection` does).
+
+    Loading it builds no per-symbol object (marshal-decoding a dict of 82k entries
+    took 24 ms of every run); a lookup is a few slices and a compare. Iteration keeps
+    the ISF's order. Every offset read from the file is bounds-checked (slices of a
+    memoryview), and a probe visits each slot at most once, so a damaged file gives
+    misses or a :class:`ProfileError`, never a crash or a hang.
+    """
+
+    _ARRAYS = ("slots", "name_ends", "value_ends")
+
+    def __init__(self, data: memoryview, count: Any, parts: Any, name: str = "fast profile") -> None:
+        if type(count) is not int or count < 0 or not isinstance(parts, dict):
+            raise ValueError("bad symbol index header")
+        view = {}
+        for key in (*self._ARRAYS, "names", "values", "by_address"):
+            at, length = parts[key]
+            if not (type(at) is int and type(length) is int and 0 <= at and 0 <= length
+                    and at + length <= len(data)):
+                raise ValueError(f"symbol index part {key} lies outside the file")
+            view[key] = data[at:at + length]
+        for key in self._ARRAYS:
+            view[key] = view[key].cast("I")
+        slots = view["slots"]
+        if len(view["name_ends"]) != count or len(view["value_ends"]) != count \
+                or len(slots) < count or not slots or len(slots) & (len(slots) - 1):
+            raise ValueError("symbol index arrays do not match its count")
+        self._n, self._name = count, name
+        self._slots, self._mask = slots, len(slots) - 1
+        self._name_ends, self._value_ends = view["name_ends"], view["value_ends"]
+        self._names, self._values, self._by_address = view["names"], view["values"], view["by_address"]
+        self._decoded: dict[str, Any] = {}
+        self._order: list[str] | None = None
+
+    @staticmethod
+    def encode(symbols: Mapping[str, Any]) -> dict[str, bytes]:
+        """The arrays and blobs :func:`save_fast` stores for a ``symbols`` section."""
+        import array
+        import zlib
+
+        names, values = [], []
+        name_ends, value_ends = array.array("I"), array.array("I")
+        n_at = v_at = 0
+        for name, entry in symbols.items():
+            key, value = name.encode(), marshal.dumps(entry)
+            names.append(key)
+            values.append(value)
+            n_at += len(key)
+            v_at += len(value)
+            if max(n_at, v_at) >= 1 << 32 or name_ends.itemsize != 4:
+                raise ValueError("symbol section too large for the fast format")
+            name_ends.append(n_at)
+            value_ends.append(v_at)
+        size = 8
+        while size < 2 * len(names):
+            size *= 2
+        slots = array.array("I", bytes(4 * size))
+        for i, key in enumerate(names):
+            h = zlib.crc32(key) & (size - 1)
+            while slots[h]:
+                h = (h + 1) & (size - 1)
+            slots[h] = i + 1
+        return {"slots": slots.tobytes(), "name_ends": name_ends.tobytes(), "value_ends": value_ends.tobytes(),
+                "names": b"".join(names), "values": b"".join(values),
+                "by_address": marshal.dumps(symbols_by_address(symbols))}
+
+    def _find(self, name: Any) -> int:
+        """The entry number of ``name``, or -1."""
+        if type(name) is not str:
+            return -1
+        try:
+            key = name.encode()
+        except UnicodeEncodeError:
+            return -1
+        slots, mask, ends, names = self._slots, self._mask, self._name_ends, self._names
+        h = _crc32(key) & mask
+        for _ in range(mask + 1):
+            entry = slots[h]
+            if not entry:
+                return -1
+            i = entry - 1
+            if i < self._n and names[ends[i - 1] if i else 0:ends[i]] == key:
+                return i
+            h = (h + 1) & mask
+        return -1
+
+    def raw(self, i: int) -> bytes:
+        """Entry ``i``'s marshalled value."""
+        return bytes(self._values[self._value_ends[i - 1] if i else 0:self._value_ends[i]])
+
+    def __getitem__(self, name: str) -> Any:
+        value = self._decoded.get(name)
+        if value is not None:
+            return value
+        i = self._find(name)
+        if i < 0:
+            raise KeyError(name)
+        try:
+            value = marshal.loads(self.raw(i))
+        except (EOFError, ValueError, TypeError) as exc:
+            raise ProfileError(f"{self._name}: corrupt fast profile (symbol {name[:60]!r}: {exc})") from None
+        self._decoded[name] = value
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._decoded or self._find(name) >= 0
+
+    def names(self) -> list[str]:
+        """Every name, in the ISF's order (decoded once)."""
+        if self._order is None:
+            names, ends = bytes(self._names), self._name_ends
+            try:
+                self._order = [names[ends[i - 1] if i else 0:ends[i]].decode() for i in range(self._n)]
+            except UnicodeDecodeError as exc:
+                raise ProfileError(f"{self._name}: corrupt fast profile ({exc})") from None
+        return self._order
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return self._n
+
+    def raw_items(self) -> Iterator[tuple[str, bytes]]:
+        """(name, marshalled value) of every entry, none decoded into the index."""
+        return ((name, self.raw(i)) for i, name in enumerate(self.names()))
+
+    def copy(self) -> dict[str, Any]:
+        return dict(self.items())
+
+    @property
+    def by_address(self) -> bytes | None:
+        """The marshalled :func:`symbols_by_address` index stored with the section."""
+        return bytes(self._by_address) or None
