@@ -9,6 +9,11 @@ keyed by the source file's size and mtime: every type, enum and symbol is its
 own ``marshal`` blob, decoded on first access. A plugin touches a few dozen of
 the ~9,000 types and ~80,000 symbols, so loading costs milliseconds. The JSON
 stays the interchange format that stock volatility3 reads.
+
+The copies are a bounded cache: a load marks its copy used (its mtime), and
+writing a new copy removes all but the :data:`FAST_COPIES_KEPT` most recently
+used ones (copies of deleted or rebuilt profiles, and of older formats, would
+otherwise pile up at ~12 MB each).
 """
 
 from __future__ import annotations
@@ -50,9 +55,29 @@ def profile_files() -> Iterator[Path]:
 
 def _fast_path(path: Path) -> Path:
     st = path.stat()
-    # |3: the format of symbols.FAST_MAGIC (copies in older formats are left unused)
+    # |3: the format of symbols.FAST_MAGIC (copies in older formats are left unused, then pruned)
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|3".encode()).hexdigest()[:20]
     return paths.cache_dir() / "profile-cache" / f"{key}.marshal"
+
+
+#: How many fast copies the cache keeps (the most recently used).
+FAST_COPIES_KEPT = 32
+
+
+def _prune_fast_copies(keep: Path) -> None:
+    """Remove all but the :data:`FAST_COPIES_KEPT` most recently used fast copies
+    (``keep`` stays whatever its age). Another run mapping a removed copy keeps
+    its pages; one about to open it finds none and builds it again."""
+    copies = []
+    for p in keep.parent.glob("*.marshal"):
+        try:
+            copies.append((p.stat().st_mtime_ns, p))
+        except OSError:
+            pass  # removed meanwhile
+    copies.sort(reverse=True)
+    for _, p in copies[FAST_COPIES_KEPT:]:
+        if p != keep:
+            p.unlink(missing_ok=True)
 
 
 def load_profile(path: Path) -> dict[str, Any]:
@@ -62,7 +87,12 @@ def load_profile(path: Path) -> dict[str, Any]:
     path = check_input(path, "profile")  # a FIFO or device is refused before any open()
     fast = _fast_path(path)
     try:
-        return symbols.load_fast(fast, mapped=True)
+        isf = symbols.load_fast(fast, mapped=True)
+        try:
+            os.utime(fast)  # used now: the cache keeps the most recently used copies
+        except OSError:
+            pass  # a read-only cache still serves
+        return isf
     except (OSError, ShadowvolError):  # no fresh fast copy yet, or a corrupt one
         pass
     try:
@@ -78,6 +108,7 @@ def load_profile(path: Path) -> dict[str, Any]:
         tmp.replace(fast)
     finally:
         tmp.unlink(missing_ok=True)
+    _prune_fast_copies(fast)
     return symbols.load_fast(fast, mapped=True)
 
 

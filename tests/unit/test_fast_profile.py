@@ -4,6 +4,7 @@ was given, and a damaged file gives a ProfileError or a miss, never a crash or a
 from __future__ import annotations
 
 import marshal
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -99,3 +100,39 @@ def test_not_a_fast_file(tmp_path) -> None:
     bad.write_bytes(b"")
     with pytest.raises(ProfileError):
         load_fast(bad, mapped=True)
+
+
+def test_profile_cache_keeps_the_most_recently_used_copies(tmp_path, monkeypatch) -> None:
+    """load_profile's fast copies are a bounded cache: a load marks its copy used, and
+    a new copy removes all but FAST_COPIES_KEPT, the most recently used first."""
+    import json
+
+    from shadowvol import profiles
+
+    monkeypatch.setenv("SHADOWVOL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(profiles, "FAST_COPIES_KEPT", 4)
+    paths = []
+    for i in range(7):
+        p = tmp_path / f"p{i}.json"
+        p.write_text(json.dumps(_isf({"init_task": {"address": 0x1000 + i}})))
+        paths.append(p)
+    cache = tmp_path / "cache" / "profile-cache"
+
+    def load(i: int) -> None:
+        assert profiles.load_profile(paths[i])["symbols"]["init_task"] == {"address": 0x1000 + i}
+
+    for i in range(4):
+        load(i)
+    (cache / "0123456789abcdef0123.marshal").write_bytes(b"SVISF1\n older format")
+    os.utime(cache / "0123456789abcdef0123.marshal", (4, 4))
+    os.utime(profiles._fast_path(paths[1]), (2, 2))  # p1's copy was used long ago, p0's too
+    os.utime(profiles._fast_path(paths[0]), (3, 3))
+    load(0)  # a copy found is marked used (and not rebuilt)
+    kept = {q.name for q in cache.glob("*.marshal")}
+    assert len(kept) == 5
+    load(4)  # a new copy: the two least recently used go (p1's, the old format)
+    names = {q.name for q in cache.glob("*.marshal")}
+    assert names == {profiles._fast_path(paths[i]).name for i in (0, 2, 3, 4)}
+    for i in (5, 6, 1):
+        load(i)
+    assert len(list(cache.glob("*.marshal"))) == 4 and profiles._fast_path(paths[1]).exists()
