@@ -441,6 +441,7 @@ def load_fast(path: Path, lazy: bool = True, mapped: bool = False) -> dict[str, 
     pages of the symbols it looks up, not the file's 12 MB."""
     from shadowvol.safeio import open_input, read_input
 
+    raw: Any = None
     if mapped:
         import mmap
 
@@ -448,10 +449,12 @@ def load_fast(path: Path, lazy: bool = True, mapped: bool = False) -> dict[str, 
         try:
             if not 0 < size <= MAX_PROFILE:
                 raise ProfileError(f"{path}: not a shadowvol fast profile")
-            raw: Any = memoryview(mmap.mmap(fd, 0, prot=mmap.PROT_READ))
+            raw = memoryview(mmap.mmap(fd, 0, prot=mmap.PROT_READ))
+        except OSError:
+            pass  # a file system that cannot map it: read below
         finally:
             os.close(fd)
-    else:
+    if raw is None:
         raw = memoryview(read_input(path, "fast profile", limit=MAX_PROFILE))
     if raw[:len(FAST_MAGIC)] != FAST_MAGIC:
         raise ProfileError(f"{path}: not a shadowvol fast profile")

@@ -136,3 +136,14 @@ def test_profile_cache_keeps_the_most_recently_used_copies(tmp_path, monkeypatch
     for i in (5, 6, 1):
         load(i)
     assert len(list(cache.glob("*.marshal"))) == 4 and profiles._fast_path(paths[1]).exists()
+
+
+def test_a_file_that_cannot_be_mapped_is_read(tmp_path, monkeypatch) -> None:
+    import mmap
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    path = save_fast(_isf({"init_task": {"address": 16}}), tmp_path / "p.svisf")
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    assert load_fast(path, mapped=True)["symbols"]["init_task"] == {"address": 16}
