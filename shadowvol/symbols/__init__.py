@@ -316,11 +316,11 @@ def parse_profile(raw: bytes, name: str = "profile") -> dict[str, Any]:
 
 
 def check_isf(isf: Any, name: str = "profile") -> None:
-    """Raises ProfileError unless ``isf`` has the ISF sections as dicts of
-    dicts, and every symbol has an integer address."""
+    """Raises ProfileError unless ``isf`` has the ISF sections as mappings (dicts,
+    or a fast copy's lazy sections) of dicts, and every symbol has an integer address."""
     if not isinstance(isf, dict):
         raise ProfileError(f"{name}: not an ISF profile (top level is not an object)")
-    missing = [k for k in ISF_SECTIONS if not isinstance(isf.get(k), dict)]
+    missing = [k for k in ISF_SECTIONS if not isinstance(isf.get(k), Mapping)]
     if missing:
         raise ProfileError(f"{name}: not an ISF profile (missing or malformed: {', '.join(missing)})")
     for section in ISF_SECTIONS[1:]:

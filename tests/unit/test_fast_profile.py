@@ -147,3 +147,20 @@ def test_a_file_that_cannot_be_mapped_is_read(tmp_path, monkeypatch) -> None:
     path = save_fast(_isf({"init_task": {"address": 16}}), tmp_path / "p.svisf")
     monkeypatch.setattr(mmap, "mmap", refuse)
     assert load_fast(path, mapped=True)["symbols"]["init_task"] == {"address": 16}
+
+
+def test_a_fast_file_given_as_the_profile_loads(tmp_path, monkeypatch) -> None:
+    """``--profile`` may name a fast file (read_profile reads both formats): it is
+    checked as an ISF and gets its own cached copy, like a JSON profile."""
+    from shadowvol import profiles
+    from shadowvol.symbols import read_profile
+
+    monkeypatch.setenv("SHADOWVOL_CACHE", str(tmp_path / "cache"))
+    symbols = {"init_task": {"address": 0x1000}, "linux_banner": {"address": 0x2000}}
+    path = save_fast(_isf(symbols), tmp_path / "given.svisf")
+    assert read_profile(path)["symbols"]["init_task"] == {"address": 0x1000}
+    isf = profiles.load_profile(path)
+    assert dict(isf["symbols"].items()) == symbols and profiles._fast_path(path).exists()
+    bad = _isf({"init_task": {"address": "not an int"}})
+    with pytest.raises(ProfileError, match="no integer address"):
+        profiles.load_profile(save_fast(bad, tmp_path / "bad.svisf"))
