@@ -763,14 +763,16 @@ class DeferredModule(types.ModuleType):
     ``volatility3.cli.text_renderer`` imports capstone (22 ms: a shared library
     through ctypes, and its constants) only to render Disassembly columns. The
     stdlib's ``LazyLoader`` cannot do this on Python 3.11: an ``import`` statement
-    reads the module's ``__spec__``, which loads it.
+    reads the module's ``__spec__``, which loads it. One difference remains: a
+    capstone that is installed but cannot load fails where it is first used,
+    instead of turning disassembly off at import (``CAPSTONE_PRESENT``).
     """
 
     def __getattr__(self, attr: str) -> Any:
         import sys
 
         if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]
+            sys.modules.pop(self.__name__, None)  # another thread may be here too
         return getattr(importlib.import_module(self.__name__), attr)
 
     @classmethod
