@@ -586,13 +586,7 @@ class SymbolIndex(Mapping):
         self._decoded[name] = value
         return value
 
-    def get(self, name: str, default: Any = None) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            return default
-
-    def __contains__(self, name: object) -> bool:
+    def __contains__(self, name: object) -> bool:  # get(), keys() and the rest: Mapping's
         return name in self._decoded or self._find(name) >= 0
 
     def names(self) -> list[str]:
