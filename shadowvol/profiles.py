@@ -5,8 +5,9 @@ Profiles live in ``<cache>/profiles/`` (written by ``vm build`` and
 ISF JSON file (``.json`` or ``.json.xz``). Loading JSON on every run is too
 slow for a sub-second command (9.8 MB of JSON: 0.26 s to parse, more with the
 garbage collector running), so each profile gets a *lazy* copy in the cache,
-keyed by the source file's size and mtime: every type, enum and symbol is its
-own ``marshal`` blob, decoded on first access. A plugin touches a few dozen of
+keyed by the source file's size and mtime: every type and enum is its own
+``marshal`` blob, decoded on first access, and the symbols are a hash table
+read in place from the mapped copy (``symbols.SymbolIndex``). A plugin touches a few dozen of
 the ~9,000 types and ~80,000 symbols, so loading costs milliseconds. The JSON
 stays the interchange format that stock volatility3 reads.
 

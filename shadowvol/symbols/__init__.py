@@ -524,6 +524,8 @@ class SymbolIndex(Mapping):
 
         names, values = [], []
         name_ends, value_ends = array.array("I"), array.array("I")
+        if name_ends.itemsize != 4:
+            raise ValueError("no 4-byte array type for the fast format")
         n_at = v_at = 0
         for name, entry in symbols.items():
             key, value = name.encode(), marshal.dumps(entry)
@@ -531,7 +533,7 @@ class SymbolIndex(Mapping):
             values.append(value)
             n_at += len(key)
             v_at += len(value)
-            if max(n_at, v_at) >= 1 << 32 or name_ends.itemsize != 4:
+            if max(n_at, v_at) >= 1 << 32:
                 raise ValueError("symbol section too large for the fast format")
             name_ends.append(n_at)
             value_ends.append(v_at)
