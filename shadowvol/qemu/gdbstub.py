@@ -7,7 +7,10 @@ Written against the behaviour of QEMU 7.2 (see NOTES-lab.md):
   resynchronises and discards it;
 - attaching halts the VM; ``D`` (detach) resumes it;
 - ``P`` needs ``qXfer:features:read:target.xml`` to have been fetched;
-- ``Qqemu.PhyMemMode:1`` makes ``m`` read guest-physical addresses.
+- ``Qqemu.PhyMemMode:1`` makes ``m`` read guest-physical addresses;
+- any byte but an ack that arrives while the VM runs stops it and is dropped;
+- a plain ``s`` resumes every CPU, and single-step is cleared only on the CPU
+  a stop reports: step one CPU with ``vCont;s:<thread>`` (:meth:`GdbStub.step`).
 
 Register layout comes from the target description QEMU serves, so the
 ``g`` packet is decoded by name rather than by a hard-coded order.
@@ -192,6 +195,7 @@ class GdbStub:
         self._window: float = timeout  # the wait that _deadline bounds, for messages
         self.last_stop: str | None = None
         self.features: dict[str, str] = {}
+        self._vcont: bool | None = None  # vCont with a step action, asked on first use
         if connect:
             self.connect()
 
@@ -468,10 +472,29 @@ class GdbStub:
         if reply != b"OK":
             raise GdbError(f"cannot remove breakpoint at {addr:#x}: {reply.decode(errors='replace')}")
 
-    def step(self) -> str:
-        """Single-step the current CPU; returns the stop reply."""
-        self.last_stop = self._request(b"s", stop_reply=True).decode(errors="replace")
+    def step(self, thread: str | None = None) -> str:
+        """Single-step one CPU; returns the stop reply.
+
+        With ``thread`` (a thread-id as in a stop reply, ``thread:<id>;``), only
+        that CPU runs: ``vCont;s:<id>``. A plain ``s`` resumes every CPU and
+        steps the current one; on SMP another CPU can then stop the VM first
+        (a breakpoint), and QEMU 7.2 clears single-step only on the CPU it
+        reports, so the stepping CPU keeps it and stops the VM again later:
+        after a detach, with nobody to resume it (runstate ``debug``).
+        """
+        if thread is not None and self._vcont_step():
+            packet = b"vCont;s:" + thread.encode()
+        else:
+            packet = b"s"
+        self.last_stop = self._request(packet, stop_reply=True).decode(errors="replace")
         return self.last_stop
+
+    def _vcont_step(self) -> bool:
+        """The stub takes ``vCont`` with a step action (asked once: ``vCont?``)."""
+        if self._vcont is None:
+            actions = self._request(b"vCont?").decode(errors="replace")
+            self._vcont = actions.startswith("vCont") and "s" in actions.split(";")[1:]
+        return self._vcont
 
     def cont(self, wait: bool = True, timeout: float | None = None) -> str | None:
         """Resume the VM (``c``); with ``wait``, block until it stops again and return the stop reply."""
@@ -510,11 +533,14 @@ class GdbStub:
         self._sendall(b"\x03")
         return self.wait_stop(timeout)
 
-    def step_over_breakpoint(self, addr: int, kind: int = 1) -> str:
-        """Leave a breakpoint at the current RIP: remove, step, re-insert (QEMU 7.2 re-stops on plain ``c``)."""
+    def step_over_breakpoint(self, addr: int, kind: int = 1, thread: str | None = None) -> str:
+        """Leave a breakpoint at the current RIP: remove, step, re-insert (QEMU 7.2 re-stops on plain ``c``).
+
+        ``thread``: the CPU that stopped there (see :meth:`step`); give it on SMP.
+        """
         self.remove_breakpoint(addr, kind)
         try:
-            return self.step()
+            return self.step(thread)
         finally:
             self.insert_breakpoint(addr, kind)
 

@@ -54,6 +54,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
 }
 
 _THREAD_RE = re.compile(r"thread:(?:p[0-9a-f]+\.)?([0-9a-f]+)")
+_THREAD_ID_RE = re.compile(r"thread:((?:p[0-9a-f]+\.)?[0-9a-f]+);")  # the whole id, for vCont
 _SYSCALL_ARGS = ("di", "si", "dx", "r10", "r8", "r9")
 _PROBE_ARGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 
@@ -249,6 +250,7 @@ class BreakpointMonitor:
                 continue  # a single-step trap of someone else; just resume
             m = _THREAD_RE.search(stop)
             cpu = int(m.group(1), 16) - 1 if m else 0
+            thread = _THREAD_ID_RE.search(stop)
             # The guest ran since the last stop: translations cached then may be stale.
             # Each stop is one epoch; nothing else is cached across events (the syscall
             # names and text symbols are the tracer's own, read once at its start).
@@ -258,7 +260,8 @@ class BreakpointMonitor:
             except ShadowvolError as exc:  # unreadable guest memory: count, keep going
                 ev = None
                 self.warnings.append(f"{point.name}: {exc}")
-            stub.step_over_breakpoint(rip)
+            # Step only the CPU that stopped: see GdbStub.step (SMP).
+            stub.step_over_breakpoint(rip, thread=thread.group(1) if thread else None)
             costs.append(clock() - t0)
             point.hits += 1
             if ev is not None:

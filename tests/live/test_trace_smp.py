@@ -65,19 +65,46 @@ def test_each_cpu_ring_delivers_its_loop(smp):
         assert per_cpu == {0: N, 1: N}
 
 
-def test_breakpoints_on_both_vcpus_then_guest_healthy(smp):
+def test_breakpoints_on_both_vcpus_then_guest_healthy(smp, monkeypatch):
+    """Both vCPUs hit breakpoints; each step over one runs only the CPU that stopped
+    there, and the VM runs after the detach.
+
+    With a plain ``s`` every CPU ran during a step, another CPU's breakpoint could
+    stop the VM first, and the stepping CPU kept QEMU's single-step flag: after
+    the detach it stopped the VM again (runstate ``debug``) with nobody attached.
+    """
+    from shadowvol.qemu.gdbstub import GdbStub
+    from shadowvol.qemu.qmp import QMPClient
+    from shadowvol.target import open_target
+
+    steps: list[tuple[str | None, str]] = []
+    stock_step = GdbStub.step
+
+    def step(self, thread=None):
+        reply = stock_step(self, thread)
+        steps.append((thread, reply))
+        return reply
+
+    monkeypatch.setattr(GdbStub, "step", step)
     sh(smp, "taskset -c 0 sv-syscall-loop 4000000000 >/dev/null 2>&1 & "
             "taskset -c 1 sv-syscall-loop 4000000000 >/dev/null 2>&1 & true")
     cpus = collections.Counter()
-    from shadowvol.target import open_target
-
     target = open_target(vm=smp.name)
     try:
         trace_breakpoints(target, syscalls=True, sched=True, duration=5.0,
                           on_event=lambda e: cpus.update([e.cpu]) if e.comm == "sv-syscall-loop" else None)
     finally:
         target.close()
+        time.sleep(0.5)  # a CPU left single-stepping stops the VM within an instruction
+        with QMPClient(smp.qmp) as q:
+            status = q.execute("query-status")
+        if not status["running"]:
+            with QMPClient(smp.qmp) as q:
+                q.execute("cont")  # leave the shared guest usable for the next test
         sh(smp, "killall sv-syscall-loop; true")
+    assert status["running"], status
+    other = [(t, r) for t, r in steps if t is None or f"thread:{t};" not in r]
+    assert steps and not other, f"{len(other)} of {len(steps)} steps stopped on another CPU: {other[:5]}"
     assert cpus[0] > 0 and cpus[1] > 0
     assert float(sh(smp, "sv-syscall-loop 100000").split()[-1]) < 5.0
     dmesg = sh(smp, "dmesg")

@@ -52,6 +52,7 @@ class FakePeer(threading.Thread):
         self.handler = handler
         self.greeting = greeting
         self.corrupt_first_reply = corrupt_first_reply
+        self.vcont = True  # answers vCont? as QEMU does
         self.received: list[bytes] = []
         self.acks = b""
         self.nacks = 0
@@ -142,6 +143,10 @@ def qemu_like(peer: FakePeer, p: bytes) -> list[bytes]:
         return [frame(b"OK")]
     if p == b"s":
         return [frame(b"T05thread:01;")]
+    if p == b"vCont?" and peer.vcont:
+        return [frame(b"vCont;c;C;s;S")]
+    if p.startswith(b"vCont;s:") and peer.vcont:
+        return [frame(b"T05thread:" + p[len(b"vCont;s:"):] + b";")]
     if p.startswith(b"P"):
         return [frame(b"OK")]
     return [frame(b"")]
@@ -256,6 +261,25 @@ def test_breakpoints_step_interrupt() -> None:
     assert peer.received[-3:] == [b"z0,ffffffff81000000,1", b"s", b"Z0,ffffffff81000000,1"]
     stub.cont(wait=False)
     assert stub.interrupt() == "T02thread:01;"
+    stub.close()
+
+
+def test_step_over_breakpoint_steps_only_the_cpu_that_stopped() -> None:
+    """On SMP a plain ``s`` lets every CPU run; one CPU is stepped with ``vCont;s:<thread>``."""
+    stub, peer = pair()
+    assert stub.step_over_breakpoint(0xFFFFFFFF81000000, thread="02") == "T05thread:02;"
+    assert peer.received[-4:] == [b"z0,ffffffff81000000,1", b"vCont?", b"vCont;s:02", b"Z0,ffffffff81000000,1"]
+    stub.step_over_breakpoint(0xFFFFFFFF81000000, thread="p01.03")
+    assert peer.received[-3:] == [b"z0,ffffffff81000000,1", b"vCont;s:p01.03", b"Z0,ffffffff81000000,1"]
+    assert peer.received.count(b"vCont?") == 1  # asked once
+    stub.close()
+
+
+def test_step_falls_back_to_s_without_vcont() -> None:
+    stub, peer = pair()
+    peer.vcont = False  # the stub answers "" to vCont? (not supported)
+    assert stub.step("02") == "T05thread:01;"
+    assert peer.received[-2:] == [b"vCont?", b"s"]
     stub.close()
 
 
