@@ -39,6 +39,7 @@ from typing import Any, Callable
 from ..errors import ShadowvolError
 from ..kernel_reader import kernel_of
 from ..qemu.gdbstub import GdbError, GdbStub, stop_signal
+from ..qemu.qmp import QMPClient
 from .events import Event, syscall_names
 from .points import TextSymbols, check_monitor_point
 
@@ -173,7 +174,21 @@ class BreakpointMonitor:
         self.points[addr] = _Point(kind, addr, name)
 
     def attach(self) -> None:
-        """Connect (halts the VM) and insert every breakpoint."""
+        """Connect (halts the VM) and insert every breakpoint.
+
+        A VM that is not running is refused before anything is touched: the
+        trace resumes the guest after every stop, and the detach leaves it
+        running, so a paused VM would not stay paused. (The gdbstub cannot
+        tell: connecting pauses the VM either way; QMP says.)
+        """
+        qmp = self.target.endpoints.qmp
+        if qmp is not None:
+            with QMPClient(qmp) as q:
+                status = q.query("query-status")
+            if not status.get("running", True):
+                raise ShadowvolError(
+                    f"{self.target.description} is {status.get('status') or 'not running'}: a breakpoint "
+                    "trace resumes the guest at every event, so it runs only on a running VM")
         self.stub = GdbStub(self.target.endpoints.gdb)
         for addr in self.points:
             self.stub.insert_breakpoint(addr)

@@ -106,3 +106,26 @@ def test_monitor_point_checks(web01):
 def test_nothing_to_trace_is_an_error(web01_target):
     with pytest.raises(ShadowvolError, match="nothing to trace"):
         trace_breakpoints(web01_target, syscalls=False, duration=1.0)
+
+
+def test_a_paused_vm_is_refused_and_stays_paused(web01):
+    """The trace resumes the guest at every stop and the detach leaves it running:
+    on a paused VM it must refuse, before connecting, and leave the VM paused."""
+    from conftest import run_cli
+
+    from shadowvol.qemu.qmp import QMPClient
+
+    with QMPClient(web01.qmp) as q:
+        q.execute("stop")
+    try:
+        r = run_cli("trace", "-vm", web01.name, "--backend", "libvmi", "--duration", "1")
+        with QMPClient(web01.qmp) as q:
+            status = q.execute("query-status")
+    finally:
+        with QMPClient(web01.qmp) as q:
+            q.execute("cont")
+    assert r.returncode != 0, r.stdout
+    assert r.stderr.strip().splitlines() == [
+        f"shadowvol: error: vm:{web01.name} is paused: a breakpoint trace resumes the guest at every event, "
+        "so it runs only on a running VM"], r.stderr
+    assert status["status"] == "paused", status
