@@ -36,7 +36,11 @@ __all__ = [
     "parse_target_xml",
     "GdbStub",
     "stop_signal",
+    "stop_thread",
 ]
+
+#: Steps of one CPU off a breakpoint before giving up (see step_over_breakpoint).
+STEP_TRIES = 8
 
 #: Largest memory chunk per ``m`` packet: QEMU 7.2 advertises PacketSize=0x1000
 #: and hex-encodes, so 2 KiB per reply fits.
@@ -540,9 +544,48 @@ class GdbStub:
         """
         self.remove_breakpoint(addr, kind)
         try:
-            return self.step(thread)
+            for _ in range(STEP_TRIES):
+                stop = self.step(thread)
+                if thread is None:
+                    return stop
+                # The reply does not say that the CPU moved: a stop requested just
+                # before (two CPUs hitting breakpoints at once) is reported as soon
+                # as the VM resumes, naming either CPU. A CPU still on the
+                # breakpoint would stop there again once it is re-inserted, and
+                # its call would be reported twice: step it until its RIP moves.
+                if self.read_register("rip", thread) != addr:
+                    return stop
+            raise GdbError(f"gdbstub {self.target}: thread {thread} did not step off {addr:#x} "
+                           f"in {STEP_TRIES} tries (last stop {stop})")
         finally:
             self.insert_breakpoint(addr, kind)
+
+    def read_register(self, name: str, thread: str | None = None) -> int:
+        """One register by target.xml name (``p``), of ``thread`` (``Hg``) or the current CPU."""
+        reg = next((r for r in self.registers() if r.name == name), None)
+        if reg is None:
+            raise GdbError(f"gdbstub {self.target}: no register {name!r} in the target description")
+        if thread is not None:
+            reply = self._request(b"Hg" + thread.encode())
+            if reply != b"OK":
+                raise GdbError(f"gdbstub {self.target}: Hg{thread} failed: {reply.decode(errors='replace')}")
+        hexdata = self._request(b"p%x" % reg.regnum)
+        if not hexdata or hexdata[:1] == b"E":
+            raise GdbError(f"gdbstub {self.target}: p{reg.regnum:x} ({name}) failed: "
+                           f"{hexdata.decode(errors='replace') or 'not supported'}")
+        data = _unhex(hexdata, "p")
+        if len(data) != reg.bitsize // 8:
+            raise GdbError(f"gdbstub {self.target}: {name} is {len(data)} bytes, not {reg.bitsize // 8}")
+        return int.from_bytes(data, "little")
+
+
+def stop_thread(stop: str) -> str | None:
+    """The thread-id of a ``T`` stop reply (``thread:<id>;``), as ``vCont`` and ``Hg`` take it."""
+    m = _STOP_THREAD_RE.search(stop)
+    return m.group(1) if m else None
+
+
+_STOP_THREAD_RE = re.compile(r"thread:((?:p[0-9a-fA-F]+\.)?[0-9a-fA-F]+);")
 
 
 def stop_signal(stop: str) -> int | None:

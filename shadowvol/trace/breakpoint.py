@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from ..errors import ShadowvolError
 from ..kernel_reader import kernel_of
-from ..qemu.gdbstub import GdbError, GdbStub, stop_signal
+from ..qemu.gdbstub import GdbError, GdbStub, stop_signal, stop_thread
 from ..qemu.qmp import QMPClient
 from .events import Event, syscall_names
 from .points import TextSymbols, check_monitor_point
@@ -55,7 +55,6 @@ HOOKS: dict[str, tuple[str, ...]] = {
 }
 
 _THREAD_RE = re.compile(r"thread:(?:p[0-9a-f]+\.)?([0-9a-f]+)")
-_THREAD_ID_RE = re.compile(r"thread:((?:p[0-9a-f]+\.)?[0-9a-f]+);")  # the whole id, for vCont
 _SYSCALL_ARGS = ("di", "si", "dx", "r10", "r8", "r9")
 _PROBE_ARGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 
@@ -265,7 +264,7 @@ class BreakpointMonitor:
                 continue  # a single-step trap of someone else; just resume
             m = _THREAD_RE.search(stop)
             cpu = int(m.group(1), 16) - 1 if m else 0
-            thread = _THREAD_ID_RE.search(stop)
+            thread = stop_thread(stop)
             # The guest ran since the last stop: translations cached then may be stale.
             # Each stop is one epoch; nothing else is cached across events (the syscall
             # names and text symbols are the tracer's own, read once at its start).
@@ -276,7 +275,7 @@ class BreakpointMonitor:
                 ev = None
                 self.warnings.append(f"{point.name}: {exc}")
             # Step only the CPU that stopped: see GdbStub.step (SMP).
-            stub.step_over_breakpoint(rip, thread=thread.group(1) if thread else None)
+            stub.step_over_breakpoint(rip, thread=thread)
             costs.append(clock() - t0)
             point.hits += 1
             if ev is not None:

@@ -66,26 +66,27 @@ def test_each_cpu_ring_delivers_its_loop(smp):
 
 
 def test_breakpoints_on_both_vcpus_then_guest_healthy(smp, monkeypatch):
-    """Both vCPUs hit breakpoints; each step over one runs only the CPU that stopped
-    there, and the VM runs after the detach.
+    """Both vCPUs hit breakpoints; each step-over moves the CPU that stopped off its
+    breakpoint, and the VM runs after the detach.
 
     With a plain ``s`` every CPU ran during a step, another CPU's breakpoint could
     stop the VM first, and the stepping CPU kept QEMU's single-step flag: after
-    the detach it stopped the VM again (runstate ``debug``) with nobody attached.
+    the detach it stopped the VM again (runstate ``debug``) with nobody attached;
+    and a CPU left on its breakpoint reported the same call twice.
     """
     from shadowvol.qemu.gdbstub import GdbStub
     from shadowvol.qemu.qmp import QMPClient
     from shadowvol.target import open_target
 
-    steps: list[tuple[str | None, str]] = []
-    stock_step = GdbStub.step
+    steps: list[tuple[str | None, int, int]] = []  # (thread, breakpoint, its RIP after the step-over)
+    stock_step_over = GdbStub.step_over_breakpoint
 
-    def step(self, thread=None):
-        reply = stock_step(self, thread)
-        steps.append((thread, reply))
+    def step_over_breakpoint(self, addr, kind=1, thread=None):
+        reply = stock_step_over(self, addr, kind, thread)
+        steps.append((thread, addr, self.read_register("rip", thread) if thread else addr))
         return reply
 
-    monkeypatch.setattr(GdbStub, "step", step)
+    monkeypatch.setattr(GdbStub, "step_over_breakpoint", step_over_breakpoint)
     sh(smp, "taskset -c 0 sv-syscall-loop 4000000000 >/dev/null 2>&1 & "
             "taskset -c 1 sv-syscall-loop 4000000000 >/dev/null 2>&1 & true")
     cpus = collections.Counter()
@@ -103,10 +104,48 @@ def test_breakpoints_on_both_vcpus_then_guest_healthy(smp, monkeypatch):
                 q.execute("cont")  # leave the shared guest usable for the next test
         sh(smp, "killall sv-syscall-loop; true")
     assert status["running"], status
-    other = [(t, r) for t, r in steps if t is None or f"thread:{t};" not in r]
-    assert steps and not other, f"{len(other)} of {len(steps)} steps stopped on another CPU: {other[:5]}"
+    stuck = [(t, hex(a)) for t, a, rip in steps if rip == a]
+    assert steps and not stuck, f"{len(stuck)} of {len(steps)} step-overs left the CPU on its breakpoint: {stuck[:5]}"
     assert cpus[0] > 0 and cpus[1] > 0
     assert float(sh(smp, "sv-syscall-loop 100000").split()[-1]) < 5.0
     dmesg = sh(smp, "dmesg")
     for bad in ("int3", "Oops", "BUG:", "traps:"):
         assert bad not in dmesg, dmesg[-2000:]
+
+
+def test_breakpoint_events_on_both_vcpus_are_exact(smp):
+    """Two loops, one pinned to each vCPU, each make exactly ``n`` getppid calls:
+    the breakpoint monitor reports each call once, with the pid the guest gave
+    the loop. A step over one CPU's breakpoint that let the other CPU run could
+    report a call twice (the stepped CPU stopped again at the re-inserted
+    breakpoint) or, on a lost stop, not at all."""
+    import threading
+
+    from shadowvol.target import open_target
+
+    n = 150
+    per_pid: collections.Counter = collections.Counter()
+    stats: dict = {}
+    done = threading.Event()
+
+    def count(e) -> None:
+        if e.kind == "syscall" and e.name == "getppid" and e.comm == "sv-syscall-loop":
+            per_pid[e.pid] += 1
+
+    target = open_target(vm=smp.name)
+    th = threading.Thread(target=lambda: stats.update(trace_breakpoints(
+        target, syscalls=True, duration=300, on_event=count, should_stop=done.is_set)))
+    th.start()
+    time.sleep(1.0)
+    try:
+        out = sh(smp, f"taskset -c 0 sv-syscall-loop {n} >/dev/null & a=$!; "
+                      f"taskset -c 1 sv-syscall-loop {n} >/dev/null & b=$!; wait; echo $a $b", timeout=240)
+    finally:
+        done.set()
+        th.join(120)
+        target.close()
+    pids = [int(p) for p in out.split()[-2:]]
+    print(dict(per_pid), pids, {k: stats.get(k) for k in ("events", "seconds", "warnings")})
+    assert not th.is_alive()
+    assert {p: per_pid[p] for p in pids} == {p: n for p in pids}
+    assert set(per_pid) == set(pids)

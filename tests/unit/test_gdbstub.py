@@ -53,6 +53,9 @@ class FakePeer(threading.Thread):
         self.greeting = greeting
         self.corrupt_first_reply = corrupt_first_reply
         self.vcont = True  # answers vCont? as QEMU does
+        self.stuck_steps = 0  # vCont;s replies that come before the CPU moved
+        self.stuck_reply_thread = b""  # ...naming this thread (else the stepped one)
+        self.rip = 0  # the stepped CPU's RIP
         self.received: list[bytes] = []
         self.acks = b""
         self.nacks = 0
@@ -146,7 +149,16 @@ def qemu_like(peer: FakePeer, p: bytes) -> list[bytes]:
     if p == b"vCont?" and peer.vcont:
         return [frame(b"vCont;c;C;s;S")]
     if p.startswith(b"vCont;s:") and peer.vcont:
-        return [frame(b"T05thread:" + p[len(b"vCont;s:"):] + b";")]
+        thread = p[len(b"vCont;s:"):]
+        if peer.stuck_steps:  # a stop requested earlier is reported before the CPU moves
+            peer.stuck_steps -= 1
+            return [frame(b"T05thread:" + (peer.stuck_reply_thread or thread) + b";")]
+        peer.rip += 3
+        return [frame(b"T05thread:" + thread + b";")]
+    if p.startswith(b"Hg"):
+        return [frame(b"OK")]
+    if p == b"p10":  # rip (regnum 16 in the target description)
+        return [frame(peer.rip.to_bytes(8, "little").hex().encode())]
     if p.startswith(b"P"):
         return [frame(b"OK")]
     return [frame(b"")]
@@ -265,13 +277,37 @@ def test_breakpoints_step_interrupt() -> None:
 
 
 def test_step_over_breakpoint_steps_only_the_cpu_that_stopped() -> None:
-    """On SMP a plain ``s`` lets every CPU run; one CPU is stepped with ``vCont;s:<thread>``."""
+    """On SMP a plain ``s`` lets every CPU run; one CPU is stepped with ``vCont;s:<thread>``
+    and its RIP read back (``Hg``, ``p``): the stop reply does not say that it moved."""
     stub, peer = pair()
+    peer.rip = 0xFFFFFFFF81000000
     assert stub.step_over_breakpoint(0xFFFFFFFF81000000, thread="02") == "T05thread:02;"
-    assert peer.received[-4:] == [b"z0,ffffffff81000000,1", b"vCont?", b"vCont;s:02", b"Z0,ffffffff81000000,1"]
+    sent = [p for p in peer.received if not p.startswith(b"qXfer:")]  # the target description, once
+    assert sent[-6:] == [b"z0,ffffffff81000000,1", b"vCont?", b"vCont;s:02", b"Hg02", b"p10",
+                         b"Z0,ffffffff81000000,1"]
+    peer.rip = 0xFFFFFFFF81000000
     stub.step_over_breakpoint(0xFFFFFFFF81000000, thread="p01.03")
-    assert peer.received[-3:] == [b"z0,ffffffff81000000,1", b"vCont;s:p01.03", b"Z0,ffffffff81000000,1"]
+    assert peer.received[-5:] == [b"z0,ffffffff81000000,1", b"vCont;s:p01.03", b"Hgp01.03", b"p10",
+                                  b"Z0,ffffffff81000000,1"]
     assert peer.received.count(b"vCont?") == 1  # asked once
+    stub.close()
+
+
+@pytest.mark.parametrize("reply_thread", [b"", b"01"])
+def test_step_over_breakpoint_steps_again_until_the_cpu_moves(reply_thread: bytes) -> None:
+    """A stop requested before the step (two CPUs at breakpoints at once) may answer
+    it, naming this CPU or another, before the CPU moved: it is stepped again."""
+    stub, peer = pair()
+    peer.rip, peer.stuck_steps, peer.stuck_reply_thread = 0xFFFFFFFF81000000, 2, reply_thread
+    assert stub.step_over_breakpoint(0xFFFFFFFF81000000, thread="02") == "T05thread:02;"
+    assert peer.rip == 0xFFFFFFFF81000003
+    sent = [p for p in peer.received if not p.startswith(b"qXfer:")]
+    assert sent.count(b"vCont;s:02") == 3 and sent[-1] == b"Z0,ffffffff81000000,1"
+    # A CPU that never moves is an error, and the breakpoint is back all the same.
+    peer.rip, peer.stuck_steps = 0xFFFFFFFF81000000, 100
+    with pytest.raises(gdbstub.GdbError, match="did not step off"):
+        stub.step_over_breakpoint(0xFFFFFFFF81000000, thread="02")
+    assert peer.received[-1] == b"Z0,ffffffff81000000,1"
     stub.close()
 
 
