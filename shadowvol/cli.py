@@ -23,6 +23,8 @@ import argparse
 import re
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ShadowvolError
@@ -798,8 +800,47 @@ def entry() -> None:
     os._exit(rc)
 
 
+@contextmanager
+def terminate_as_exception() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` for the block (main thread
+    only; the handlers before are restored after it). Python's default for them
+    ends the process at once, skipping every ``finally``: a ``timeout 10 shadowvol
+    trace --backend libvmi`` then left the VM stopped at a breakpoint for good.
+    A second signal during the clean-up is ignored (SIGKILL still ends us)."""
+    import signal
+    import threading
+
+    from .errors import Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    before = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .errors import Terminated
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        with terminate_as_exception():
+            return _main(argv)
+    except Terminated as exc:
+        return 128 + exc.signum
+
+
+def _main(argv: list[str]) -> int:
     try:
         if not argv:
             sys.stderr.write(build_parser().format_usage() + "'shadowvol --help' says more.\n")

@@ -52,3 +52,14 @@ class InvalidAddressError(ShadowvolError):
         if message:
             text += f": {message}"
         super().__init__(text)
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread (as KeyboardInterrupt is for
+    SIGINT) so that every ``finally`` runs: breakpoints removed, the gdbstub
+    detached, a VM we paused resumed. A BaseException, so that no ``except
+    Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

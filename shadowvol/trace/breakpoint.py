@@ -185,9 +185,12 @@ class BreakpointMonitor:
             with QMPClient(qmp) as q:
                 status = q.query("query-status")
             if not status.get("running", True):
+                state = status.get("status")
+                why = ("; 'debug' is a stop at a breakpoint that a debugger left behind: attaching and "
+                       "detaching one removes its breakpoints" if state == "debug" else "")
                 raise ShadowvolError(
-                    f"{self.target.description} is {status.get('status') or 'not running'}: a breakpoint "
-                    "trace resumes the guest at every event, so it runs only on a running VM")
+                    f"{self.target.description} is not running (QEMU run state {state!r}): a breakpoint "
+                    f"trace resumes the guest at every event, so it runs only on a running VM{why}")
         self.stub = GdbStub(self.target.endpoints.gdb)
         for addr in self.points:
             self.stub.insert_breakpoint(addr)

@@ -126,6 +126,49 @@ def test_a_paused_vm_is_refused_and_stays_paused(web01):
             q.execute("cont")
     assert r.returncode != 0, r.stdout
     assert r.stderr.strip().splitlines() == [
-        f"shadowvol: error: vm:{web01.name} is paused: a breakpoint trace resumes the guest at every event, "
-        "so it runs only on a running VM"], r.stderr
+        f"shadowvol: error: vm:{web01.name} is not running (QEMU run state 'paused'): a breakpoint trace "
+        "resumes the guest at every event, so it runs only on a running VM"], r.stderr
     assert status["status"] == "paused", status
+
+
+@pytest.mark.parametrize("sig", ["TERM", "HUP"])
+def test_sigterm_during_a_trace_removes_breakpoints_and_the_guest_runs_on(web01, guest, sig):
+    """Python's default SIGTERM/SIGHUP ends the process without running ``finally``:
+    the breakpoints stayed in QEMU and the next syscall stopped the VM for good
+    (runstate ``debug``). The CLI turns them into an exception: exit 128+N, the
+    breakpoints removed, the gdbstub detached, the guest running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from shadowvol.qemu.qmp import QMPClient
+
+    guest("sv-syscall-loop 4000000000 >/dev/null 2>&1 </dev/null & true")  # events to fill the pipe
+    proc = subprocess.Popen([sys.executable, "-m", "shadowvol", "trace", "-vm", web01.name, "--backend",
+                             "libvmi", "--syscalls", "--duration", "120"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    try:
+        line = proc.stdout.readline()  # events (block-buffered): attached, breakpoints in
+        assert line, proc.stderr.read().decode()
+        proc.send_signal(getattr(signal, f"SIG{sig}"))
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read().decode()
+    states = []
+    for _ in range(6):  # any syscall would stop at a breakpoint left behind
+        time.sleep(0.5)
+        with QMPClient(web01.qmp) as q:
+            states.append(q.execute("query-status")["status"])
+    if states[-1] != "running":  # keep the shared guest usable: a detach removes QEMU's breakpoints
+        from shadowvol.qemu.gdbstub import GdbStub
+
+        GdbStub(web01.gdb).close()
+    assert rc == 128 + getattr(signal, f"SIG{sig}"), err
+    assert "Traceback" not in err, err
+    assert set(states) == {"running"}, states
+    guest("killall sv-syscall-loop; true")
