@@ -31,30 +31,40 @@ def sh(vm, cmd: str, timeout: float = 120.0) -> str:
     return out.decode()
 
 
-def test_each_cpu_ring_delivers_its_loop(smp):
+def trace_getppid_loops(vm, tracer, command: str, key: str) -> tuple[collections.Counter, dict, str]:
+    """Run ``tracer`` (trace_shadow or trace_breakpoints) on ``vm`` while ``command``
+    runs in the guest; count the getppid calls of sv-syscall-loop by ``key`` (an
+    Event field). Returns the counts, the tracer's statistics and the command's output."""
     import threading
 
-    per_cpu: collections.Counter = collections.Counter()
+    from shadowvol.target import open_target
+
+    counts: collections.Counter = collections.Counter()
     stats: dict = {}
     done = threading.Event()
 
     def count(e) -> None:
         if e.kind == "syscall" and e.name == "getppid" and e.comm == "sv-syscall-loop":
-            per_cpu[e.cpu] += 1
+            counts[getattr(e, key)] += 1
 
-    from shadowvol.target import open_target
-
-    target = open_target(vm=smp.name)  # opened here: the trace must start before the loops
-    th = threading.Thread(target=lambda: stats.update(trace_shadow(
+    target = open_target(vm=vm.name)  # opened here: the trace must start before the loops
+    th = threading.Thread(target=lambda: stats.update(tracer(
         target, syscalls=True, duration=300, on_event=count, should_stop=done.is_set)))
     th.start()
     time.sleep(1.0)
     try:
-        sh(smp, f"taskset -c 0 sv-syscall-loop {N} & taskset -c 1 sv-syscall-loop {N} & wait")
+        out = sh(vm, command, timeout=240)
     finally:
         done.set()
         th.join(120)
         target.close()
+    assert not th.is_alive(), "the tracer did not stop"
+    return counts, stats, out
+
+
+def test_each_cpu_ring_delivers_its_loop(smp):
+    per_cpu, stats, _ = trace_getppid_loops(
+        smp, trace_shadow, f"taskset -c 0 sv-syscall-loop {N} & taskset -c 1 sv-syscall-loop {N} & wait", "cpu")
     print(dict(per_cpu), {k: stats[k] for k in ("events", "records", "lost", "stub_drops", "polls")})
     assert stats["compartment"]["rings"] == 2
     assert set(per_cpu) == {0, 1}
@@ -119,33 +129,11 @@ def test_breakpoint_events_on_both_vcpus_are_exact(smp):
     the loop. A step over one CPU's breakpoint that let the other CPU run could
     report a call twice (the stepped CPU stopped again at the re-inserted
     breakpoint) or, on a lost stop, not at all."""
-    import threading
-
-    from shadowvol.target import open_target
-
     n = 150
-    per_pid: collections.Counter = collections.Counter()
-    stats: dict = {}
-    done = threading.Event()
-
-    def count(e) -> None:
-        if e.kind == "syscall" and e.name == "getppid" and e.comm == "sv-syscall-loop":
-            per_pid[e.pid] += 1
-
-    target = open_target(vm=smp.name)
-    th = threading.Thread(target=lambda: stats.update(trace_breakpoints(
-        target, syscalls=True, duration=300, on_event=count, should_stop=done.is_set)))
-    th.start()
-    time.sleep(1.0)
-    try:
-        out = sh(smp, f"taskset -c 0 sv-syscall-loop {n} >/dev/null & a=$!; "
-                      f"taskset -c 1 sv-syscall-loop {n} >/dev/null & b=$!; wait; echo $a $b", timeout=240)
-    finally:
-        done.set()
-        th.join(120)
-        target.close()
+    per_pid, stats, out = trace_getppid_loops(
+        smp, trace_breakpoints, f"taskset -c 0 sv-syscall-loop {n} >/dev/null & a=$!; "
+                                f"taskset -c 1 sv-syscall-loop {n} >/dev/null & b=$!; wait; echo $a $b", "pid")
     pids = [int(p) for p in out.split()[-2:]]
     print(dict(per_pid), pids, {k: stats.get(k) for k in ("events", "seconds", "warnings")})
-    assert not th.is_alive()
     assert {p: per_pid[p] for p in pids} == {p: n for p in pids}
     assert set(per_pid) == set(pids)
