@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ShadowvolError
+from .errors import ShadowvolError, Terminated
 from .safeio import short
 
 SUBCOMMANDS = ("vm", "demo", "profile", "bench", "trace", "trace-check", "read", "plugins",
@@ -810,18 +810,18 @@ def terminate_as_exception() -> Iterator[None]:
     import signal
     import threading
 
-    from .errors import Terminated
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    signals = (signal.SIGTERM, signal.SIGHUP)
+
     def handler(signum: int, frame: object) -> None:
-        for s in (signal.SIGTERM, signal.SIGHUP):
+        for s in signals:
             signal.signal(s, signal.SIG_IGN)
         raise Terminated(signum)
 
-    before = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    before = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
@@ -830,8 +830,6 @@ def terminate_as_exception() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import Terminated
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         with terminate_as_exception():

@@ -585,7 +585,7 @@ def stop_thread(stop: str) -> str | None:
     return m.group(1) if m else None
 
 
-_STOP_THREAD_RE = re.compile(r"thread:((?:p[0-9a-fA-F]+\.)?[0-9a-fA-F]+);")
+_STOP_THREAD_RE = re.compile(r"thread:((?:p[0-9a-fA-F]+\.)?[0-9a-fA-F]+)")
 
 
 def stop_signal(stop: str) -> int | None:

@@ -30,7 +30,6 @@ guest (and the stub's code hashes) never see an int3.
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -54,7 +53,6 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "exit": ("do_exit",),
 }
 
-_THREAD_RE = re.compile(r"thread:(?:p[0-9a-f]+\.)?([0-9a-f]+)")
 _SYSCALL_ARGS = ("di", "si", "dx", "r10", "r8", "r9")
 _PROBE_ARGS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 
@@ -265,9 +263,8 @@ class BreakpointMonitor:
             point = self.points.get(rip)
             if point is None:
                 continue  # a single-step trap of someone else; just resume
-            m = _THREAD_RE.search(stop)
-            cpu = int(m.group(1), 16) - 1 if m else 0
-            thread = stop_thread(stop)
+            thread = stop_thread(stop)  # QEMU's thread-id is the CPU index + 1 ("p1.2" with processes)
+            cpu = int(thread.rpartition(".")[2], 16) - 1 if thread else 0
             # The guest ran since the last stop: translations cached then may be stale.
             # Each stop is one epoch; nothing else is cached across events (the syscall
             # names and text symbols are the tracer's own, read once at its start).
