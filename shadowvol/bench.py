@@ -9,6 +9,9 @@
 - ``bench watch``, ``bench diff``, ``bench profile-load`` (issue 13): a watch
   tick against a new context per tick and the whole command; ``diff`` of two
   snapshots; loading a profile in a new process.
+- ``bench scale`` (issue 12): stock pslist/psaux and psxview live at growing
+  task counts, beside stock ``vol -f`` and drgn; ``bench floor``: what the
+  stock pslist code costs per task with member access at no cost.
 """
 
 from __future__ import annotations
@@ -585,6 +588,154 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
         finally:
             set_running(was_running)
     return rows
+
+
+def _promote_members(roots: list[Any]) -> int:
+    """Copy every member an object has read (``_concrete_members``; for a pointer,
+    those of what it points to) into the object's own ``__dict__``, from ``roots``
+    down: a later access is then a plain attribute lookup, as if volatility3's
+    object model cost nothing. Only :func:`bench_floor` does this, on objects it
+    built for itself. Returns how many objects it changed."""
+    from volatility3.framework.objects import Pointer
+
+    seen: set[int] = set()
+    todo = list(roots)
+    changed = 0
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        members = dict(getattr(obj, "_concrete_members", None) or {})
+        if isinstance(obj, Pointer):
+            for target in (getattr(obj, "_cache", None) or {}).values():
+                todo.append(target)
+                members.update(getattr(target, "_concrete_members", None) or {})
+        # A name the class has (a property such as cred.uid, whose value is not
+        # the member's) is looked up there first: left as it is.
+        members = {k: v for k, v in members.items() if not hasattr(type(obj), k)
+                   and not any(hasattr(type(t), k) for t in (getattr(obj, "_cache", None) or {}).values())}
+        if members:
+            obj.__dict__.update(members)
+            changed += 1
+            todo.extend(members.values())
+    return changed
+
+
+def _cpu_median(fn: Any, runs: int) -> float:
+    """Median CPU seconds of ``fn()``, each run alone: collected before, the
+    collector off during it (the heap this process keeps is not the command's)."""
+    import gc
+
+    samples = []
+    for _ in range(runs):
+        gc.collect()
+        gc.disable()
+        try:
+            t0 = time.process_time()
+            fn()
+            samples.append(time.process_time() - t0)
+        finally:
+            gc.enable()
+    return statistics.median(samples)
+
+
+def _floor_passes(target: Any, runs: int) -> tuple[int, float, float, float, float]:
+    """``bench floor``'s passes 1-4 on an open target: (rows, seconds of each pass)."""
+    import contextlib
+    import io
+
+    from volatility3.cli import text_renderer
+    from volatility3.framework import renderers
+    from volatility3.plugins.linux.pslist import PsList
+
+    from . import volbridge
+    from .run import RunHealth, run_plugin
+
+    volbridge.quiet_volatility()
+
+    def plugin_rendered() -> tuple[list, list]:
+        target.new_epoch()
+        grid = run_plugin(target, "linux.pslist", {}, health=RunHealth())
+        rows: list = []
+        with contextlib.redirect_stdout(io.StringIO()):
+            text_renderer.QuickTextRenderer().render(grid)
+        grid.visit(None, lambda node, acc: acc.append((node.path_depth - 1, node.values)) or acc, rows)
+        return [(c.name, c.type) for c in grid.columns], rows
+
+    columns, rows = plugin_rendered()
+    plugin_s = _cpu_median(plugin_rendered, runs)
+    target.new_epoch()
+    ctx = volbridge.build_context(target.memory, target.kernel, target.location, target.isf,
+                                  isf_url=target.profile_path.as_uri())
+    tasks = list(PsList.list_tasks(ctx, volbridge.KERNEL_MODULE))
+    if len(tasks) != len(rows):
+        raise ShadowvolError(f"bench floor: {len(tasks)} tasks walked, {len(rows)} rows rendered")
+
+    def per_task_calls() -> list:
+        return [(PsList.get_task_fields(t), t.is_valid()) for t in tasks]
+
+    cached = per_task_calls()
+    cached_s = _cpu_median(per_task_calls, runs)
+    _promote_members(tasks)
+    free_s = _cpu_median(per_task_calls, runs)
+    if per_task_calls() != cached:
+        raise ShadowvolError("bench floor: the per-task calls changed their answer once members "
+                             "were plain attributes")
+
+    def render_rows() -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            text_renderer.QuickTextRenderer().render(renderers.TreeGrid(columns, iter(rows)))
+
+    return len(rows), plugin_s, cached_s, free_s, _cpu_median(render_rows, runs)
+
+
+def bench_floor(vm: str, runs: int = 5) -> list[dict[str, Any]]:
+    """What stock ``linux.pslist`` costs by itself, per task, with the guest as it is (issue 12).
+
+    In one process, on the paused guest (a running VM is resumed at the end):
+    1. the whole stock plugin, rendered (a new epoch each run);
+    2. its per-task calls (``PsList.get_task_fields``, ``task_struct.is_valid``)
+       on tasks whose members were already read, through our object model's cache;
+    3. the same calls with every read member made a plain attribute
+       (:func:`_promote_members`): member access at no cost, the floor of the
+       stock code itself;
+    4. the stock renderer over the rows the plugin yielded, recorded.
+    Pass 3 must return the same fields as pass 2 (else this fails). The whole
+    command is timed too, and ``floor`` projects it with the object model at no
+    cost: whole - (1) + (3) + (4), where whole - (1) is the rest of the command
+    (start-up, the profile, its garbage collection). Passes are CPU time, each
+    alone (:func:`_cpu_median`). Stock code is called, never changed; the
+    tasks' walk is left out of 2-4, so the floor is an underestimate.
+    """
+    from .target import open_target
+
+    entry = _vm_entry(vm, "bench floor")
+    was_running = _vm_running(entry.qmp)
+    _set_vm_running(entry.qmp, False)
+    try:
+        me = [sys.executable, "-m", "shadowvol", "-vm", vm]
+        _median_run(me + ["linux.pslist"], 1)  # warm: profile cache, kernel location
+        whole, _, _, _ = _median_run(me + ["linux.pslist"], runs)
+        target = open_target(vm=vm)
+        try:
+            n, plugin_s, cached_s, free_s, render_s = _floor_passes(target, runs)
+        finally:
+            target.close()
+    finally:
+        if was_running:
+            _set_vm_running(entry.qmp, True)
+    out = []
+    for what, secs in (("whole command (shadowvol -vm, stock linux.pslist)", whole),
+                       ("1. stock plugin + renderer, in process", plugin_s),
+                       ("2. per-task calls, members read before (our cache)", cached_s),
+                       ("3. per-task calls, members plain attributes (floor)", free_s),
+                       ("4. stock renderer over the recorded rows", render_s),
+                       ("rest of the command: whole - 1", whole - plugin_s),
+                       ("floor: whole - 1 + 3 + 4", whole - plugin_s + free_s + render_s)):
+        out.append({"tasks": n, "what": what, "median_s": round(secs, 3),
+                    "per_task_us": round(secs / n * 1e6, 1) if n else "n/a"})
+    return out
 
 
 # -- bench watch, diff, profile-load (issue 13) ------------------------------

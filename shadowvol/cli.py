@@ -389,6 +389,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench.render(bench.bench_scan(args.vm, runs=args.runs), args.renderer)
     elif args.what in ("watch", "diff", "profile-load"):
         return cmd_bench_issue13(args)
+    elif args.what == "floor":
+        bench.render(bench.bench_floor(args.vm, runs=args.runs), args.renderer)
     elif args.what == "scale":
         update, stop = _progress()
         try:
@@ -739,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-r", dest="renderer", default="pretty", choices=["pretty", "json"])
     pl.set_defaults(func=cmd_plugins)
     be = sub.add_parser("bench", help="benchmarks: read latency, end-to-end pslist, plugin sweep")
-    be.add_argument("what", choices=["reads", "pslist", "overhead", "sweep", "scan", "scale", "profiles",
+    be.add_argument("what", choices=["reads", "pslist", "overhead", "sweep", "scan", "scale", "floor", "profiles",
                                      "watch", "diff", "profile-load", "libvirt"])
     be.add_argument("--reference", help="profiles: the reference ISF (e.g. from DWARF)")
     be.add_argument("--candidate", help="profiles: the ISF checked against it (e.g. zero-config)")

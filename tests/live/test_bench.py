@@ -44,3 +44,17 @@ def test_bench_reads_through_a_qmp_socket(web01):
     through = {r["backend"]: r["reads_through"] for r in rows}
     assert through["libvmi"].startswith("QMP human-monitor-command xp")
     assert _running(web01.qmp)
+
+
+def test_bench_floor_keeps_the_plugins_answer_and_the_vm_running(web01):
+    """``bench floor`` (issue 12): the stock per-task calls, on tasks whose members
+    were made plain attributes, must give the answer they gave through our object
+    model, else the command fails; the VM it paused runs again."""
+    r = run_cli("bench", "floor", "-vm", web01.name, "-r", "json", "--runs", "1", timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    labels = ("whole command", "1. ", "2. ", "3. ", "4. ", "rest of the command", "floor")
+    assert len(rows) == len(labels) and all(row["what"].startswith(w) for row, w in zip(rows, labels))
+    assert len({row["tasks"] for row in rows}) == 1 and rows[0]["tasks"] > 20
+    assert all(row["median_s"] > 0 for row in rows[:5])
+    assert _running(web01.qmp)
