@@ -293,6 +293,20 @@ STUB_KO = "/lib/shadowvol/shadow_stub.ko"
 STUB_EVENTS = 0x3
 
 
+def _set_vm_running(qmp: str, running: bool) -> None:
+    from .qemu.qmp import QMPClient
+
+    with QMPClient(qmp) as q:
+        q.set_running(running)
+
+
+def _vm_running(qmp: str) -> bool:
+    from .qemu.qmp import QMPClient
+
+    with QMPClient(qmp) as q:
+        return q.run_state()[0]
+
+
 def _stub_loaded(entry: Any) -> bool:
     from .vm.console import vm_exec
 
@@ -525,21 +539,14 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
     vol = shutil.which("vol", path=os.path.dirname(sys.executable)) or shutil.which("vol")
     drgn = shutil.which("drgn", path=os.path.dirname(sys.executable)) or shutil.which("drgn")
     rows: list[dict[str, Any]] = []
-    from .qemu.qmp import QMPClient
-
-    with QMPClient(entry.qmp) as q:  # each size resumes the VM to start tasks, then pauses it
-        was_running = bool(q.execute("query-status").get("running"))
-
-    def set_running(on: bool) -> None:
-        with QMPClient(entry.qmp) as q:
-            q.execute("cont" if on else "stop")
+    was_running = _vm_running(entry.qmp)  # each size resumes the VM to start tasks, then pauses it
 
     try:
         for n in tasks:
-            set_running(True)
+            _set_vm_running(entry.qmp, True)
             say(f"{n} idle tasks: starting them in the guest")
             _set_idle_tasks(entry, n)
-            set_running(False)
+            _set_vm_running(entry.qmp, False)
             with tempfile.TemporaryDirectory(prefix="shadowvol-scale-", dir="/var/tmp") as tmp:
                 _median_run(me + ["linux.pslist"], 1)  # warm: profile cache, kernel location
                 count = 0
@@ -582,11 +589,11 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
                                  "median_s": "n/a", "rss_mb": "n/a", "private_mb": "n/a",
                                  "note": "drgn not installed" if not drgn else "no debug vmlinux (--vmlinux)"})
     finally:
-        set_running(True)
+        _set_vm_running(entry.qmp, True)
         try:
             _set_idle_tasks(entry, 0)
         finally:
-            set_running(was_running)
+            _set_vm_running(entry.qmp, was_running)
     return rows
 
 
@@ -739,20 +746,6 @@ def bench_floor(vm: str, runs: int = 5) -> list[dict[str, Any]]:
 
 
 # -- bench watch, diff, profile-load (issue 13) ------------------------------
-
-def _set_vm_running(qmp: str, running: bool) -> None:
-    from .qemu.qmp import QMPClient
-
-    with QMPClient(qmp) as q:
-        q.execute("cont" if running else "stop")
-
-
-def _vm_running(qmp: str) -> bool:
-    from .qemu.qmp import QMPClient
-
-    with QMPClient(qmp) as q:
-        return bool(q.execute("query-status").get("running"))
-
 
 def _ms(samples: list[float]) -> float:
     return round(statistics.median(samples), 1)

@@ -336,14 +336,14 @@ def vm_run_control(spec: str, connect: str | None = None) -> Iterator[RunControl
 
     def pause() -> bool:
         with _monitor(qmp) as q:
-            running = bool(q.execute("query-status").get("running"))
+            running = q.run_state()[0]
             if running:
-                q.execute("stop")
+                q.set_running(False)
         return running
 
     def resume() -> None:
         with _monitor(qmp) as q:
-            q.execute("cont")
+            q.set_running(True)
 
     yield RunControl(pause, resume)
 

@@ -74,7 +74,7 @@ class GdbPhysicalMemory(_CheckedMemory):
         self._was_running = True
         if qmp_path is not None:
             with QMPClient(qmp_path) as qmp:
-                self._was_running = bool(qmp.query("query-status").get("running", True))
+                self._was_running = qmp.run_state()[0]
         self.stub: GdbStub | None = GdbStub(gdb_target)
         try:
             _block, _size, segs = qemu_ram_layout(self.stub.monitor)
@@ -133,8 +133,8 @@ class QmpPhysicalMemory(_CheckedMemory):
         self._resume = False
         try:
             _block, _size, segs = qemu_ram_layout(self.qmp)
-            if pause and self.qmp.query("query-status").get("running"):
-                self.qmp.execute("stop")
+            if pause and self.qmp.run_state()[0]:
+                self.qmp.set_running(False)
                 self._resume = True
         except BaseException:
             self.qmp.close()
@@ -152,7 +152,7 @@ class QmpPhysicalMemory(_CheckedMemory):
     def close(self) -> None:
         if self._resume:
             try:
-                self.qmp.execute("cont")
+                self.qmp.set_running(True)
             except ShadowvolError:
                 pass
             self._resume = False

@@ -1,6 +1,6 @@
 """A minimal QMP (QEMU Machine Protocol) client over a unix socket.
 
-Used for VM control (``quit``, ``query-status``), for register reads
+Used for VM control (``quit``, ``query-status``, ``stop``/``cont``), for register reads
 (``human-monitor-command info registers``) and by the libvmi backend for
 physical reads (``xp``) when no gdbstub is available.
 """
@@ -33,6 +33,10 @@ class Monitor(Protocol):
 
     def query(self, command: str, **arguments: Any) -> dict[str, Any]: ...
 
+    def run_state(self) -> tuple[bool, str]: ...
+
+    def set_running(self, running: bool) -> None: ...
+
     def hmp(self, command_line: str) -> str: ...
 
     def peer_pid(self) -> int | None: ...
@@ -54,6 +58,19 @@ class MonitorCommands(abc.ABC):
         if not isinstance(out, dict):
             raise VMError(f"QMP {command}: reply is not an object")
         return out
+
+    def run_state(self) -> tuple[bool, str]:
+        """``query-status``: whether the guest runs, and QEMU's run state
+        ('running', 'paused', 'debug': stopped at a debugger's breakpoint...)."""
+        status = self.query("query-status")
+        running = status.get("running")
+        if not isinstance(running, bool):
+            raise VMError(f"QMP query-status: the reply has no 'running' flag: {str(status)[:120]}")
+        return running, str(status.get("status", "?"))
+
+    def set_running(self, running: bool) -> None:
+        """Resume the guest (``cont``) or pause it (``stop``)."""
+        self.execute("cont" if running else "stop")
 
     def hmp(self, command_line: str) -> str:
         """Run a human-monitor command (e.g. ``info registers``) and return its text."""

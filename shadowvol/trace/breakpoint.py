@@ -181,9 +181,8 @@ class BreakpointMonitor:
         qmp = self.target.endpoints.qmp
         if qmp is not None:
             with QMPClient(qmp) as q:
-                status = q.query("query-status")
-            if not status.get("running", True):
-                state = status.get("status")
+                running, state = q.run_state()
+            if not running:
                 why = ("; 'debug' is a stop at a breakpoint that a debugger left behind: attaching and "
                        "detaching one removes its breakpoints" if state == "debug" else "")
                 raise ShadowvolError(

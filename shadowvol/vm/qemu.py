@@ -270,6 +270,6 @@ def vm_state(entry: registry.VMEntry) -> str:
     """QEMU's run state (running, paused, ...), or 'unresponsive'."""
     try:
         with QMPClient(entry.qmp, timeout=2.0) as q:
-            return str(q.query("query-status").get("status", "?"))
+            return q.run_state()[1]
     except VMError:
         return "unresponsive"

@@ -255,6 +255,28 @@ def test_qmp_garbage_replies(stream: bytes) -> None:
         q.query("query-status")
 
 
+@pytest.mark.parametrize("reply, state", [
+    (b'{"status": "running", "singlestep": false, "running": true}', (True, "running")),
+    (b'{"status": "debug", "singlestep": false, "running": false}', (False, "debug")),
+    (b'{"running": false}', (False, "?")),
+    (b'{"status": "running"}', None),
+    (b'{"status": "running", "running": "yes"}', None),
+    (b'{"status": "running", "running": 1}', None),
+])
+def test_qmp_run_state(reply: bytes, state: tuple[bool, str] | None) -> None:
+    """``run_state``: QEMU's ``running`` flag and run state; a reply without a
+    boolean flag is an error, never read as running or as paused."""
+    from shadowvol.qemu.qmp import QMPClient
+
+    stream = GREETING + b'{"return": {}}\n' + b'{"return": ' + reply + b'}\n'
+    q = QMPClient("x", timeout=2.0, sock=fz.FakeSocket(stream, 1 << 20))  # type: ignore[arg-type]
+    if state is None:
+        with pytest.raises(VMError, match="no 'running' flag"):
+            q.run_state()
+    else:
+        assert q.run_state() == state
+
+
 def _serve(sock: socket.socket, chunks: list[bytes], pause: float) -> threading.Thread:
     def run() -> None:
         try:
