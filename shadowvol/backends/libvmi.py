@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import BackendError, InvalidAddressError, ShadowvolError
+from ..qemu.detach_guard import DetachGuard
 from ..qemu.gdbstub import GdbStub
 from ..qemu.monitor import xp
 from ..qemu.qmp import Monitor, QMPClient
@@ -75,13 +76,19 @@ class GdbPhysicalMemory(_CheckedMemory):
         if qmp_path is not None:
             with QMPClient(qmp_path) as qmp:
                 self._was_running = qmp.run_state()[0]
-        self.stub: GdbStub | None = GdbStub(gdb_target)
+        # Attaching halts a running VM until we detach; if we die attached, the guard does it.
+        self._guard = DetachGuard(gdb_target) if self._was_running else None
+        try:
+            self.stub: GdbStub | None = GdbStub(gdb_target)
+        except BaseException:
+            if self._guard is not None:
+                self._guard.release()
+            raise
         try:
             _block, _size, segs = qemu_ram_layout(self.stub.monitor)
             self.stub.set_physical_mode(True)
         except BaseException:
-            self.stub.close()
-            self.stub = None
+            self.close()
             raise
         self.source = str(gdb_target)
         super().__init__(segs, name)
@@ -114,7 +121,13 @@ class GdbPhysicalMemory(_CheckedMemory):
             return
         stub, self.stub = self.stub, None
         if self._was_running:
-            stub.close()  # detach: QEMU resumes the VM
+            detached = False
+            try:
+                detached = stub.close()  # detach: QEMU resumes the VM
+            finally:
+                if self._guard is not None:
+                    self._guard.release(detached)
+                    self._guard = None
             return
         try:
             stub.set_physical_mode(False)

@@ -10,7 +10,9 @@ Written against the behaviour of QEMU 7.2 (see NOTES-lab.md):
 - ``Qqemu.PhyMemMode:1`` makes ``m`` read guest-physical addresses;
 - any byte but an ack that arrives while the VM runs stops it and is dropped;
 - a plain ``s`` resumes every CPU, and single-step is cleared only on the CPU
-  a stop reports: step one CPU with ``vCont;s:<thread>`` (:meth:`GdbStub.step`).
+  a stop reports: step one CPU with ``vCont;s:<thread>`` (:meth:`GdbStub.step`);
+- a closed connection changes nothing: breakpoints stay and a halted VM
+  stays halted (``detach_guard`` detaches for a holder that died).
 
 Register layout comes from the target description QEMU serves, so the
 ``g`` packet is decoded by name rather than by a hard-coded order.
@@ -321,15 +323,18 @@ class GdbStub:
                     continue
                 return reply
 
-    def close(self, detach: bool = True) -> None:
-        """Leave physical mode, detach (QEMU then resumes the VM) and close the socket."""
+    def close(self, detach: bool = True) -> bool:
+        """Leave physical mode, detach (QEMU then resumes the VM) and close the socket.
+        Returns whether QEMU acknowledged the detach."""
         if self._sock is None:
-            return
+            return False
+        detached = False
         try:
             if detach:
                 if self._phys:
                     self.set_physical_mode(False)
-                if self._request(b"D") != b"OK":
+                detached = self._request(b"D") == b"OK"
+                if not detached:
                     self._send(b"c")  # detach refused: at least resume the VM
         except BackendError:
             pass
@@ -338,6 +343,7 @@ class GdbStub:
                 self._sock.close()
             finally:
                 self._sock = None
+        return detached
 
     def __enter__(self) -> "GdbStub":
         return self

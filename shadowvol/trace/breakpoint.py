@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from ..errors import ShadowvolError
 from ..kernel_reader import kernel_of
+from ..qemu.detach_guard import DetachGuard
 from ..qemu.gdbstub import GdbError, GdbStub, stop_signal, stop_thread
 from ..qemu.qmp import QMPClient
 from .events import Event, syscall_names
@@ -188,7 +189,14 @@ class BreakpointMonitor:
                 raise ShadowvolError(
                     f"{self.target.description} is not running (QEMU run state {state!r}): a breakpoint "
                     f"trace resumes the guest at every event, so it runs only on a running VM{why}")
-        self.stub = GdbStub(self.target.endpoints.gdb)
+        # Our own process may die attached (SIGKILL): the guard then detaches for us.
+        self._guard = DetachGuard(self.target.endpoints.gdb)
+        try:
+            self.stub = GdbStub(self.target.endpoints.gdb)
+        except BaseException:
+            self._guard.release()
+            self._guard = None
+            raise
         for addr in self.points:
             self.stub.insert_breakpoint(addr)
             self._inserted.add(addr)
@@ -196,7 +204,9 @@ class BreakpointMonitor:
     def close(self) -> None:
         """Stop the VM if running, remove every breakpoint, detach (the VM resumes)."""
         stub, self.stub = self.stub, None
+        guard, self._guard = self._guard, None
         if stub is not None:
+            detached = False
             try:
                 if self._running:
                     try:
@@ -211,9 +221,14 @@ class BreakpointMonitor:
                         pass
                 self._inserted.clear()
             finally:
-                stub.close()  # detach: QEMU resumes the guest
+                try:
+                    detached = stub.close()  # detach: QEMU resumes the guest
+                finally:
+                    if guard is not None:
+                        guard.release(detached)
 
     _running = False
+    _guard: DetachGuard | None = None
 
     def __enter__(self) -> "BreakpointMonitor":
         return self

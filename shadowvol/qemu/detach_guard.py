@@ -1,0 +1,104 @@
+"""A dead man's switch for a gdbstub session on a running VM.
+
+QEMU 7.2 does nothing when its debugger's connection closes: breakpoints
+stay inserted and a VM halted by the debugger stays halted. A process killed
+while attached (SIGKILL, the OOM killer) therefore left a running guest
+frozen for good: at the next breakpoint hit (run state ``debug``), or at
+once when the kill came mid-read (``paused``). Only a debugger's attach and
+detach (``D``: QEMU removes every breakpoint and resumes) repairs that.
+
+:class:`DetachGuard` starts, before we attach, a small process in a session
+of its own (signals sent to our process group do not reach it) that waits
+on a pipe from us. :meth:`DetachGuard.release` writes ``done`` once our own
+detach succeeded. If the pipe closes without it (we died, or our detach
+failed), the guard attaches and detaches in our place. Only for a VM that
+was running: a paused one stays paused if we die (closing the connection
+leaves it so).
+
+Run as ``python -m shadowvol.qemu.detach_guard GDB_TARGET``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from ..errors import BackendError
+
+#: What the holder writes when it detached cleanly.
+DONE = b"done\n"
+#: How long the guard keeps trying to reach the gdbstub once it must act.
+RETRY_S = 20.0
+
+
+class DetachGuard:
+    """The guard process for one gdbstub session (see the module docstring)."""
+
+    def __init__(self, target: str | tuple[str, int]) -> None:
+        spec = target if isinstance(target, str) else f"{target[0]}:{target[1]}"
+        try:
+            self._proc: subprocess.Popen | None = subprocess.Popen(
+                [sys.executable, "-m", "shadowvol.qemu.detach_guard", spec],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True)
+        except OSError as exc:
+            raise BackendError(f"cannot start the detach guard for gdbstub {spec}: "
+                               f"{exc.strerror or exc}") from None
+
+    def release(self, detached: bool = True) -> None:
+        """Let the guard go: ``detached`` says our own detach succeeded (else the
+        guard detaches for us, as if we had died)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        assert proc.stdin is not None
+        try:
+            if detached:
+                proc.stdin.write(DONE)
+            proc.stdin.close()
+        except OSError:
+            pass
+        if not detached:
+            return  # it works on in its own session, beyond our exit
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def detach_for_a_dead_holder(target: str, retry_s: float = RETRY_S) -> bool:
+    """Attach to ``target`` and detach at once: QEMU removes every breakpoint and
+    resumes the VM. Retries while QEMU still holds the dead holder's connection.
+    Returns whether a detach was acknowledged."""
+    from .gdbstub import GdbStub
+
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            stub = GdbStub(target, timeout=5.0)
+        except BackendError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+            continue
+        try:
+            stub.set_physical_mode(False)  # QEMU keeps the mode for the next debugger
+        except BackendError:
+            pass
+        return stub.close()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m shadowvol.qemu.detach_guard GDB_TARGET", file=sys.stderr)
+        return 2
+    said = sys.stdin.buffer.read()  # until the holder closes its end, or dies
+    if said == DONE:
+        return 0
+    return 0 if detach_for_a_dead_holder(argv[0]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
