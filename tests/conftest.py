@@ -78,6 +78,21 @@ def run_cli(*args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=os.environ.copy())
 
 
+def start_attached_trace(web01, guest) -> subprocess.Popen:
+    """``shadowvol trace --backend libvmi --syscalls`` on web01 in a new process,
+    returned once it has printed events (attached, breakpoints in); a syscall
+    loop in the guest fills its block-buffered pipe. The caller kills the loop."""
+    guest("sv-syscall-loop 4000000000 >/dev/null 2>&1 </dev/null & true")
+    proc = subprocess.Popen([sys.executable, "-m", "shadowvol", "trace", "-vm", web01.name, "--backend",
+                             "libvmi", "--syscalls", "--duration", "120"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    if not proc.stdout.readline():
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"the trace printed no event: {proc.stderr.read().decode()}")
+    return proc
+
+
 def guest_ps(guest) -> dict[int, tuple[int, str]]:
     """pid -> (ppid, comm) from the guest's own /proc/PID/stat."""
     out = guest("for d in /proc/[0-9]*; do read -r line < $d/stat 2>/dev/null && echo \"$line\"; done")

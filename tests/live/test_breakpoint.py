@@ -137,21 +137,15 @@ def test_sigterm_during_a_trace_removes_breakpoints_and_the_guest_runs_on(web01,
     the breakpoints stayed in QEMU and the next syscall stopped the VM for good
     (runstate ``debug``). The CLI turns them into an exception: exit 128+N, the
     breakpoints removed, the gdbstub detached, the guest running."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
+
+    from conftest import start_attached_trace
 
     from shadowvol.qemu.qmp import QMPClient
 
-    guest("sv-syscall-loop 4000000000 >/dev/null 2>&1 </dev/null & true")  # events to fill the pipe
-    proc = subprocess.Popen([sys.executable, "-m", "shadowvol", "trace", "-vm", web01.name, "--backend",
-                             "libvmi", "--syscalls", "--duration", "120"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    proc = start_attached_trace(web01, guest)
     try:
-        line = proc.stdout.readline()  # events (block-buffered): attached, breakpoints in
-        assert line, proc.stderr.read().decode()
         proc.send_signal(getattr(signal, f"SIG{sig}"))
         rc = proc.wait(60)
     finally:

@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+from conftest import run_cli, start_attached_trace
 
 from shadowvol.qemu.gdbstub import GdbStub
 from shadowvol.qemu.qmp import QMPClient
@@ -62,13 +63,8 @@ def _guards(web01) -> list[str]:
 
 
 def test_sigkill_during_a_trace_the_guard_detaches_and_the_guest_runs_on(web01, guest):
-    guest("sv-syscall-loop 4000000000 >/dev/null 2>&1 </dev/null & true")  # events to fill the pipe
-    proc = subprocess.Popen([sys.executable, "-m", "shadowvol", "trace", "-vm", web01.name, "--backend",
-                             "libvmi", "--syscalls", "--duration", "120"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    proc = start_attached_trace(web01, guest)
     try:
-        line = proc.stdout.readline()  # events (block-buffered): attached, breakpoints in
-        assert line, proc.stderr.read().decode()
         proc.send_signal(signal.SIGKILL)  # no finally, no detach of its own
         assert proc.wait(60) == -signal.SIGKILL
         states = _states_after(web01)
@@ -112,8 +108,6 @@ def test_a_killed_libvmi_reader_leaves_the_vm_as_it_was(web01, was):
 
 
 def test_a_clean_trace_leaves_no_guard_behind(web01):
-    from conftest import run_cli
-
     r = run_cli("trace", "-vm", web01.name, "--backend", "libvmi", "--syscalls", "--duration", "1")
     assert r.returncode == 0, r.stderr
     assert not _guards(web01)
