@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import BackendError, InvalidAddressError, ShadowvolError
-from ..qemu.detach_guard import DetachGuard
+from ..qemu.detach_guard import guarded_attach
 from ..qemu.gdbstub import GdbStub
 from ..qemu.monitor import xp
 from ..qemu.qmp import Monitor, QMPClient
@@ -77,13 +77,8 @@ class GdbPhysicalMemory(_CheckedMemory):
             with QMPClient(qmp_path) as qmp:
                 self._was_running = qmp.run_state()[0]
         # Attaching halts a running VM until we detach; if we die attached, the guard does it.
-        self._guard = DetachGuard(gdb_target) if self._was_running else None
-        try:
-            self.stub: GdbStub | None = GdbStub(gdb_target)
-        except BaseException:
-            if self._guard is not None:
-                self._guard.release()
-            raise
+        self.stub: GdbStub | None
+        self.stub, self._guard = guarded_attach(gdb_target, running=self._was_running)
         try:
             _block, _size, segs = qemu_ram_layout(self.stub.monitor)
             self.stub.set_physical_mode(True)

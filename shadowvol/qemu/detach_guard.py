@@ -23,8 +23,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-
 from ..errors import BackendError
+from .gdbstub import GdbStub
 
 #: What the holder writes when it detached cleanly.
 DONE = b"done\n"
@@ -68,12 +68,28 @@ class DetachGuard:
             proc.wait()
 
 
+def guarded_attach(target: str | tuple[str, int], running: bool = True) -> tuple[GdbStub, DetachGuard | None]:
+    """A :class:`~shadowvol.qemu.gdbstub.GdbStub` attached to ``target``, with its
+    guard when the VM ``running`` (the caller releases it after its own detach).
+
+    If the attach fails once connected (QEMU halted the VM, then the protocol
+    broke), we detach at once, and the guard does it if we cannot."""
+    guard = DetachGuard(target) if running else None
+    stub = GdbStub(target, connect=False)
+    try:
+        stub.connect()
+    except BaseException:
+        detached = stub.close() if running and stub.connected else True
+        if guard is not None:
+            guard.release(detached)
+        raise
+    return stub, guard
+
+
 def detach_for_a_dead_holder(target: str, retry_s: float = RETRY_S) -> bool:
     """Attach to ``target`` and detach at once: QEMU removes every breakpoint and
     resumes the VM. Retries while QEMU still holds the dead holder's connection.
     Returns whether a detach was acknowledged."""
-    from .gdbstub import GdbStub
-
     deadline = time.monotonic() + retry_s
     while True:
         try:

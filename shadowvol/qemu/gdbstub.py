@@ -207,6 +207,11 @@ class GdbStub:
 
     # -- transport -------------------------------------------------------
 
+    @property
+    def connected(self) -> bool:
+        """The socket is open (the VM may be halted by us)."""
+        return self._sock is not None
+
     def connect(self) -> None:
         """Open the socket, ack and drop any unprompted stop packet, and resynchronise."""
         family, addr = _address(self.target)

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 from ..errors import ShadowvolError
 from ..kernel_reader import kernel_of
-from ..qemu.detach_guard import DetachGuard
+from ..qemu.detach_guard import DetachGuard, guarded_attach
 from ..qemu.gdbstub import GdbError, GdbStub, stop_signal, stop_thread
 from ..qemu.qmp import QMPClient
 from .events import Event, syscall_names
@@ -190,13 +190,7 @@ class BreakpointMonitor:
                     f"{self.target.description} is not running (QEMU run state {state!r}): a breakpoint "
                     f"trace resumes the guest at every event, so it runs only on a running VM{why}")
         # Our own process may die attached (SIGKILL): the guard then detaches for us.
-        self._guard = DetachGuard(self.target.endpoints.gdb)
-        try:
-            self.stub = GdbStub(self.target.endpoints.gdb)
-        except BaseException:
-            self._guard.release()
-            self._guard = None
-            raise
+        self.stub, self._guard = guarded_attach(self.target.endpoints.gdb)
         for addr in self.points:
             self.stub.insert_breakpoint(addr)
             self._inserted.add(addr)

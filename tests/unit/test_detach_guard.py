@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from test_gdbstub import FakePeer, qemu_like
 
-from shadowvol.qemu.detach_guard import DetachGuard
+from shadowvol.errors import BackendError
+from shadowvol.qemu import detach_guard
+from shadowvol.qemu.detach_guard import DetachGuard, guarded_attach
 
 
 class Listener(threading.Thread):
     """Accepts connections on ``path`` and serves each with a QEMU-like FakePeer."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, broken_first: bool = False) -> None:
         super().__init__(daemon=True)
+        self.broken_first = broken_first  # the first connection is closed at once
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(path))
         self.server.listen(4)
@@ -38,6 +42,10 @@ class Listener(threading.Thread):
                 continue
             except OSError:
                 return
+            if self.broken_first:
+                self.broken_first = False
+                conn.close()
+                continue
             peer = FakePeer(conn, qemu_like)
             peer.start()
             self.peers.append(peer)
@@ -79,3 +87,28 @@ def test_a_holder_gone_without_its_word_is_detached_for(tmp_path, said):
         assert [p.received[-2:] for p in listener.peers] == [[b"Qqemu.PhyMemMode:0", b"D"]]
     finally:
         listener.close()
+
+
+def test_an_attach_that_breaks_once_connected_is_detached_by_the_guard(tmp_path, monkeypatch):
+    """Connected (QEMU halted the VM), then the peer went away: our own detach
+    cannot reach it, so the guard attaches again and detaches."""
+    path = tmp_path / "gdb.sock"
+    listener = Listener(path, broken_first=True)
+    listener.start()
+    guards: list[DetachGuard] = []
+    monkeypatch.setattr(detach_guard, "DetachGuard", lambda t: guards.append(DetachGuard(t)) or guards[-1])
+    try:
+        with pytest.raises(BackendError):
+            guarded_attach(str(path))
+        assert guards[0]._proc is None  # released, not told "done"
+        deadline = time.monotonic() + 30
+        while not (listener.peers and listener.peers[0].received[-1:] == [b"D"]):
+            assert time.monotonic() < deadline, "the guard never detached"
+            time.sleep(0.05)
+    finally:
+        listener.close()
+
+
+def test_a_refused_attach_leaves_nothing_to_undo(tmp_path):
+    with pytest.raises(BackendError, match="cannot connect"):
+        guarded_attach(str(tmp_path / "nobody.sock"))
