@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import BackendError, InvalidAddressError, ShadowvolError
-from ..qemu.detach_guard import guarded_attach
+from ..qemu.detach_guard import guarded_attach, guarded_detach
 from ..qemu.gdbstub import GdbStub
 from ..qemu.monitor import xp
 from ..qemu.qmp import Monitor, QMPClient
@@ -116,13 +116,8 @@ class GdbPhysicalMemory(_CheckedMemory):
             return
         stub, self.stub = self.stub, None
         if self._was_running:
-            detached = False
-            try:
-                detached = stub.close()  # detach: QEMU resumes the VM
-            finally:
-                if self._guard is not None:
-                    self._guard.release(detached)
-                    self._guard = None
+            guard, self._guard = self._guard, None
+            guarded_detach(stub, guard)  # QEMU resumes the VM
             return
         try:
             stub.set_physical_mode(False)

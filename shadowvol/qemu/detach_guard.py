@@ -23,6 +23,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+
 from ..errors import BackendError
 from .gdbstub import GdbStub
 
@@ -84,6 +85,17 @@ def guarded_attach(target: str | tuple[str, int], running: bool = True) -> tuple
             guard.release(detached)
         raise
     return stub, guard
+
+
+def guarded_detach(stub: GdbStub, guard: DetachGuard | None) -> None:
+    """Detach ``stub`` (QEMU resumes the VM), then release its guard: told
+    ``done`` if QEMU acknowledged, else left to detach in our place."""
+    detached = False
+    try:
+        detached = stub.close()
+    finally:
+        if guard is not None:
+            guard.release(detached)
 
 
 def detach_for_a_dead_holder(target: str, retry_s: float = RETRY_S) -> bool:

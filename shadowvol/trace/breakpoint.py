@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 from ..errors import ShadowvolError
 from ..kernel_reader import kernel_of
-from ..qemu.detach_guard import DetachGuard, guarded_attach
+from ..qemu.detach_guard import DetachGuard, guarded_attach, guarded_detach
 from ..qemu.gdbstub import GdbError, GdbStub, stop_signal, stop_thread
 from ..qemu.qmp import QMPClient
 from .events import Event, syscall_names
@@ -200,7 +200,6 @@ class BreakpointMonitor:
         stub, self.stub = self.stub, None
         guard, self._guard = self._guard, None
         if stub is not None:
-            detached = False
             try:
                 if self._running:
                     try:
@@ -215,11 +214,7 @@ class BreakpointMonitor:
                         pass
                 self._inserted.clear()
             finally:
-                try:
-                    detached = stub.close()  # detach: QEMU resumes the guest
-                finally:
-                    if guard is not None:
-                        guard.release(detached)
+                guarded_detach(stub, guard)  # QEMU resumes the guest
 
     _running = False
     _guard: DetachGuard | None = None
