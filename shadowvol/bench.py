@@ -597,36 +597,33 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
     return rows
 
 
-def _promote_members(roots: list[Any]) -> int:
+def _promote_members(roots: list[Any]) -> None:
     """Copy every member an object has read (``_concrete_members``; for a pointer,
     those of what it points to) into the object's own ``__dict__``, from ``roots``
     down: a later access is then a plain attribute lookup, as if volatility3's
     object model cost nothing. Only :func:`bench_floor` does this, on objects it
-    built for itself. Returns how many objects it changed."""
+    built for itself."""
     from volatility3.framework.objects import Pointer
 
     seen: set[int] = set()
     todo = list(roots)
-    changed = 0
     while todo:
         obj = todo.pop()
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        members = dict(getattr(obj, "_concrete_members", None) or {})
+        owners = [obj]  # whose members obj answers for: itself, and what a pointer points to
         if isinstance(obj, Pointer):
-            for target in (getattr(obj, "_cache", None) or {}).values():
-                todo.append(target)
-                members.update(getattr(target, "_concrete_members", None) or {})
-        # A name the class has (a property such as cred.uid, whose value is not
+            owners += (getattr(obj, "_cache", None) or {}).values()
+            todo += owners[1:]
+        members: dict[str, Any] = {}
+        for owner in owners:
+            members.update(getattr(owner, "_concrete_members", None) or {})
+        # A name a class has (a property such as cred.uid, whose value is not
         # the member's) is looked up there first: left as it is.
-        members = {k: v for k, v in members.items() if not hasattr(type(obj), k)
-                   and not any(hasattr(type(t), k) for t in (getattr(obj, "_cache", None) or {}).values())}
-        if members:
-            obj.__dict__.update(members)
-            changed += 1
-            todo.extend(members.values())
-    return changed
+        members = {k: v for k, v in members.items() if not any(hasattr(type(o), k) for o in owners)}
+        obj.__dict__.update(members)
+        todo += members.values()
 
 
 def _cpu_median(fn: Any, runs: int) -> float:
