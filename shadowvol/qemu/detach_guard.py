@@ -15,11 +15,18 @@ failed), the guard attaches and detaches in our place. Only for a VM that
 was running: a paused one stays paused if we die (closing the connection
 leaves it so).
 
-Run as ``python -m shadowvol.qemu.detach_guard GDB_TARGET``.
+When the guard cannot detach either, it says so in one line on the
+holder's standard error (a terminal or a file: it inherits it, unless it is
+a pipe or a socket, whose reader would wait for the guard's end), so a VM
+left stopped is never a silent outcome.
+
+Run as ``python -m shadowvol.qemu.detach_guard GDB_TARGET [RETRY_S]``.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -36,12 +43,13 @@ RETRY_S = 20.0
 class DetachGuard:
     """The guard process for one gdbstub session (see the module docstring)."""
 
-    def __init__(self, target: str | tuple[str, int]) -> None:
+    def __init__(self, target: str | tuple[str, int], retry_s: float = RETRY_S) -> None:
         spec = target if isinstance(target, str) else f"{target[0]}:{target[1]}"
         try:
             self._proc: subprocess.Popen | None = subprocess.Popen(
-                [sys.executable, "-m", "shadowvol.qemu.detach_guard", spec],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [sys.executable, "-m", "shadowvol.qemu.detach_guard", spec, str(retry_s)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=None if stderr_outlives_us(sys.stderr) else subprocess.DEVNULL,
                 start_new_session=True)
         except OSError as exc:
             raise BackendError(f"cannot start the detach guard for gdbstub {spec}: "
@@ -67,6 +75,17 @@ class DetachGuard:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def stderr_outlives_us(stream: object) -> bool:
+    """Whether the guard may keep ``stream`` (our standard error) open after we
+    are gone: a terminal, a file, a device; not a pipe or a socket, whose
+    reader (a shell's ``$(...)``, a harness) waits until every writer closes it."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):  # no descriptor (closed, replaced by an object)
+        return False
+    return not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
 
 
 def guarded_attach(target: str | tuple[str, int], running: bool = True) -> tuple[GdbStub, DetachGuard | None]:
@@ -119,13 +138,22 @@ def detach_for_a_dead_holder(target: str, retry_s: float = RETRY_S) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m shadowvol.qemu.detach_guard GDB_TARGET", file=sys.stderr)
+    try:
+        target, retry_s = argv[0], float(argv[1]) if len(argv) == 2 else RETRY_S
+        if len(argv) > 2 or not 0 <= retry_s < float("inf"):
+            raise ValueError
+    except (IndexError, ValueError):
+        print("usage: python -m shadowvol.qemu.detach_guard GDB_TARGET [RETRY_S]", file=sys.stderr)
         return 2
     said = sys.stdin.buffer.read()  # until the holder closes its end, or dies
     if said == DONE:
         return 0
-    return 0 if detach_for_a_dead_holder(argv[0]) else 1
+    if detach_for_a_dead_holder(target, retry_s):
+        return 0
+    print(f"shadowvol: detach guard: the debugger on gdbstub {target} ended without detaching, and no "
+          f"detach was acknowledged within {retry_s:g} s: the VM may stay stopped (run state 'debug' or "
+          "'paused'); attach a debugger there and detach it to resume the VM", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ without saying so, it attaches and detaches (``D``) for it. Live tests
 
 from __future__ import annotations
 
+import io
+import os
 import socket
 import threading
 import time
@@ -112,3 +114,54 @@ def test_an_attach_that_breaks_once_connected_is_detached_by_the_guard(tmp_path,
 def test_a_refused_attach_leaves_nothing_to_undo(tmp_path):
     with pytest.raises(BackendError, match="cannot connect"):
         guarded_attach(str(tmp_path / "nobody.sock"))
+
+
+def test_a_guard_that_cannot_detach_says_so_on_the_holders_stderr(tmp_path, capfd):
+    """Nobody to detach from (QEMU gone, or another debugger holds the stub):
+    the guard gives up after its retries, exits 1, and says why in one line on
+    the standard error it inherited (here pytest's capture file)."""
+    target = str(tmp_path / "nobody.sock")
+    guard = DetachGuard(target, retry_s=0.3)
+    proc = guard._proc
+    guard.release(detached=False)
+    assert proc.wait(30) == 1
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("shadowvol: detach guard: ")
+    assert target in err and "no detach was acknowledged within 0.3 s" in err
+
+
+def test_a_guard_released_cleanly_says_nothing(tmp_path, capfd):
+    guard, listener, _ = _guard(tmp_path)
+    try:
+        guard.release(detached=True)
+        assert capfd.readouterr().err == ""
+    finally:
+        listener.close()
+
+
+def test_the_guard_keeps_only_a_stderr_nobody_waits_on(tmp_path):
+    """A pipe's or a socket's reader would wait for the guard's end: the guard
+    gets /dev/null there; a file or a terminal it keeps."""
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    try:
+        with open(tmp_path / "log", "w") as f, os.fdopen(w, "w", closefd=False) as pipe, \
+                open(os.devnull, "w") as null:
+            assert detach_guard.stderr_outlives_us(f) and detach_guard.stderr_outlives_us(null)
+            assert not detach_guard.stderr_outlives_us(pipe)
+            assert not detach_guard.stderr_outlives_us(a.makefile("w"))
+        closed = open(tmp_path / "log")
+        closed.close()
+        assert not detach_guard.stderr_outlives_us(closed)
+        assert not detach_guard.stderr_outlives_us(io.StringIO())
+    finally:
+        os.close(r)
+        os.close(w)
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("argv", [[], ["t", "nan"], ["t", "-1"], ["t", "inf"], ["t", "1", "x"], ["t", "soon"]])
+def test_the_guard_refuses_a_wrong_command_line(argv, capsys):
+    assert detach_guard.main(argv) == 2
+    assert capsys.readouterr().err.startswith("usage: ")
