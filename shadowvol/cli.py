@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .errors import ShadowvolError, Terminated
 from .safeio import short
+from .textsafe import printable
 
 SUBCOMMANDS = ("vm", "demo", "profile", "bench", "trace", "trace-check", "read", "plugins",
                "snapshot", "watch", "diff", "stub")
@@ -168,7 +169,7 @@ def cmd_vm_banner(args: argparse.Namespace) -> int:
         text = t.kernel.read(va, 512).split(b"\0")[0].decode(errors="replace").rstrip("\n")
     finally:
         t.close()
-    print(f"{args.name}: linux_banner at {va:#x} (physical {paddr:#x}): {text}")
+    print(f"{args.name}: linux_banner at {va:#x} (physical {paddr:#x}): {printable(text)}")
     return 0
 
 
@@ -858,7 +859,7 @@ def _main(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except ShadowvolError as exc:
-        print(f"shadowvol: error: {exc}", file=sys.stderr)
+        print(f"shadowvol: error: {printable(str(exc), layout=True)}", file=sys.stderr)  # may quote the guest
         return getattr(exc, "exit_code", 1)  # 3: an incomplete input (TruncatedError)
     except KeyboardInterrupt:
         return 130
@@ -867,8 +868,8 @@ def _main(argv: list[str]) -> int:
     except Exception as exc:  # a bug or a volatility3 failure: still one line
         if os.environ.get("SHADOWVOL_DEBUG"):
             raise
-        print(f"shadowvol: error: {_describe(exc)} (SHADOWVOL_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        print(f"shadowvol: error: {printable(_describe(exc), layout=True)} "
+              "(SHADOWVOL_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .errors import ShadowvolError
+from .textsafe import printable
 
 __all__ = ["Kind", "KINDS", "kind_changes", "kernel_text_hashes", "name_text_rows", "kernel_text_rows",
            "process_changes", "module_changes", "diff_sides", "render_text"]
@@ -263,7 +264,7 @@ def render_text(rows: list[dict[str, Any]]) -> str:
             what = _values(r["before"])
         else:
             what = f"{_values(r['before'])} -> {_values(r['after'])}"
-        lines.append(f"{r['kind']:<8} {r['change']:<8} {ident:<32} {what}")
+        lines.append(printable(f"{r['kind']:<8} {r['change']:<8} {ident:<32} {what}"))
     return "\n".join(lines) + ("\n" if lines else "")
 
 

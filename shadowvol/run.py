@@ -11,6 +11,7 @@ import os
 import sys
 
 from .errors import ShadowvolError
+from .textsafe import printable, printable_type_renderers
 
 RENDERERS = {
     "pretty": "PrettyTextRenderer",
@@ -19,6 +20,8 @@ RENDERERS = {
     "jsonl": "JsonLinesRenderer",
     "csv": "CSVRenderer",
 }
+#: The renderers for people: their cells show control characters as escapes (:mod:`.textsafe`).
+TEXT_RENDERERS = ("pretty", "quick")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -552,6 +555,8 @@ def _render_with_retry(target, args, popts: dict, live: bool) -> "RunHealth":
                 grid = run_plugin(target, args.plugin, popts, health=health, handler=handler)
                 _one_shot_gc()
                 renderer = getattr(text_renderer, RENDERERS[args.renderer])()
+                if args.renderer in TEXT_RENDERERS:  # guest strings shown on a terminal: see textsafe
+                    renderer._type_renderers = printable_type_renderers(renderer._type_renderers)
                 with contextlib.redirect_stdout(out):
                     renderer.render(grid)
         except exceptions.InvalidAddressException as exc:
@@ -653,6 +658,6 @@ def run_plugin_cli(argv: list[str]) -> int:
         print(f"shadowvol: note: {health.unreadable_cells} cells unreadable", file=sys.stderr)
     problems = health.problems()
     for problem in problems:
-        print(f"shadowvol: warning: {problem}"
+        print(f"shadowvol: warning: {printable(problem)}"  # a cell's text: the guest's
               + ("" if args.partial else " (--partial accepts it)"), file=sys.stderr)
     return 3 if problems and not args.partial else 0

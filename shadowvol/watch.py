@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TextIO
 
 from .errors import ShadowvolError
+from .textsafe import printable
 
 __all__ = ["grid_rows", "hex_columns", "row_key", "diff_rows", "watch"]
 
@@ -160,7 +161,8 @@ def _emit(out: TextIO, renderer: str, change: str, tick: int, row: dict[str, Any
         out.write(json.dumps({**row, "change": change, "tick": tick, **({"partial": True} if partial else {})},
                              default=str) + "\n")
         return
-    cells = ["" if v is None else hex(v) if k in hexed and isinstance(v, int) else str(v) for k, v in row.items()]
+    cells = ["" if v is None else hex(v) if k in hexed and isinstance(v, int) else printable(str(v))
+             for k, v in row.items()]
     out.write(change + ("?" if partial else "") + " " + "\t".join(cells) + "\n")
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ShadowvolError
+from ..textsafe import printable
 
 __all__ = ["KINDS", "Event", "syscall_names", "format_event"]
 
@@ -90,4 +91,4 @@ def format_event(ev: Event) -> str:
         what = f"exit code={x.get('code')}"
     else:
         what = f"probe {ev.name} ({_fmt_args(ev.args)})"
-    return f"{head} {what}"
+    return printable(f"{head} {what}")  # comm, filename: the guest's strings

@@ -212,3 +212,28 @@ def test_one_process_sees_the_guest_change_across_epochs(web01, guest):
         assert pid not in pids()
     finally:
         t.close()
+
+
+#: A process name a hostile guest can give itself (the exec'd file's name, 14 of
+#: TASK_COMM_LEN's 15 bytes): erase the line, return to its start, a C1 CSI, a
+#: right-to-left override. Printed raw, it rewrites the analyst's screen.
+HOSTILE_COMM = "ev\x1b[2Ki\r\x9bl\u202e"
+HOSTILE_SHOWN = "ev\\x1b[2Ki\\x0d\\x9bl\\u202e"
+
+
+def test_a_hostile_process_name_is_shown_escaped_and_given_exactly_in_json(web01, guest):
+    """Text output shows every control character of a guest string as an escape
+    (nothing in it reaches the terminal raw); -r json carries the exact name."""
+    octal = "".join(f"\\{b:03o}" for b in HOSTILE_COMM.encode())
+    guest(f"n=$(printf '{octal}'); ln -sf /usr/bin/sv-idle \"/tmp/$n\"; "
+          f"setsid \"/tmp/$n\" </dev/null >/dev/null 2>&1 & sleep 0.5")
+    try:
+        rows = json.loads(run_cli("-vm", "web01", "-r", "json", "linux.pslist").stdout)
+        assert [r["COMM"] for r in rows if r["COMM"].startswith("ev")] == [HOSTILE_COMM]
+        for renderer in ("quick", "pretty"):
+            r = run_cli("-vm", "web01", "-r", renderer, "linux.psaux")
+            assert r.returncode == 0, r.stderr
+            assert HOSTILE_SHOWN in r.stdout
+            assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]", r.stdout)
+    finally:
+        guest("pkill -f /tmp/ev; rm -f /tmp/ev*; true", check=False)
