@@ -46,6 +46,7 @@ from typing import Any
 
 from .errors import ShadowvolError
 from .kernel_reader import Kernel, Walk, kernel_of, linux
+from .textsafe import printable
 from .trace.points import TextSymbols
 
 __all__ = ["Finding", "IntegrityReport", "StubModule", "find_module", "ko_text_layout",
@@ -478,5 +479,5 @@ def check_integrity(target: Any, ko: Path | None = None, state_file: Path | None
 def render_report(rep: IntegrityReport) -> str:
     lines = [f"{rep.vm}: {'stub intact' if rep.ok else 'TAMPERING DETECTED'}"]
     for f in rep.findings:
-        lines.append(f"  {f.status:<8} {f.check:<24} {f.detail}")
+        lines.append(printable(f"  {f.status:<8} {f.check:<24} {f.detail}"))  # symbol and module names: the guest's
     return "\n".join(lines)

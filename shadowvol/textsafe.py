@@ -9,7 +9,7 @@ came before it on the line, and a newline or a tab in a command line draws
 a row or a column that is not there. Invisible characters make ``ss\\u200bhd``
 look like ``sshd``.
 
-Text output (``-r quick`` and ``-r pretty``, ``watch``, ``diff``, ``trace``,
+Text output (``-r quick`` and ``-r pretty``, ``watch``, ``diff``, ``trace``, ``trace-check``,
 ``vm banner``) therefore shows each such character as an escape: ``\\xNN``
 for the C0 controls, DEL and the C1 controls, ``\\uNNNN`` for the invisible
 and direction-changing characters. Nothing else changes, so text without

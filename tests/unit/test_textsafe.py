@@ -104,3 +104,11 @@ def test_trace_watch_and_diff_lines_show_guest_strings_escaped():
     assert out.getvalue() == "+ 7\ta\\x1b[2K\\x09b\n"
     text = render_text([{"kind": "task", "change": "added", "pid": 7, "after": {"comm": "x\x9by"}}])
     assert "x\\x9by" in text and not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", text)
+
+
+def test_trace_check_report_lines_show_guest_names_escaped():
+    from shadowvol.integrity import IntegrityReport, render_report
+
+    rep = IntegrityReport(vm="web01")
+    rep.add("hook.sys_enter", "TAMPERED", "foreign probe(s) run before the stub's: evil\x1b[8m")
+    assert render_report(rep).endswith("foreign probe(s) run before the stub's: evil\\x1b[8m")
