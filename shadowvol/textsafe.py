@@ -9,11 +9,12 @@ came before it on the line, and a newline or a tab in a command line draws
 a row or a column that is not there. Invisible characters make ``ss\\u200bhd``
 look like ``sshd``.
 
-Text output (``-r quick`` and ``-r pretty``, ``watch``, ``diff``, ``trace``, ``trace-check``,
-``vm banner``) therefore shows each such character as an escape: ``\\xNN``
-for the C0 controls, DEL and the C1 controls, ``\\uNNNN`` for the invisible
-and direction-changing characters. Nothing else changes, so text without
-them, nearly all of it, is byte for byte what stock volatility3 prints.
+Text output (``-r quick`` and ``-r pretty``, ``watch``, ``diff``, ``trace``,
+``trace-check``, ``vm banner``, error lines) therefore shows each such
+character as an escape: ``\\xNN`` for the C0 controls, DEL and the C1
+controls, ``\\uNNNN`` for the invisible and direction-changing characters.
+Nothing else changes, so text without them, nearly all of it, is byte for
+byte what stock volatility3 prints.
 The data formats (``-r json``, ``jsonl``, ``csv``) carry the exact values.
 A backslash is not escaped: ``\\x1b`` as four characters is a string that
 was written to look like an escape (``-r json`` tells the two apart).
@@ -48,13 +49,10 @@ def printable(text: str, layout: bool = False) -> str:
 
 
 def _printable_cells(render: Callable[[Any], str]) -> Callable[[Any], str]:
-    search, search_layout = _UNSAFE.search, _UNSAFE_IN_LAYOUT.search
-
     def render_printable(value: Any) -> str:
-        text = render(value)
-        if isinstance(value, str):  # a plain string: its tabs and newlines are data too
-            return text if search(text) is None else _UNSAFE.sub(_escape, text)
-        return text if search_layout(text) is None else _UNSAFE_IN_LAYOUT.sub(_escape, text)
+        # A plain string's tabs and newlines are the guest's data too; other
+        # values' text (a disassembly, a hex dump) was laid out by the renderer.
+        return printable(render(value), layout=not isinstance(value, str))
 
     return render_printable
 
