@@ -781,11 +781,15 @@ def entry() -> None:
     temporary directories, weakref finalizers: everything ``atexit`` holds),
     what is left is memory, which the kernel takes back at once. Anything
     unusual (other threads still running, an output that will not flush)
-    leaves through the normal ``sys.exit``.
+    leaves through the normal ``sys.exit``. volatility3's log lines go
+    through :func:`~shadowvol.run.printable_volatility_log` in this process.
     """
     import atexit
     import threading
 
+    from .run import printable_volatility_log
+
+    printable_volatility_log()
     rc = main()
     if threading.active_count() != 1:
         sys.exit(rc)

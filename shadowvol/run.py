@@ -620,6 +620,30 @@ def _kernel_image_option(plugin_cls: type, plugin: str, popts: dict, target) -> 
     popts["kernel_image"] = str(kernel_payload_file(found))
 
 
+def printable_volatility_log() -> None:
+    """volatility3's log lines on stderr as stock shows them (the message alone,
+    WARNING and up: what ``logging.lastResort`` prints), through
+    :func:`~shadowvol.textsafe.printable`: they quote guest strings too. Set by
+    the ``shadowvol`` command (:func:`shadowvol.cli.entry`) for its own process."""
+    import logging
+
+    class PrintableStderr(logging.StreamHandler):
+        """A StreamHandler on whatever ``sys.stderr`` is when it writes (as lastResort)."""
+
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+        def format(self, record: logging.LogRecord) -> str:
+            return printable(super().format(record), layout=True)
+
+    logger = logging.getLogger("volatility3")
+    if any(type(h).__name__ == "PrintableStderr" for h in logger.handlers):
+        return
+    handler = PrintableStderr()
+    handler.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
 def run_plugin_cli(argv: list[str]) -> int:
     args = _top_parser().parse_args(argv)
     if not args.plugin:

@@ -10,7 +10,7 @@ a row or a column that is not there. Invisible characters make ``ss\\u200bhd``
 look like ``sshd``.
 
 Text output (``-r quick`` and ``-r pretty``, ``watch``, ``diff``, ``trace``,
-``trace-check``, ``vm banner``, error lines) therefore shows each such
+``trace-check``, ``vm banner``, error and log lines) therefore shows each such
 character as an escape: ``\\xNN`` for the C0 controls, DEL and the C1
 controls, ``\\uNNNN`` for the invisible and direction-changing characters.
 Nothing else changes, so text without them, nearly all of it, is byte for

@@ -112,3 +112,24 @@ def test_trace_check_report_lines_show_guest_names_escaped():
     rep = IntegrityReport(vm="web01")
     rep.add("hook.sys_enter", "TAMPERED", "foreign probe(s) run before the stub's: evil\x1b[8m")
     assert render_report(rep).endswith("foreign probe(s) run before the stub's: evil\\x1b[8m")
+
+
+def test_volatility3_log_lines_show_guest_strings_escaped(capsys):
+    """The CLI's handler prints what lastResort would (the message, WARNING and up), escaped."""
+    import logging
+
+    from shadowvol.run import printable_volatility_log
+
+    logger = logging.getLogger("volatility3")
+    handlers, propagate = list(logger.handlers), logger.propagate
+    try:
+        printable_volatility_log()
+        printable_volatility_log()  # once per process
+        assert [type(h).__name__ for h in logger.handlers].count("PrintableStderr") == 1
+        child = logging.getLogger("volatility3.framework.symbols.linux.extensions")
+        child.warning("Unable to read %s", "ev\x1b[2K\r\n")
+        child.info("not shown")
+        assert capsys.readouterr().err == "Unable to read ev\\x1b[2K\\x0d\n\n"
+    finally:
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
