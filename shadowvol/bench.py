@@ -464,6 +464,26 @@ def bench_scan(vm: str, runs: int = 3) -> list[dict[str, Any]]:
 
 DRGN_TASKS = "import drgn\nfrom drgn.helpers.linux.pid import for_each_task\n" \
              "print(sum(1 for _ in for_each_task(prog)))\n"
+#: drgn doing pslist's work: each task's pid, tgid, parent's tgid, comm, four ids
+#: and creation time (boot time in whole seconds plus ``start_boottime``, as
+#: volatility3 and procps compute it), printed as pslist's rows are, one per line.
+#: Its rows are stock pslist's (``-r quick``, less the File output column, the
+#: offset sign-extended): compare like with like, not a count with a table.
+DRGN_PSLIST = """import datetime
+from drgn.helpers.linux.pid import for_each_task
+
+tk = prog["tk_core"].timekeeper
+boot = datetime.datetime.fromtimestamp((tk.offs_real.value_() - tk.offs_boot.value_()) // 10**9,
+                                       tz=datetime.timezone.utc)
+out = []
+for t in for_each_task(prog):
+    cred = t.cred
+    start = boot + datetime.timedelta(seconds=t.start_boottime.value_() / 1e9)
+    out.append(f"{t.value_():#x}\\t{t.pid.value_()}\\t{t.tgid.value_()}\\t{t.real_parent.tgid.value_()}\\t"
+               f"{t.comm.string_().decode(errors='replace')}\\t{cred.uid.val.value_()}\\t{cred.gid.val.value_()}\\t"
+               f"{cred.euid.val.value_()}\\t{cred.egid.val.value_()}\\t{start:%Y-%m-%d %H:%M:%S.%f %Z}")
+print("\\n".join(out))
+"""
 
 
 def _status_kb(pid: int) -> dict[str, int]:
@@ -576,14 +596,15 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
                     rows.append({"tasks": count, "tool": "stock vol -f (raw copy)", "plugin": "linux.pslist",
                                  "median_s": round(secs, 3), "rss_mb": round(rss), "private_mb": round(priv)})
                 if drgn and drgn_vmlinux:
-                    script = Path(tmp) / "tasks.py"
-                    atomic_write(script, DRGN_TASKS.encode())
-                    say(f"{n} idle tasks: drgn --qemu")
-                    secs, rss, priv, _ = _median_run([drgn, "--qemu", entry.qmp, "-s", drgn_vmlinux,
-                                                "--no-default-symbols", str(script)], runs, cwd=tmp)
-                    rows.append({"tasks": count, "tool": "drgn --qemu (debug vmlinux)",
-                                 "plugin": "for_each_task", "median_s": round(secs, 3), "rss_mb": round(rss),
-                                 "private_mb": round(priv)})
+                    for name, source in (("for_each_task", DRGN_TASKS), ("pslist's fields", DRGN_PSLIST)):
+                        script = Path(tmp) / "drgn_script.py"
+                        atomic_write(script, source.encode())
+                        say(f"{n} idle tasks: drgn --qemu, {name}")
+                        secs, rss, priv, _ = _median_run([drgn, "--qemu", entry.qmp, "-s", drgn_vmlinux,
+                                                    "--no-default-symbols", str(script)], runs, cwd=tmp)
+                        rows.append({"tasks": count, "tool": "drgn --qemu (debug vmlinux)",
+                                     "plugin": name, "median_s": round(secs, 3), "rss_mb": round(rss),
+                                     "private_mb": round(priv)})
                 else:
                     rows.append({"tasks": count, "tool": "drgn --qemu", "plugin": "-",
                                  "median_s": "n/a", "rss_mb": "n/a", "private_mb": "n/a",
