@@ -484,6 +484,26 @@ for t in for_each_task(prog):
                f"{cred.euid.val.value_()}\\t{cred.egid.val.value_()}\\t{start:%Y-%m-%d %H:%M:%S.%f %Z}")
 print("\\n".join(out))
 """
+#: drgn doing psaux's work: pid, parent's tgid, comm, and the command line read
+#: from the process's memory (``cmdline()``: its page tables, walked by drgn),
+#: ``[comm]`` for a kernel thread. Its rows are stock psaux's (``-r quick``).
+DRGN_PSAUX = """import drgn
+from drgn.helpers.linux.mm import cmdline
+from drgn.helpers.linux.pid import for_each_task
+
+out = []
+for t in for_each_task(prog):
+    comm = t.comm.string_().decode(errors="replace")
+    if t.mm:
+        try:
+            args = b" ".join(cmdline(t) or []).decode(errors="replace")
+        except drgn.FaultError:
+            args = "-"
+    else:
+        args = f"[{comm}]"
+    out.append(f"{t.pid.value_()}\\t{t.real_parent.tgid.value_()}\\t{comm}\\t{args}")
+print("\\n".join(out))
+"""
 
 
 def _status_kb(pid: int) -> dict[str, int]:
@@ -596,7 +616,8 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
                     rows.append({"tasks": count, "tool": "stock vol -f (raw copy)", "plugin": "linux.pslist",
                                  "median_s": round(secs, 3), "rss_mb": round(rss), "private_mb": round(priv)})
                 if drgn and drgn_vmlinux:
-                    for name, source in (("for_each_task", DRGN_TASKS), ("pslist's fields", DRGN_PSLIST)):
+                    for name, source in (("for_each_task", DRGN_TASKS), ("pslist's fields", DRGN_PSLIST),
+                                         ("psaux's fields", DRGN_PSAUX)):
                         script = Path(tmp) / "drgn_script.py"
                         atomic_write(script, source.encode())
                         say(f"{n} idle tasks: drgn --qemu, {name}")

