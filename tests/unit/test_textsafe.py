@@ -133,3 +133,25 @@ def test_volatility3_log_lines_show_guest_strings_escaped(capsys):
     finally:
         logger.handlers[:] = handlers
         logger.propagate = propagate
+
+
+def test_an_error_line_quoting_hostile_text_is_escaped(capsys, monkeypatch):
+    """Our messages quote names with repr(); an error carrying a guest string as
+    it is (a volatility3 exception, a cell's text) is escaped at the last step."""
+    from shadowvol import run
+    from shadowvol.cli import main
+    from shadowvol.errors import ShadowvolError
+
+    def fail(argv):
+        raise ShadowvolError("module ev\x1b[2K\r is hidden")
+
+    monkeypatch.setattr(run, "run_plugin_cli", fail)
+    assert main(["-vm", "x", "linux.lsmod"]) == 1
+    assert capsys.readouterr().err == "shadowvol: error: module ev\\x1b[2K\\x0d is hidden\n"
+
+    def crash(argv):
+        raise RuntimeError("ev\x9b")
+
+    monkeypatch.setattr(run, "run_plugin_cli", crash)
+    assert main(["-vm", "x", "linux.lsmod"]) == 2
+    assert "ev\\x9b" in capsys.readouterr().err
