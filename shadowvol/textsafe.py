@@ -42,10 +42,7 @@ def printable(text: str, layout: bool = False) -> str:
     """``text`` with every character a terminal acts on, or draws as nothing,
     written as an escape. ``layout``: keep tabs and newlines (text that a
     renderer laid out itself, such as a disassembly or a hex dump)."""
-    pattern = _UNSAFE_IN_LAYOUT if layout else _UNSAFE
-    if pattern.search(text) is None:
-        return text
-    return pattern.sub(_escape, text)
+    return (_UNSAFE_IN_LAYOUT if layout else _UNSAFE).sub(_escape, text)  # no match: ``text`` itself
 
 
 def _printable_cells(render: Callable[[Any], str]) -> Callable[[Any], str]:
