@@ -465,6 +465,7 @@ def run_plugin(target, plugin_name: str, options: dict | None = None, output_dir
         handler = file_handler(output_dir)
     plugin = volbridge.construct_plugin(ctx, plugin_cls, options or {}, file_handler=handler)
     grid = plugin.run()
+    volbridge.detach_rows(grid)
     if health is not None:
         health.watch_grid(grid)
     return grid
