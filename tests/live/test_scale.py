@@ -28,3 +28,54 @@ def crowded(web01, guest):
 def test_pslist_at_1000_tasks_equals_guest_ps(crowded, guest, backend):
     ours = assert_pslist_is_guest_ps(guest, backend, "sv-s", TASKS)
     assert len(ours) >= TASKS + 40
+
+
+def _rendered(grid) -> str:
+    import contextlib
+    import io
+
+    from volatility3.cli import text_renderer
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        text_renderer.QuickTextRenderer().render(grid)
+    return out.getvalue()
+
+
+def _tasks_alive() -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o).__name__ == "task_struct")
+
+
+def test_rows_keep_plain_values_not_the_tasks(crowded):
+    """run_plugin's grid (rows detached: volbridge.detach_rows) renders as the stock
+    grid does, and once rendered keeps no task object alive; the stock grid keeps one
+    for each row (the memory each row held at scale)."""
+    from volatility3.framework import interfaces
+
+    from shadowvol import volbridge
+    from shadowvol.qemu.qmp import QMPClient
+    from shadowvol.run import run_plugin
+    from shadowvol.target import open_target
+
+    with QMPClient(crowded.qmp) as q:
+        q.execute("stop")
+        t = open_target(vm=crowded.name)
+        try:
+            detached = run_plugin(t, "linux.pslist")
+            text = _rendered(detached)
+            cells: list = []
+            detached.visit(None, lambda node, acc: acc.extend(node.values) or acc, cells)
+            kept_detached = _tasks_alive()
+            ctx = volbridge.build_context(t.memory, t.kernel, t.location, t.isf, isf_url=t.profile_path.as_uri())
+            stock = volbridge.construct_plugin(ctx, volbridge.load_plugin("linux.pslist"), {}).run()
+            assert _rendered(stock) == text
+            kept_stock = _tasks_alive()
+        finally:
+            t.close()
+            q.execute("cont")
+    assert text.count("\tsv-s") == TASKS
+    assert not any(isinstance(cell, interfaces.objects.ObjectInterface) for cell in cells)
+    assert kept_detached < 10 and kept_stock >= kept_detached + TASKS
