@@ -609,12 +609,14 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
                         atomic_copy(t.profile_path, symdir / t.profile_path.name, mode=0o600)
                     finally:
                         t.close()
-                    cmd = [vol, "-q", "-f", str(raw), "-s", str(symdir.parent), "-r", "json", "linux.pslist"]
-                    _median_run(cmd, 1, cwd=tmp)  # warm vol's own caches
-                    say(f"{n} idle tasks: stock vol -f on the copy")
-                    secs, rss, priv, _ = _median_run(cmd, max(1, runs // 2), cwd=tmp)
-                    rows.append({"tasks": count, "tool": "stock vol -f (raw copy)", "plugin": "linux.pslist",
-                                 "median_s": round(secs, 3), "rss_mb": round(rss), "private_mb": round(priv)})
+                    cmd = [vol, "-q", "-f", str(raw), "-s", str(symdir.parent), "-r", "json"]
+                    _median_run(cmd + ["linux.pslist"], 1, cwd=tmp)  # warm vol's own caches
+                    for plugin in ("linux.pslist", "linux.psaux"):
+                        say(f"{n} idle tasks: stock vol -f {plugin} on the copy")
+                        secs, rss, priv, _ = _median_run(cmd + [plugin], max(1, runs // 2), cwd=tmp)
+                        rows.append({"tasks": count, "tool": "stock vol -f (raw copy)", "plugin": plugin,
+                                     "median_s": round(secs, 3), "rss_mb": round(rss),
+                                     "private_mb": round(priv)})
                 if drgn and drgn_vmlinux:
                     for name, source in (("for_each_task", DRGN_TASKS), ("pslist's fields", DRGN_PSLIST),
                                          ("psaux's fields", DRGN_PSAUX)):
@@ -637,6 +639,63 @@ def bench_scale(vm: str, tasks: list[int], runs: int = 3, drgn_vmlinux: str | No
         finally:
             _set_vm_running(entry.qmp, was_running)
     return rows
+
+
+#: Issue 12's targets for stock plugins live: (the fewest tasks it names, the
+#: most seconds there), at 2,000 tasks (seconds, times faster than stock
+#: ``vol -f``), and milliseconds per task.
+SCALE_TARGETS = {"small": (56, 0.25), "large": (2000, 0.5, 20.0), "per_task_ms": 0.15}
+
+#: Which drgn workload does the same work as a stock plugin (its rows).
+_DRGN_SAME_WORK = {"linux.pslist": "pslist's fields", "linux.psaux": "psaux's fields"}
+
+
+def summarize_scale(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ratios from one :func:`bench_scale` run, measured side by side, per task
+    count, for the stock plugins run live: times faster than stock ``vol -f``
+    on the raw copy and than drgn doing the same work (above 1: we are
+    faster), the cost of a task over the fewest tasks measured, and
+    which of :data:`SCALE_TARGETS` the row meets."""
+    def median(tasks: int, tool: str, plugin: str) -> float | None:
+        value = next((r["median_s"] for r in rows if r["tasks"] == tasks and r["tool"] == tool
+                      and r["plugin"] == plugin), None)
+        return value if isinstance(value, (int, float)) and value > 0 else None
+
+    sizes = sorted({r["tasks"] for r in rows if r["tool"] == "shadowvol live"})
+    out = []
+    for plugin in ("linux.pslist", "linux.psaux"):
+        base = median(sizes[0], "shadowvol live", plugin) if sizes else None
+        for n in sizes:
+            ours = median(n, "shadowvol live", plugin)
+            if ours is None:
+                continue
+            stock = median(n, "stock vol -f (raw copy)", plugin)
+            drgn = median(n, "drgn --qemu (debug vmlinux)", _DRGN_SAME_WORK[plugin])
+            per_task = (ours - base) * 1000 / (n - sizes[0]) if base is not None and n > sizes[0] else None
+            out.append({"tasks": n, "plugin": plugin, "median_s": ours,
+                        "x_stock_vol": round(stock / ours, 1) if stock else "n/a",
+                        "x_drgn_same_work": round(drgn / ours, 2) if drgn else "n/a",
+                        "per_task_ms": round(per_task, 3) if per_task is not None else "-",
+                        "targets": _scale_targets_met(n, ours, stock, per_task)})
+    return out
+
+
+def _scale_targets_met(n: int, secs: float, stock: float | None, per_task_ms: float | None) -> str:
+    """Issue 12's targets that apply at ``n`` tasks, each as ``met`` or ``missed``."""
+    verdict = {True: "met", False: "missed"}
+    parts = []
+    fewest, small_s = SCALE_TARGETS["small"]
+    many, large_s, times = SCALE_TARGETS["large"]
+    if n <= fewest:
+        parts.append(f"<={small_s} s {verdict[secs <= small_s]}")
+    if n >= many:
+        parts.append(f"<={large_s} s {verdict[secs <= large_s]}")
+        if stock:
+            parts.append(f">={times:g}x stock {verdict[stock / secs >= times]}")
+    if per_task_ms is not None:
+        limit = SCALE_TARGETS["per_task_ms"]
+        parts.append(f"<={limit} ms/task {verdict[per_task_ms <= limit]}")
+    return "; ".join(parts) or "-"
 
 
 def _promote_members(roots: list[Any]) -> None:

@@ -402,6 +402,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             stop()
         cols = list(dict.fromkeys(k for r in rows for k in r))
         bench.render([{c: r.get(c, "") for c in cols} for r in rows], args.renderer)
+        summary = bench.summarize_scale(rows)
+        if args.renderer != "json" and summary:
+            print()
+            bench.render(summary, args.renderer)
     else:
         bench.render(bench.bench_pslist(args.vm, runs=args.runs), args.renderer)
     return 0
