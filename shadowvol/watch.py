@@ -237,6 +237,7 @@ class _Boot:
         health.watch_layer(self.context.context.layers[volbridge.KERNEL_LAYER])
         with pause() if pause is not None else contextlib.nullcontext():
             grid = self.context.construct(plugin_cls, options).run()
+            volbridge.detach_rows(grid)  # rows kept for the next tick's diff hold values, not objects
             rows = grid_rows(grid)
         smear = health.broken_walks[0] if health.broken_walks else None
         return Look(rows, hex_columns(grid), smear)

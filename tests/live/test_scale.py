@@ -79,3 +79,32 @@ def test_rows_keep_plain_values_not_the_tasks(crowded):
     assert text.count("\tsv-s") == TASKS
     assert not any(isinstance(cell, interfaces.objects.ObjectInterface) for cell in cells)
     assert kept_detached < 10 and kept_stock >= kept_detached + TASKS
+
+
+def test_a_watch_look_holds_no_tasks_while_its_rows_are_read(crowded, monkeypatch):
+    """``watch`` keeps a look's rows for the next tick's diff, and reads them off
+    the populated grid: the grid's rows hold values, so no task_struct is kept
+    alive by them while they are read (stock rows kept one per task)."""
+    from shadowvol import volbridge, watch
+    from shadowvol.qemu.qmp import QMPClient
+    from shadowvol.target import open_target
+
+    alive: list[int] = []
+    real_grid_rows = watch.grid_rows
+
+    def counting_grid_rows(grid):
+        rows = real_grid_rows(grid)  # the grid stays populated here
+        alive.append(_tasks_alive())
+        return rows
+
+    monkeypatch.setattr(watch, "grid_rows", counting_grid_rows)
+    with QMPClient(crowded.qmp) as q:
+        q.execute("stop")
+        t = open_target(vm=crowded.name)
+        try:
+            look = watch._Boot(t).look(volbridge.load_plugin("linux.pslist"), {}, pause=None)
+        finally:
+            t.close()
+            q.execute("cont")
+    assert sum(1 for row in look.rows if str(row["COMM"]).startswith("sv-s")) == TASKS
+    assert alive and alive[0] < 10
