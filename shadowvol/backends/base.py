@@ -310,21 +310,33 @@ class BufferMemory(PhysicalMemory):
     def find(self, needle: bytes, start: int = 0, end: int | None = None,
              chunk: int = 32 << 20) -> Iterator[int]:
         """As :meth:`PhysicalMemory.find`, searching the buffer in place (no copy:
-        ``mmap.find`` runs at memory speed, where copying 512 MiB costs 0.8 s)."""
+        ``mmap.find`` runs at memory speed, where copying 512 MiB costs 0.8 s).
+
+        Matches are searched ``chunk`` bytes of start positions at a time; with
+        ``drop_every`` the pages a chunk faulted in are unmapped after it (as
+        reads do), so a scan of all RAM keeps about one chunk of guest RAM in
+        our RSS, not all of it (psscan at 1 GiB: 490 MB)."""
         if not needle:
             raise ValueError("empty needle")
+        if chunk <= 0:
+            raise ValueError("chunk must be positive")
         stop = (1 << 64) if end is None else end
         segs = self._segments
+        tail = len(needle) - 1
         for k, seg in enumerate(segs):
             lo, hi = max(seg.start, start), min(seg.end, stop)
             if lo >= hi:
                 continue
             delta = seg.offset - seg.start
-            i = self._buf.find(needle, lo + delta, hi + delta + len(needle) - 1)
-            limit = min(seg.end, hi + len(needle) - 1) + delta
-            while i >= 0 and i + len(needle) <= limit:
-                yield i - delta
-                i = self._buf.find(needle, i + 1, hi + delta + len(needle) - 1)
+            limit = min(seg.end, hi + tail) + delta  # a match must end here at the latest
+            for first in range(lo + delta, hi + delta, chunk):  # matches starting in [first, last)
+                last = min(first + chunk, hi + delta)
+                i = self._buf.find(needle, first, last + tail)
+                while i >= 0 and i + len(needle) <= limit:
+                    yield i - delta
+                    i = self._buf.find(needle, i + 1, last + tail)
+                if self._drop_every:
+                    self._drop_pages()
             # A match across two physically adjacent segments (stored apart in the buffer).
             if k + 1 < len(segs) and segs[k + 1].start == seg.end and len(needle) > 1:
                 edge = max(lo, seg.end - len(needle) + 1)

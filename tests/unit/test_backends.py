@@ -14,6 +14,8 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shadowvol.backends.base import BufferMemory, PhysicalMemory, Segment, merge_ranges
 from shadowvol.backends.libvmi import open_libvmi
@@ -226,6 +228,46 @@ def test_shadow_file_rss_stays_bounded(tmp_path: Path) -> None:
         path.unlink()
     with pytest.raises(TypeError, match="mmap of a file"):
         BufferMemory(b"\0" * 4096, [Segment(0, 4096, 0)], drop_every=16)
+
+
+def test_a_scan_of_a_shadow_file_keeps_about_one_chunk_mapped(tmp_path: Path) -> None:
+    """``find`` over all RAM (psscan's scan) faults every page in; with
+    ``drop_every`` each chunk is unmapped after it is searched, so RSS grows by
+    about one chunk, not the whole RAM, and every match is found once."""
+    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else tmp_path
+    path = base / f"shadowvol-test-scan-{os.getpid()}.ram"
+    size, chunk = 32 << 20, 1 << 20
+    data = bytearray(random.Random(6).randbytes(size))
+    hits = [5, chunk - 3, 7 * chunk, 20 * chunk + 12345, size - 6]  # straddling a chunk end, at the end
+    for h in hits:
+        data[h:h + 6] = b"NEEDLE"
+    with open(path, "wb") as f:
+        f.write(data)
+    field = "RssShmem" if str(path).startswith("/dev/shm") else "RssFile"
+    want = [i for i in range(size) if data.startswith(b"NEEDLE", i)]
+    try:
+        for drop_every in (4, 0):
+            with ShadowFile(path, drop_every=drop_every) as mem:
+                before = _rss_kb(field)
+                assert list(mem.find(b"NEEDLE", chunk=chunk)) == want
+                grown = _rss_kb(field) - before
+            if drop_every:
+                assert grown <= 2 * chunk // 1024, f"{grown} KiB of the file mapped after a scan"
+            else:
+                assert grown >= size // 1024 * 9 // 10
+    finally:
+        path.unlink()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=4), st.binary(max_size=200), st.integers(1, 64), st.integers(0, 200),
+       st.integers(0, 220))
+def test_find_in_chunks_equals_a_plain_search(needle, data, chunk, start, end):
+    """Any chunk size finds what a plain search finds in [start, end), once each, in order."""
+    data = data + needle
+    mem = BufferMemory(data, [Segment(0, len(data), 0)])
+    want = [i for i in range(start, min(end, len(data))) if data.startswith(needle, i)]
+    assert list(mem.find(needle, start, end, chunk=chunk)) == want
 
 
 def test_shadow_process_on_self() -> None:
