@@ -743,14 +743,34 @@ def construct_plugin(ctx: contexts.Context, plugin_cls: type, options: Mapping[s
 PLAIN_TYPES = (int, float, str, bytes)
 
 
-def plain_cell(value: Any, column_type: Any) -> Any:
+#: What a renderer or a consumer may call to turn a cell into text or a number:
+#: a class that defines any of them itself may render unlike its plain value.
+_CONVERSIONS = ("__str__", "__repr__", "__format__", "__int__", "__index__", "__float__", "__bytes__")
+
+
+def _converts_as(cls: type, base: type) -> bool:
+    """``cls`` turns into text and numbers exactly as ``base`` does (no override)."""
+    return all(getattr(cls, name, None) is getattr(base, name, None) for name in _CONVERSIONS)
+
+
+def plain_cell(value: Any, column_type: Any, converts_as: dict | None = None) -> Any:
     """A row cell that is a volatility3 primitive object, as its plain value
-    (``int(pid)`` for ``task.pid``); any other cell, or one the column's type
-    would no longer accept as plain, as it is."""
+    (``int(pid)`` for ``task.pid``); any other cell, one the column's type
+    would no longer accept as plain, or one whose class converts itself
+    otherwise than its plain type, as it is. ``converts_as``: a cache of
+    :func:`_converts_as` per class, kept by the caller."""
     if not isinstance(value, interfaces.objects.ObjectInterface):
         return value
     for base in PLAIN_TYPES:
         if isinstance(value, base):
+            cls = type(value)
+            same = converts_as.get(cls) if converts_as is not None else None
+            if same is None:
+                same = _converts_as(cls, base)
+                if converts_as is not None:
+                    converts_as[cls] = same
+            if not same:
+                return value
             plain = base(value)
             try:
                 return plain if isinstance(plain, column_type) else value
@@ -781,11 +801,12 @@ def detach_rows(grid: Any) -> None:
         return
     column_types = [column.type for column in grid.columns]
     object_interface = interfaces.objects.ObjectInterface
+    converts_as: dict = {}  # this grid's classes: see _converts_as
 
     def plain_rows(rows: Iterable) -> Iterator:
         for level, values in rows:
             if len(values) == len(column_types) and any(isinstance(v, object_interface) for v in values):
-                values = [plain_cell(v, t) for v, t in zip(values, column_types)]
+                values = [plain_cell(v, t, converts_as) for v, t in zip(values, column_types)]
             yield level, values
 
     grid._generator = plain_rows(generator)

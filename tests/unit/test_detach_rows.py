@@ -129,3 +129,37 @@ def test_a_populated_grid_is_left_as_it_is():
     generator = grid._generator
     volbridge.detach_rows(grid)
     assert grid._generator is generator
+
+
+class _Signed(objects.Integer):
+    """An extension class that renders itself otherwise than its int value."""
+
+    def __str__(self) -> str:
+        return f"{int(self):+d}"
+
+    __format__ = lambda self, spec: format(str(self), spec)  # noqa: E731
+
+
+@pytest.mark.parametrize("renderer", ["QuickTextRenderer", "CSVRenderer"])
+def test_a_class_that_converts_itself_otherwise_is_kept(renderer):
+    ctx = contexts.Context()
+    ctx.layers.add_layer(BufferDataLayer(ctx, "cfg", "mem", DATA))
+    signed = templates.ObjectTemplate(_Signed, "signed", data_format=objects.DataFormatInfo(4, "little", False))
+
+    def grid(detach: bool) -> renderers.TreeGrid:
+        cell = signed(ctx, interfaces.objects.ObjectInformation(layer_name="mem", offset=0, native_layer_name="mem"))
+        g = renderers.TreeGrid([("VALUE", int)], iter([(0, [cell])]))
+        if detach:
+            volbridge.detach_rows(g)
+        return g
+
+    outputs = []
+    for detach in (True, False):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            getattr(text_renderer, renderer)().render(grid(detach))
+        outputs.append(out.getvalue())
+    assert outputs[0] == outputs[1] and f"+{0x04030201}" in outputs[0]
+    rows: list = []
+    grid(True).populate(lambda node, acc: acc.append(node.values) or acc, rows)
+    assert type(rows[0][0]) is _Signed
