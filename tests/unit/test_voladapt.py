@@ -513,3 +513,72 @@ def test_live_layers_are_a_layer_container():
             raise AssertionError("an unknown layer is a KeyError, as stock")
     layers.del_layer("mem")
     assert list(layers) == [] and dict(layers) == {}
+
+
+def _context_with_table(data: bytes):
+    """A context with ``data`` as layer ``mem`` and a symbol table ``t`` (struct ``s``,
+    ``u16``, a ``pointer`` to ``u16``, a ``list_head`` of the Linux extension class)."""
+    from volatility3.framework.symbols.linux import extensions as ext
+
+    ctx = _context_with_bytes(data)
+    u16 = {"kind": "base", "name": "unsigned short"}
+    isf = {
+        "metadata": {"format": "6.2.0", "producer": {"name": "test", "version": "0"}},
+        "base_types": {"unsigned short": {"kind": "int", "size": 2, "signed": False, "endian": "little"},
+                       "int": {"kind": "int", "size": 4, "signed": True, "endian": "little"},
+                       "pointer": {"kind": "int", "size": 8, "signed": False, "endian": "little"}},
+        "user_types": {
+            "s": {"kind": "struct", "size": 24, "fields": {
+                "lo": {"offset": 0, "type": u16}, "n": {"offset": 4, "type": {"kind": "base", "name": "int"}},
+                "p": {"offset": 8, "type": {"kind": "pointer", "subtype": u16}}}},
+            "list_head": {"kind": "struct", "size": 16, "fields": {
+                "next": {"offset": 0, "type": {"kind": "pointer", "subtype": {"kind": "struct", "name": "list_head"}}},
+                "prev": {"offset": 8, "type": {"kind": "pointer", "subtype": {"kind": "struct", "name": "list_head"}}}}},
+        },
+        "enums": {}, "symbols": {},
+    }
+    table = volbridge.PreloadedISF(ctx, "tables.t", "t", "test:isf", isf=isf,
+                                   class_types={"list_head": ext.list_head})
+    ctx.symbol_space.append(table)
+    return ctx
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(min_size=96, max_size=96), st.integers(0, 40), st.sampled_from(
+    ["s", "t!s", "unsigned short", "t!int", "pointer", "list_head", "t!list_head"]))
+def test_casts_are_stock_objects(data, offset, new_type):
+    """A cast (of a struct, and of one of its members: another member name and
+    parent) builds what stock's clone-and-call builds; with extra arguments, or
+    to a type that does not exist, it is stock's own cast."""
+    import pytest
+
+    from volatility3.framework.layers.physical import BufferDataLayer
+
+    voladapt.adapt_volatility3()
+    ctx = _context_with_table(data)
+    ctx.layers.add_layer(BufferDataLayer(ctx, "cfg2", "native", data))
+    stock_cast = iobjects.ObjectInterface.cast.__wrapped__
+    source = ctx.object("t!s", "mem", offset, native_layer_name="native")
+    for obj in (source, source.n):
+        ours = obj.cast(new_type)
+        assert ours._vol._parts is not None  # built by a maker, not by stock's clone
+        with pytest.MonkeyPatch.context() as mp:
+            _stock_volatility3(mp)
+            theirs = stock_cast(obj, new_type)
+        _same_state(ours, theirs, {})
+        assert ours.vol.parent is theirs.vol.parent and ours.vol.member_name == obj.vol.member_name
+        assert ours.vol.native_layer_name == "native"
+        if isinstance(ours, int):
+            assert int(ours) == int(theirs)
+    to_int = ctx.symbol_space.get_type("t!int")  # extra arguments: stock's path
+    ours = source.cast("pointer", subtype=to_int)
+    theirs = stock_cast(source, "pointer", subtype=to_int)
+    assert ours.vol.subtype is to_int and int(ours) == int(theirs)
+    _same_state(ours, theirs, {})
+    ctx.symbol_space.get_type("t!s").update_vol(size=32)  # not carried to a clone: stock's cast, size 24
+    resized = source.cast("s")
+    assert resized.vol.size == stock_cast(source, "s").vol.size == 24
+    for cast in (source.cast, lambda name: stock_cast(source, name)):
+        with pytest.raises(Exception) as err:
+            cast("nope")
+        assert "nope" in str(err.value)
