@@ -486,9 +486,95 @@ class DeferredTemplate:
         return self._resolve()(context=context, object_info=object_info)
 
 
+def isf_create(stock: Any) -> Any:
+    """``IntermediateSymbolTable.create`` finding and parsing each ISF file once per context.
+
+    Stock searches the symbol directories (``rglob``), opens the file through
+    urllib, parses and validates the JSON on every call; library_list calls it
+    for every memory map of every process (at 2,000 tasks: minutes, and 2 GB
+    held by 10,000 copies of one small JSON). In a :class:`LiveContext` the
+    first URL found and the validated JSON are kept per ``(sub_path,
+    filename)`` (``isf_files``); each call still builds and appends a new
+    table under a new name, from that JSON (read only by the table's format
+    delegate), with stock's configuration and version checks. Subclasses of
+    ``IntermediateSymbolTable`` and other contexts take stock's path.
+    """
+    def create(cls: type, context: Any, config_path: str, sub_path: str, filename: str,
+               native_types: Any = None, table_mapping: dict | None = None, class_types: Any = None,
+               symbol_mask: int = 0) -> str:
+        files = getattr(context, "isf_files", None)
+        if cls is not intermed.IntermediateSymbolTable or not isinstance(files, dict):
+            return stock(cls, context, config_path, sub_path, filename, native_types, table_mapping,
+                         class_types, symbol_mask)
+        found = files.get((sub_path, filename))
+        if found is None:
+            found = files[(sub_path, filename)] = _load_isf_file(cls, sub_path, filename)
+        url, json_object = found
+        table_name = context.symbol_space.free_table_name(filename)
+        table = PreloadedISF(context, config_path, table_name, url, native_types, table_mapping,
+                             class_types=class_types, symbol_mask=symbol_mask, isf=json_object)
+        if table._delegate.version < constants.ISF_MINIMUM_SUPPORTED:
+            raise RuntimeError(f"ISF version {json_object['metadata'].get('format', '0.0.0')} "
+                               f"is no longer supported: {url}")
+        if table._delegate.version < constants.ISF_MINIMUM_DEPRECATED:
+            logging.getLogger(intermed.__name__).warning(
+                f"ISF version {json_object['metadata'].get('format', '0.0.0')} has been deprecated: {url}")
+        context.symbol_space.append(table)
+        return table_name
+
+    create.__wrapped__ = stock  # type: ignore[attr-defined]
+    return create
+
+
+def _load_isf_file(cls: type, sub_path: str, filename: str) -> tuple[str, Any]:
+    """(URL, JSON) of the ISF file stock's ``create`` would load, found, read and
+    validated as stock does, with stock's errors."""
+    import codecs
+    import json
+
+    from volatility3 import schemas
+    from volatility3.framework.layers import resources
+
+    urls = list(cls.file_symbol_url(sub_path, filename))
+    if not urls:
+        raise FileNotFoundError(f"No symbol files found at provided filename: {filename}")
+    with resources.ResourceAccessor().open(urls[0]) as fp:
+        json_object = json.load(codecs.getreader("utf-8")(fp))
+    if not schemas.validate(json_object):
+        raise exceptions.SymbolSpaceError(f"File does not pass version validation: {urls[0]}")
+    if not json_object.get("metadata", None):
+        raise exceptions.SymbolSpaceError(f"Invalid ISF file attempted to be parsed: {urls[0]}")
+    return urls[0], json_object
+
+
+def adapt_isf_create() -> None:
+    """Install :func:`isf_create` (idempotent; when a live context is built, never at import)."""
+    current = intermed.IntermediateSymbolTable.__dict__["create"].__func__
+    if getattr(current, "__wrapped__", None) is None:
+        intermed.IntermediateSymbolTable.create = classmethod(isf_create(current))  # type: ignore[method-assign]
+
+
 class LazySymbolSpace(symbols.SymbolSpace):
     """A SymbolSpace that resolves embedded types eagerly (as volatility3
     does: sizes of arrays and members need them) but pointer targets lazily."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._free_from: dict[str, int] = {}  # prefix -> every lower count is taken
+
+    def free_table_name(self, prefix: str = "layer") -> str:
+        """Stock's name (``prefix`` and the lowest count not in use), counted on from
+        the last one found: stock counts from 1 on every call, quadratic in the tables
+        a plugin makes (library_list makes one per memory map of every process)."""
+        count = self._free_from.get(prefix, 1)
+        while prefix + str(count) in self:
+            count += 1
+        self._free_from[prefix] = count
+        return prefix + str(count)
+
+    def remove(self, key: str) -> None:
+        self._free_from.clear()  # a lower count may be free again
+        super().remove(key)
 
     def _iterative_resolve(self, traverse_list: list) -> None:
         replacements = []
@@ -551,12 +637,14 @@ class LiveContext(contexts.Context):
         self._memory = LiveLayers()
         self.layers = self._memory
         self.epoch_cache: dict[Any, Any] = {}
+        self.isf_files: dict[tuple[str, str], tuple[str, Any]] = {}  # see isf_create
 
 
 def build_context(memory: PhysicalMemory, paged: PagedMemory, location: KernelLocation,
                   isf: Mapping, isf_url: str = "shadowvol:profile") -> contexts.Context:
     """A volatility3 context with the physical layer, kernel layer and ``kernel`` module."""
     adapt_volatility3()
+    adapt_isf_create()
     ctx = LiveContext()
     phys = LivePhysicalLayer(ctx, "shadowvol.physical", PHYSICAL_LAYER, memory, cache=paged.cache)
     ctx.layers.add_layer(phys)

@@ -1,0 +1,104 @@
+"""volbridge.isf_create and LazySymbolSpace.free_table_name: stock's tables and names, found and parsed once.
+
+library_list creates an ELF symbol table for every memory map of every process;
+stock searched, opened, parsed and validated the ISF file each time, and
+counted table names from 1 each time (minutes and 2 GB at 2,000 tasks).
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from volatility3.framework import contexts, interfaces, symbols
+from volatility3.framework.symbols import intermed
+from volatility3.framework.symbols.linux.extensions import elf
+
+from shadowvol import volbridge
+
+def _stock_create():
+    volbridge.adapt_isf_create()
+    return intermed.IntermediateSymbolTable.__dict__["create"].__func__.__wrapped__
+
+
+def _tables(ctx, create, calls):
+    return [create(intermed.IntermediateSymbolTable, ctx, f"cfg{i}", "linux", "elf", None, None, types, mask)
+            for i, (types, mask) in enumerate(calls)]
+
+
+def _summary(ctx, name: str) -> tuple:
+    table = ctx.symbol_space[name]
+    ehdr = table.get_type("Elf64_Ehdr")
+    return (name, isinstance(table, intermed.IntermediateSymbolTable), dict(table.config),
+            table.natives.name if table.natives else None, sorted(table.types), sorted(table.enumerations),
+            ehdr.size, sorted(ehdr.vol.members), ehdr.vol.object_class,
+            table.get_type("Elf").vol.object_class, table.get_type_class("Elf"))
+
+
+def test_tables_are_stock_tables_and_the_file_is_read_once(monkeypatch):
+    stock_create = _stock_create()
+    calls = [(None, 0), (elf.class_types, 0), (None, (1 << 48) - 1), (elf.class_types, 0)]
+    stock_ctx = contexts.Context()
+    stock_names = _tables(stock_ctx, stock_create, calls)
+
+    live = volbridge.LiveContext()
+    searched = []
+    real_search = intermed.IntermediateSymbolTable.file_symbol_url.__func__
+
+    def counting_search(cls, sub_path, filename=None):
+        searched.append((sub_path, filename))
+        return real_search(cls, sub_path, filename)
+
+    monkeypatch.setattr(intermed.IntermediateSymbolTable, "file_symbol_url", classmethod(counting_search))
+    names = [intermed.IntermediateSymbolTable.create(live, f"cfg{i}", "linux", "elf", class_types=types,
+                                                     symbol_mask=mask)
+             for i, (types, mask) in enumerate(calls)]
+    assert names == stock_names == ["elf1", "elf2", "elf3", "elf4"]
+    assert searched == [("linux", "elf")] and list(live.isf_files) == [("linux", "elf")]
+    for name in names:
+        assert _summary(live, name) == _summary(stock_ctx, name)
+    assert live.symbol_space["elf1"].get_type_class("Elf") is not live.symbol_space["elf2"].get_type_class("Elf")
+
+
+def test_what_stock_takes_stays_stock(monkeypatch):
+    _stock_create()
+    with pytest.raises(FileNotFoundError, match="No symbol files found at provided filename: nope"):
+        intermed.IntermediateSymbolTable.create(volbridge.LiveContext(), "cfg", "linux", "nope")
+
+
+    class Subclass(intermed.IntermediateSymbolTable):  # its own create is stock's, its tables its own class
+        pass
+
+    live = volbridge.LiveContext()
+    assert type(live.symbol_space[Subclass.create(live, "cfg", "linux", "elf")]) is Subclass
+    used = []
+    monkeypatch.setattr(volbridge, "PreloadedISF", lambda *a, **k: used.append(a))
+    ctx = contexts.Context()  # not a live context: stock's own create
+    name = intermed.IntermediateSymbolTable.create(ctx, "cfg", "linux", "elf")
+    assert name == "elf1" and isinstance(ctx.symbol_space[name], intermed.IntermediateSymbolTable)
+    assert not used
+
+
+class _Table(interfaces.symbols.BaseSymbolTableInterface):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["new", "add", "remove"]), st.sampled_from(["elf", "layer", "t"]),
+                          st.integers(1, 6)), max_size=40))
+def test_free_table_names_are_stocks(script):
+    """After any appends (of free names or any others) and removals, the name is stock's."""
+    ours, stock = volbridge.LazySymbolSpace(), symbols.SymbolSpace()
+    for op, prefix, n in script:
+        if op == "new":
+            name = ours.free_table_name(prefix)
+            assert name == stock.free_table_name(prefix)
+            for space in (ours, stock):
+                space.append(_Table(name))
+        elif op == "add":
+            for space in (ours, stock):
+                space.append(_Table(f"{prefix}{n}"))
+        elif f"{prefix}{n}" in stock:
+            for space in (ours, stock):
+                space.remove(f"{prefix}{n}")
+        assert ours.free_table_name(prefix) == stock.free_table_name(prefix)
