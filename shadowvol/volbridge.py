@@ -397,6 +397,20 @@ class PreloadedISF(intermed.IntermediateSymbolTable):
         self.config["symbol_mask"] = symbol_mask
         _untyped_symbols_fast(self._delegate)
 
+    _types_view: Any = None
+
+    @property
+    def types(self) -> Iterable[str]:
+        """The format delegate's ``types`` (a view of the user types, then the
+        native ones), merged once: stock merges the two into a new dict on every
+        call, and ``SymbolSpace.has_type`` asks for it on each check (pscallstack:
+        for every frame of every task's stack, half its time at 2,000 tasks). The
+        table's JSON is only read and its natives are fixed, so the view stays true."""
+        view = self._types_view
+        if view is None:
+            view = self._types_view = self._delegate.types
+        return view
+
     def symbols_by_address(self) -> list[tuple[int, str]]:
         """(address, name) of every symbol, sorted, built once per table from the ISF's own
         entries: what stock ``get_symbols_by_location`` would build from 82k ``get_symbol``

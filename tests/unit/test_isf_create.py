@@ -102,3 +102,19 @@ def test_free_table_names_are_stocks(script):
             for space in (ours, stock):
                 space.remove(f"{prefix}{n}")
         assert ours.free_table_name(prefix) == stock.free_table_name(prefix)
+
+
+def test_a_tables_types_are_stocks_merged_once():
+    """``types`` lists what stock's lists, in its order (user types, then natives),
+    and answers ``SymbolSpace.has_type`` alike; the merge is made once per table."""
+    stock_create = _stock_create()
+    stock_ctx, live = contexts.Context(), volbridge.LiveContext()
+    [stock_name] = _tables(stock_ctx, stock_create, [(None, 0)])
+    name = intermed.IntermediateSymbolTable.create(live, "cfg", "linux", "elf")
+    ours, stock = live.symbol_space[name], stock_ctx.symbol_space[stock_name]
+    assert type(ours) is volbridge.PreloadedISF
+    assert list(ours.types) == list(stock.types) and len(ours.types) > 20
+    assert ours.types is ours.types and stock.types is not stock.types
+    for type_name in ("Elf64_Ehdr", "Elf", "unsigned int", "pointer", "nope", "Elf64_Ehdr!x"):
+        assert live.symbol_space.has_type(f"{name}!{type_name}") == \
+            stock_ctx.symbol_space.has_type(f"{stock_name}!{type_name}")
