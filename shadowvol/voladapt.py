@@ -423,6 +423,24 @@ def _object_interface_init(stock: Any) -> Any:
     return __init__
 
 
+def _plan_of_clone(template: Any) -> Any:
+    """The plan (see :func:`_plan`) that builds what a ``clone()`` of ``template``
+    would build, or None where only stock's clone-and-call is known to be right.
+
+    A clone keeps a template's constructor arguments and drops its
+    ``update_vol`` additions, so the template's own plan serves only an
+    ``ObjectTemplate`` with nothing added since it was built (its vol's first
+    map empty), a class a maker builds, and a known size."""
+    vol = template._vol
+    if type(template) is not _ObjectTemplate or type(vol) is not VolChainMap or len(vol.maps) != 3 or vol.maps[0]:
+        return None
+    plan = vol._plan
+    if plan is None:
+        plan = _plan(template, vol)
+    if not plan or plan[3] is _UNSIZED:
+        return None
+    return plan
+
 def _context_object(stock: Any) -> Any:
     """``Context.object`` for a type name and no extra arguments, without cloning the template.
 
@@ -434,8 +452,6 @@ def _context_object(stock: Any) -> Any:
     itself builds the same object. Anything else (a template given, extra
     arguments, enumerations, other classes) is stock's.
     """
-    from volatility3.framework.objects import templates
-
     def object(self: Any, object_type: Any, layer_name: str, offset: int, native_layer_name: str | None = None,
                **arguments: Any) -> Any:
         if arguments or type(object_type) is not str:
@@ -444,14 +460,8 @@ def _context_object(stock: Any) -> Any:
             template = self._symbol_space.get_type(object_type)
         except Exception:  # noqa: BLE001 (stock looks for an enumeration, or raises its own error)
             return stock(self, object_type, layer_name, offset, native_layer_name)
-        vol = template._vol
-        if type(template) is not templates.ObjectTemplate or type(vol) is not VolChainMap or len(vol.maps) != 3 \
-                or vol.maps[0]:
-            return stock(self, object_type, layer_name, offset, native_layer_name)
-        plan = vol._plan
+        plan = _plan_of_clone(template)
         if plan is None:
-            plan = _plan(template, vol)
-        if not plan or plan[3] is _UNSIZED:
             return stock(self, object_type, layer_name, offset, native_layer_name)
         make, object_class, flat, size = plan
         return make(object_class, self, flat, layer_name, offset, native_layer_name or layer_name, None, None, size)
@@ -474,7 +484,6 @@ def _object_cast(stock: Any) -> Any:
     else is stock's, and so are its errors.
     """
     from volatility3.framework import constants
-    from volatility3.framework.objects import templates
 
     def cast(self: Any, new_type_name: str, **additional: Any) -> Any:
         svol = self._vol
@@ -487,14 +496,8 @@ def _object_cast(stock: Any) -> Any:
             template = self._context.symbol_space.get_type(name)
         except Exception:  # noqa: BLE001 (stock raises its own error)
             return stock(self, new_type_name)
-        vol = template._vol
-        if type(template) is not templates.ObjectTemplate or type(vol) is not VolChainMap or len(vol.maps) != 3 \
-                or vol.maps[0]:
-            return stock(self, new_type_name)
-        plan = vol._plan
+        plan = _plan_of_clone(template)
         if plan is None:
-            plan = _plan(template, vol)
-        if not plan or plan[3] is _UNSIZED:
             return stock(self, new_type_name)
         make, object_class, flat, size = plan
         own = svol._flat or _flat_vol(svol)

@@ -855,22 +855,20 @@ def _converts_as(cls: type, base: type) -> bool:
     return all(getattr(cls, name, None) is getattr(base, name, None) for name in _CONVERSIONS)
 
 
-def plain_cell(value: Any, column_type: Any, converts_as: dict | None = None) -> Any:
+def plain_cell(value: Any, column_type: Any, converts_as: dict) -> Any:
     """A row cell that is a volatility3 primitive object, as its plain value
     (``int(pid)`` for ``task.pid``); any other cell, one the column's type
     would no longer accept as plain, or one whose class converts itself
-    otherwise than its plain type, as it is. ``converts_as``: a cache of
-    :func:`_converts_as` per class, kept by the caller."""
+    otherwise than its plain type, as it is. ``converts_as``: the caller's
+    cache of :func:`_converts_as` per class."""
     if not isinstance(value, interfaces.objects.ObjectInterface):
         return value
     for base in PLAIN_TYPES:
         if isinstance(value, base):
             cls = type(value)
-            same = converts_as.get(cls) if converts_as is not None else None
+            same = converts_as.get(cls)
             if same is None:
-                same = _converts_as(cls, base)
-                if converts_as is not None:
-                    converts_as[cls] = same
+                same = converts_as[cls] = _converts_as(cls, base)
             if not same:
                 return value
             plain = base(value)
