@@ -383,10 +383,12 @@ class PreloadedISF(intermed.IntermediateSymbolTable):
     def __init__(self, context: interfaces.context.ContextInterface, config_path: str, name: str,
                  isf_url: str, native_types: Any = None, table_mapping: dict | None = None,
                  validate: bool = False, class_types: Any = None, symbol_mask: int = 0,
-                 isf: Mapping | None = None) -> None:
+                 isf: Mapping | None = None, versions: dict | None = None) -> None:
         if isf is None:
             raise ValueError("PreloadedISF needs the ISF dict")
-        self._versions = dict((x.version, x) for x in intermed.class_subclasses(intermed.ISFormatTable))
+        # versions: stock's map of ISF format versions to their classes, when a caller has it
+        # (isf_create, once per context: walking the subclasses cost 25 us a table)
+        self._versions = versions if versions is not None else isf_format_versions()
         fmt = isf.get("metadata", {}).get("format", "0.0.0")
         self._delegate = self._closest_version(fmt, self._versions)(
             context, config_path, name, isf, native_types, table_mapping)
@@ -426,6 +428,12 @@ class PreloadedISF(intermed.IntermediateSymbolTable):
     def get_symbols_by_location(self, offset: int, size: int = 0) -> Iterable[str]:
         self.symbols_by_address()  # the stock lookup, on the index built above
         return super().get_symbols_by_location(offset, size)
+
+
+def isf_format_versions() -> dict:
+    """What stock ``IntermediateSymbolTable.__init__`` sets as ``_versions``: each
+    ISF format version -> the ``ISFormatTable`` subclass reading it."""
+    return dict((x.version, x) for x in intermed.class_subclasses(intermed.ISFormatTable))
 
 
 def _untyped_symbols_fast(delegate: Any) -> None:
@@ -510,7 +518,9 @@ def isf_create(stock: Any) -> Any:
     first URL found and the validated JSON are kept per ``(sub_path,
     filename)`` (``isf_files``); each call still builds and appends a new
     table under a new name, from that JSON (read only by the table's format
-    delegate), with stock's configuration and version checks. Subclasses of
+    delegate), with stock's configuration and version checks, and appends it
+    as a transient table (:meth:`LazySymbolSpace.append_transient`: only the
+    newest keep their resolved types). Subclasses of
     ``IntermediateSymbolTable`` and other contexts take stock's path.
     """
     def create(cls: type, context: Any, config_path: str, sub_path: str, filename: str,
@@ -524,16 +534,24 @@ def isf_create(stock: Any) -> Any:
         if found is None:
             found = files[(sub_path, filename)] = _load_isf_file(cls, sub_path, filename)
         url, json_object = found
+        versions = getattr(context, "isf_versions", None)
+        if versions is None:  # read only (stock's _closest_version): one map serves every table
+            versions = context.isf_versions = isf_format_versions()
         table_name = context.symbol_space.free_table_name(filename)
         table = PreloadedISF(context, config_path, table_name, url, native_types, table_mapping,
-                             class_types=class_types, symbol_mask=symbol_mask, isf=json_object)
+                             class_types=class_types, symbol_mask=symbol_mask, isf=json_object,
+                             versions=versions)
         if table._delegate.version < constants.ISF_MINIMUM_SUPPORTED:
             raise RuntimeError(f"ISF version {json_object['metadata'].get('format', '0.0.0')} "
                                f"is no longer supported: {url}")
         if table._delegate.version < constants.ISF_MINIMUM_DEPRECATED:
             logging.getLogger(intermed.__name__).warning(
                 f"ISF version {json_object['metadata'].get('format', '0.0.0')} has been deprecated: {url}")
-        context.symbol_space.append(table)
+        space = context.symbol_space
+        if isinstance(space, LazySymbolSpace):
+            space.append_transient(table)
+        else:
+            space.append(table)
         return table_name
 
     create.__wrapped__ = stock  # type: ignore[attr-defined]
@@ -568,13 +586,88 @@ def adapt_isf_create() -> None:
         intermed.IntermediateSymbolTable.create = classmethod(isf_create(current))  # type: ignore[method-assign]
 
 
+_ObjectTemplate = objects.templates.ObjectTemplate
+
+
+class _ResolvedTypes(dict):
+    """``SymbolSpace._resolved`` (type name -> resolved template) noting which names
+    belong to each table made for one use (see :meth:`LazySymbolSpace.append_transient`):
+    ``holding`` maps such a table to its names here, the table resolved in
+    longest ago first. Lookups are a dict's own."""
+
+    __slots__ = ("_transient", "holding")
+
+    def __init__(self, transient: set[str]) -> None:
+        super().__init__()
+        self._transient = transient
+        self.holding: dict[str, list[str]] = {}
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        dict.__setitem__(self, key, value)
+        table = key.partition(constants.BANG)[0]
+        if table in self._transient:
+            keys = self.holding.pop(table, None) or []
+            keys.append(key)
+            self.holding[table] = keys  # now the newest
+
+
 class LazySymbolSpace(symbols.SymbolSpace):
     """A SymbolSpace that resolves embedded types eagerly (as volatility3
-    does: sizes of arrays and members need them) but pointer targets lazily."""
+    does: sizes of arrays and members need them) but pointer targets lazily.
+
+    Of the tables made for one use (:meth:`append_transient`), only the
+    :attr:`KEEP_RESOLVED` resolved in most recently keep their templates in
+    the resolution cache; an older one's are dropped before the next type is
+    resolved, and resolved again if it is asked for them (stock drops the whole
+    cache whenever a table is removed)."""
+
+    #: transient tables whose resolved types are kept (library_list makes one
+    #: per memory map and uses it for that map only)
+    KEEP_RESOLVED = 64
 
     def __init__(self) -> None:
         super().__init__()
         self._free_from: dict[str, int] = {}  # prefix -> every lower count is taken
+        self._transient: set[str] = set()
+        self._resolved = _ResolvedTypes(self._transient)
+        self._resolving = 0
+
+    def append_transient(self, table: interfaces.symbols.BaseSymbolTableInterface) -> None:
+        """``append(table)`` for a table made for one use (``IntermediateSymbolTable.create``:
+        library_list's ELF table for each memory map). At 2,000 processes,
+        20,000 such tables' templates held 250 MB; their resolved types are
+        dropped once :attr:`KEEP_RESOLVED` others were resolved in since. The
+        table stays, under its name."""
+        self.append(table)
+        self._transient.add(table.name)
+
+    def get_type(self, type_name: str) -> interfaces.objects.Template:
+        template = self._resolved.get(type_name)
+        if type(template) is _ObjectTemplate:  # resolved before (stock's answer, without its checks)
+            return template
+        if template is None and not self._resolving:
+            self._drop_oldest_resolved(type_name.partition(constants.BANG)[0])
+        self._resolving += 1
+        try:
+            return super().get_type(type_name)
+        finally:
+            self._resolving -= 1
+
+    def _drop_oldest_resolved(self, table: str) -> None:
+        """Before ``table`` resolves a type: drop the resolved types of the
+        transient tables resolved in longest ago, so that with ``table``'s
+        :attr:`KEEP_RESOLVED` are left (never during a resolution: it reads
+        what it added)."""
+        resolved = self._resolved
+        holding = getattr(resolved, "holding", None)
+        if not holding:
+            return
+        over = len(holding) - (self.KEEP_RESOLVED if table in holding else self.KEEP_RESOLVED - 1)
+        if over <= 0:
+            return
+        for name in list(holding)[:over]:
+            for key in holding.pop(name):
+                dict.pop(resolved, key, None)
 
     def free_table_name(self, prefix: str = "layer") -> str:
         """Stock's name (``prefix`` and the lowest count not in use), counted on from
@@ -588,7 +681,9 @@ class LazySymbolSpace(symbols.SymbolSpace):
 
     def remove(self, key: str) -> None:
         self._free_from.clear()  # a lower count may be free again
-        super().remove(key)
+        super().remove(key)  # stock empties the resolution cache: so does this, keeping its bookkeeping
+        self._transient.discard(key)
+        self._resolved = _ResolvedTypes(self._transient)
 
     def _iterative_resolve(self, traverse_list: list) -> None:
         replacements = []
@@ -652,6 +747,7 @@ class LiveContext(contexts.Context):
         self.layers = self._memory
         self.epoch_cache: dict[Any, Any] = {}
         self.isf_files: dict[tuple[str, str], tuple[str, Any]] = {}  # see isf_create
+        self.isf_versions: dict | None = None  # see isf_create
 
 
 def build_context(memory: PhysicalMemory, paged: PagedMemory, location: KernelLocation,

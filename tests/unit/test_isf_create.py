@@ -118,3 +118,50 @@ def test_a_tables_types_are_stocks_merged_once():
     for type_name in ("Elf64_Ehdr", "Elf", "unsigned int", "pointer", "nope", "Elf64_Ehdr!x"):
         assert live.symbol_space.has_type(f"{name}!{type_name}") == \
             stock_ctx.symbol_space.has_type(f"{stock_name}!{type_name}")
+
+
+def _template_summary(template) -> tuple:
+    members = template.vol.get("members", {})
+    return (template.vol.type_name, template.vol.object_class, template.size,
+            sorted((name, offset, child.vol.type_name, child.vol.object_class, child.size)
+                   for name, (offset, child) in members.items()))
+
+
+def _tables_resolved(space) -> set:
+    return {key.partition("!")[0] for key in space._resolved}
+
+
+def test_transient_tables_drop_their_resolved_types_and_resolve_them_again():
+    """Only the newest KEEP_RESOLVED tables made by ``create`` keep their resolved
+    templates; an older one asked again resolves what stock resolves. Other
+    tables' types stay, and ``remove`` still empties the cache, as stock's does."""
+    stock_create = _stock_create()
+    stock_ctx, live = contexts.Context(), volbridge.LiveContext()
+    space = live.symbol_space
+    space.KEEP_RESOLVED = 3
+    _, elf_isf = volbridge._load_isf_file(intermed.IntermediateSymbolTable, "linux", "elf")
+    keep = volbridge.PreloadedISF(live, "keep.cfg", "keep", "test:elf", isf=elf_isf)  # not a transient table
+    space.append(keep)
+    kept = space.get_type("keep!Elf64_Ehdr")
+    names = [intermed.IntermediateSymbolTable.create(live, f"cfg{i}", "linux", "elf", class_types=elf.class_types)
+             for i in range(8)]
+    stock_names = _tables(stock_ctx, stock_create, [(elf.class_types, 0)] * 8)
+    first = {}
+    for name in names:
+        first[name] = space.get_type(f"{name}!Elf64_Ehdr")
+        space.get_type(f"{name}!Elf")
+    assert _tables_resolved(space) == {"keep", *names[-3:]}
+    assert space.get_type("keep!Elf64_Ehdr") is kept
+    assert all(space.get_type(f"{name}!Elf64_Ehdr") is first[name] for name in names[-3:])
+    for name, stock_name in zip(names, stock_names):
+        again = space.get_type(f"{name}!Elf64_Ehdr")
+        stock = stock_ctx.symbol_space.get_type(f"{stock_name}!Elf64_Ehdr")
+        assert _template_summary(again) == _template_summary(first[name]) == _template_summary(stock)
+        assert space.get_type(f"{name}!Elf").vol.object_class is elf.elf
+    assert not any(first[name] is space._resolved.get(f"{name}!Elf64_Ehdr") for name in names[:5])
+    space.remove(names[-1])
+    assert not space._resolved and names[-1] not in space
+    more = [intermed.IntermediateSymbolTable.create(live, f"more{i}", "linux", "elf") for i in range(4)]
+    for name in [names[0]] + more:
+        space.get_type(f"{name}!Elf64_Phdr")
+    assert _tables_resolved(space) == set(more[-3:])
