@@ -804,6 +804,7 @@ class BootContext:
         self._cache = paged.cache
         self._base_layers = tuple(self.context.layers)
         self._base_attrs = {n: set(vars(self.context.layers[n])) for n in self._base_layers}
+        self._base_tables = tuple(self.context.symbol_space)
         self._base_config = self.context.config.clone()
 
     def new_epoch(self) -> None:
@@ -813,8 +814,8 @@ class BootContext:
         self.clear_plugin_state()
 
     def clear_plugin_state(self) -> None:
-        """Drop what a plugin left in the context (layers it added, configuration
-        it wrote, observers set on the base layers), keeping the epoch's caches:
+        """Drop what a plugin left in the context (layers and symbol tables it added,
+        configuration it wrote, observers set on the base layers), keeping the epoch's caches:
         the next plugin sees the same moment of the guest."""
         ctx = self.context
         for name in reversed([n for n in ctx.layers if n not in self._base_layers]):
@@ -823,6 +824,10 @@ class BootContext:
             layer = ctx.layers[name]
             for attr in [a for a, v in vars(layer).items() if callable(v) and a not in self._base_attrs[name]]:
                 delattr(layer, attr)  # a method overridden on the instance since (an observer of one epoch)
+        space = ctx.symbol_space
+        added = [n for n in space if n not in self._base_tables]
+        for name in added:  # tables a plugin made (library_list: one per memory map); the
+            space.remove(name)  # next resolution starts afresh, as after any stock remove
         ctx.config = self._base_config.clone()
 
     def construct(self, plugin_cls: type, options: Mapping[str, Any], file_handler: type | None = None) -> Any:

@@ -8,6 +8,7 @@ import io
 
 import pytest
 from volatility3.framework.layers.physical import BufferDataLayer
+from volatility3.framework.symbols import intermed
 
 from shadowvol.watch import Look, look_twice
 
@@ -204,21 +205,31 @@ def test_a_boot_context_forgets_an_epoch_and_keeps_the_boot() -> None:
     task = ctx.symbol_space.get_type(f"{volbridge.SYMBOL_TABLE}!task_struct")
     base_layers = list(ctx.layers)
 
-    def look() -> None:  # what a plugin run leaves behind
+    def look(tables: int = 0) -> None:  # what a plugin run leaves behind
         ctx.layers.add_layer(BufferDataLayer(ctx, "temporary._P1", "kernel_layer_Process1", b"\0" * 16))
         ctx.config["plugins.PsList.pid"] = [1]
         ctx.layers[volbridge.KERNEL_LAYER].read = lambda *a, **k: b"observed"
         ctx.epoch_cache["boottime"] = 42
+        for i in range(tables):  # library_list's ELF tables
+            intermed.IntermediateSymbolTable.create(ctx, f"plugins.LibraryList.t{i}", "linux", "elf")
 
-    look()
+    base_tables = list(ctx.symbol_space)
+    look(tables=3)
+    assert len(ctx.symbol_space) == len(base_tables) + 3
     epoch = paged.cache.epoch
     boot.clear_plugin_state()  # the next plugin, same moment
+    assert list(ctx.symbol_space) == base_tables
     assert list(ctx.layers) == base_layers and "plugins.PsList.pid" not in ctx.config
     assert "read" not in vars(ctx.layers[volbridge.KERNEL_LAYER])
     assert ctx.epoch_cache == {"boottime": 42} and paged.cache.epoch == epoch
+    task_again = ctx.symbol_space.get_type(f"{volbridge.SYMBOL_TABLE}!task_struct")
+    assert (task_again.vol.type_name, task_again.size, task_again.vol.members.keys()) == \
+        (task.vol.type_name, task.size, task.vol.members.keys())  # resolved again: tables were removed
+    task = task_again
 
     look()
     boot.new_epoch()  # the next tick
+    assert list(ctx.symbol_space) == base_tables
     assert list(ctx.layers) == base_layers and "plugins.PsList.pid" not in ctx.config
     assert "read" not in vars(ctx.layers[volbridge.KERNEL_LAYER])
     assert ctx.epoch_cache == {} and paged.cache.epoch == epoch + 1
