@@ -7,7 +7,9 @@ An image is a directory in the cache, keyed by kernel release::
 
 The initramfs holds busybox-static, busybox init with our rc script (the web01
 story: httpd and long-lived workers), the control agent on ttyS1, the static
-workload programs compiled on the host, and the few kernel modules a stock
+workload programs compiled on the host, one dynamically linked program with
+the host's shared libraries and loader (for library_list, elfs and maps),
+and the few kernel modules a stock
 guest would load on QEMU (qemu_fw_cfg, which feeds the vmcoreinfo device).
 """
 
@@ -221,6 +223,35 @@ def compile_workloads(dest: Path) -> list[Path]:
     return out
 
 
+def compile_dynamic(dest: Path, root: Path) -> list[Path]:
+    """Compile the dynamically linked programs (``guest/dynamic``) into ``dest``
+    and copy the shared libraries and loader they need (``ldd``: the host's
+    glibc) into ``root`` at the paths the loader looks them up by, as plain
+    files. Returns the files copied."""
+    out = []
+    for src in sorted((GUEST_DIR / "dynamic").glob("*.c")):
+        exe = dest / src.stem
+        proc = subprocess.run(["gcc", "-O2", "-Wall", "-Wl,--no-as-needed", "-o", str(exe), str(src), "-lm"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise VMError(f"compiling {src.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        out.append(exe)
+        ldd = subprocess.run(["ldd", str(exe)], capture_output=True, text=True)
+        if ldd.returncode != 0:
+            raise VMError(f"ldd {exe.name} failed: {ldd.stderr.strip()[-200:]}")
+        for line in ldd.stdout.splitlines():
+            # "libm.so.6 => /lib/x86_64-linux-gnu/libm.so.6 (0x...)", "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            path = line.split("=>")[-1].strip().split(" (")[0].strip()
+            if not path.startswith("/"):
+                continue  # linux-vdso.so.1: the kernel's
+            target = root / path.lstrip("/")
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_copy(Path(path).resolve(), target, mode=0o755)
+                out.append(target)
+    return out
+
+
 def _build_initramfs(modules: list[Path], stub_ko: Path | None, work: Path) -> bytes:
     root = work / "initramfs"
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/init.d", "proc", "sys", "dev",
@@ -242,6 +273,7 @@ def _build_initramfs(modules: list[Path], stub_ko: Path | None, work: Path) -> b
     atomic_write(root / "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", mode=0o644)
     atomic_write(root / "etc/group", b"root:x:0:\n", mode=0o644)
     compile_workloads(root / "usr/bin")
+    compile_dynamic(root / "usr/bin", root)
     for i, m in enumerate(modules):
         name = m.name.split(".ko")[0]
         atomic_write(root / "lib/modules" / f"{i:02d}-{name}.ko", _decompress_module(m), mode=0o644)

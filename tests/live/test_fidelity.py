@@ -44,8 +44,9 @@ def _vol_cache(factory):
 @pytest.fixture(scope="module")
 def sweep_rows(web01, guest, tmp_path_factory):
     # Something of each kind for the plugins to find: a started process with
-    # an environment, an open socket, a file in the page cache.
-    guest("(SV_FIDELITY=1 sleep 3600 &) ; echo fidelity > /tmp/sv-fidelity.txt; true")
+    # an environment, an open socket, a file in the page cache, a dynamically
+    # linked process (link maps for library_list, libraries for elfs and maps).
+    guest("(SV_FIDELITY=1 sleep 3600 &) ; (sv-dynamic &) ; echo fidelity > /tmp/sv-fidelity.txt; true")
     rows = fidelity.sweep("web01", tmp_path_factory.mktemp("sweep"), timeout=600,
                           vol_cache=_vol_cache(tmp_path_factory))
     with QMPClient(web01.qmp) as q:
@@ -85,7 +86,8 @@ def test_plugins_that_find_things_found_them(sweep_rows):
                  "linux.kthreads.Kthreads", "linux.malware.check_syscall.Check_syscall",
                  "linux.malware.check_idt.Check_idt", "linux.lsof.Lsof", "linux.envars.Envars",
                  "linux.vmcoreinfo.VMCoreInfo", "linux.pagecache.Files", "linux.kallsyms.Kallsyms",
-                 "linux.vmaregexscan.VmaRegExScan", "linux.pagecache.InodePages"):
+                 "linux.vmaregexscan.VmaRegExScan", "linux.pagecache.InodePages",
+                 "linux.library_list.LibraryList"):
         assert sweep_rows[name].live_rows > 0, (name, sweep_rows[name].live_error)
 
 
