@@ -42,6 +42,8 @@ def printable(text: str, layout: bool = False) -> str:
     """``text`` with every character a terminal acts on, or draws as nothing,
     written as an escape. ``layout``: keep tabs and newlines (text that a
     renderer laid out itself, such as a disassembly or a hex dump)."""
+    if text.isascii() and text.isprintable():  # " " to "~" only: nothing to escape (nearly every cell)
+        return text
     return (_UNSAFE_IN_LAYOUT if layout else _UNSAFE).sub(_escape, text)  # no match: ``text`` itself
 
 

@@ -582,3 +582,38 @@ def test_casts_are_stock_objects(data, offset, new_type):
         with pytest.raises(Exception) as err:
             cast("nope")
         assert "nope" in str(err.value)
+
+
+def test_members_kept_in_the_instance_dict_and_dir_is_stocks():
+    """A member built once is the same object on every access (kept in the instance
+    ``__dict__``, so no failed lookup and ``__getattr__`` call the next time), and
+    ``dir()`` lists what stock lists: each member once, a value set on the object
+    (as pdbutil does) as stock sees it."""
+    import pytest
+
+    voladapt.adapt_volatility3()
+    data = bytes(range(96))
+    ctx = _context_with_bytes(data)
+    struct_t = _templates()[5]
+    dirs, values = [], []
+    for stock in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            if stock:
+                _stock_volatility3(mp)
+                mp.setattr(objects.AggregateType, "__dir__", objects.AggregateType.__dir__.__wrapped__)
+            struct = struct_t(ctx, iobjects.ObjectInformation(layer_name="mem", offset=8, native_layer_name="mem"))
+            first = [struct.lo, struct.member("n"), struct.p, struct.n]
+            assert struct.lo is first[0] and struct.n is first[1] is first[3] and struct.member("p") is first[2]
+            assert ("lo" in vars(struct)) is not stock  # ours: the instance dict holds it
+            if not stock:
+                struct.f
+                assert "f" in vars(struct)  # from its first access
+                del vars(struct)["f"]
+                assert struct.f is struct._concrete_members["f"] and "f" in vars(struct)  # from the members cache
+            struct.c = 7  # set on the object: shadows the member, in stock and here
+            values.append((int(struct.lo), int(struct.n), int(struct.p), struct.c, int(struct.f)))
+            dirs.append(dir(struct))
+            with pytest.raises(AttributeError, match="has no attribute: s.nope"):
+                struct.nope
+    assert dirs[0] == dirs[1] and dirs[0].count("lo") == 1 and dirs[0].count("c") == 2
+    assert values[0] == values[1]
