@@ -661,6 +661,7 @@ class VolChainMap(collections.ChainMap):
     _size: int | None = None  # a template's size (see _template_size), until the next write
     _plan: Any = None  # a template's plan (see _plan), until the next write
     _parts: tuple | None = None  # what ``maps`` is built from, for an object a maker built (see _born)
+    _view: Any = None  # the ReadOnlyMapping ``vol`` returns (see view)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for ``maps`` of a map born flat (see _born): built on first use.
@@ -731,31 +732,60 @@ class VolChainMap(collections.ChainMap):
             flat = self._flatten()
         return flat
 
+    def view(self) -> Any:
+        """The ``ReadOnlyMapping`` an object's or template's ``vol`` returns, made once:
+        a :class:`_FlatVolView` over the flat dict (its keys read as attributes
+        without a call) when this map is sealed and no key is a name of the
+        view's class; else stock's own, which reads this map on every use."""
+        view = self._view
+        if view is None:
+            flat = self.flat()
+            if flat is None or not _VIEW_NAMES.isdisjoint(flat):
+                view = _ReadOnlyMapping(self)
+            else:
+                view = _new_object(_FlatVolView)
+                view._chain = self
+                view.__dict__ = flat
+            self._view = view
+        return view
+
+    def _forget_flat(self) -> None:
+        """The flat dict is no longer this map's: a view over it reads the map from now on."""
+        view = self._view
+        if view is not None:
+            if type(view) is _FlatVolView:
+                view.__dict__ = {}
+            self._view = None
+        self._flat = self._size = self._plan = None
+
     # Writes go to maps[0], as ChainMap's; the flat dict follows them.
     def __setitem__(self, key: Any, value: Any) -> None:
         self.maps[0][key] = value
         self._size = self._plan = None
         if self._flat is not None:
+            if key in _VIEW_NAMES and self._view is not None:
+                self._forget_flat()  # a key its view's class has as a name: stock's view reads it
+                return
             self._flat[key] = value
 
     def __delitem__(self, key: Any) -> None:
-        self._flat = self._size = self._plan = None
+        self._forget_flat()
         super().__delitem__(key)
 
     def popitem(self) -> Any:
-        self._flat = self._size = self._plan = None
+        self._forget_flat()
         return super().popitem()
 
     def pop(self, key: Any, *args: Any) -> Any:
-        self._flat = self._size = self._plan = None
+        self._forget_flat()
         return super().pop(key, *args)
 
     def clear(self) -> None:
-        self._flat = self._size = self._plan = None
+        self._forget_flat()
         super().clear()
 
     def __ior__(self, other: Any) -> "VolChainMap":
-        self._flat = self._size = self._plan = None
+        self._forget_flat()
         return super().__ior__(other)
 
     # Derived maps share dicts with this one: never flattened.
@@ -776,6 +806,45 @@ class VolChainMap(collections.ChainMap):
         return self._unsealed(super().copy())
 
     __copy__ = copy
+
+
+_ReadOnlyMapping = interfaces.objects.ReadOnlyMapping
+
+
+class _FlatVolView(_ReadOnlyMapping):
+    """Stock's ``ReadOnlyMapping`` over a sealed :class:`VolChainMap`, whose instance
+    ``__dict__`` is the map's flat dict: ``obj.vol.offset`` is one dict lookup,
+    not a ``__getattr__`` call. ``_dict`` is the map itself, as stock's; a key
+    not there reaches ``__getattr__``, which reads the map (stock's error for
+    an unknown one). The map empties this ``__dict__`` when its flat dict is
+    dropped, so a view kept across such a write reads the map, as stock's does."""
+
+    __slots__ = ("_chain",)  # and the __dict__ it inherits
+
+    @property
+    def _dict(self) -> Any:
+        return self._chain
+
+
+_FlatVolView.__name__ = _FlatVolView.__qualname__ = "ReadOnlyMapping"  # stock's errors name the class
+
+#: names a flat view's attribute lookup finds on its class, before its ``__dict__``:
+#: a vol with such a key gets stock's view
+_VIEW_NAMES = frozenset(dir(_FlatVolView))
+
+
+def _vol_property(stock: property) -> property:
+    """``ObjectInterface.vol`` / ``Template.vol``: stock's ReadOnlyMapping over
+    ``self._vol``, made once per map (:meth:`VolChainMap.view`)."""
+    def vol(self: Any) -> Any:
+        chain = self._vol
+        if type(chain) is VolChainMap:
+            view = chain._view
+            return view if view is not None else chain.view()
+        return _ReadOnlyMapping(chain)
+
+    vol.__wrapped__ = stock.fget  # type: ignore[attr-defined]
+    return property(vol, doc=stock.__doc__)
 
 
 class _CollectionsWithVolChainMap:
@@ -807,6 +876,8 @@ def adapt_volatility3() -> None:
     iobjects.ReadOnlyMapping.__getattr__ = _read_only_mapping_getattr  # type: ignore[method-assign]
     AggregateType.__getattr__ = _aggregate_getattr(AggregateType.__getattr__)  # type: ignore[method-assign]
     AggregateType.__dir__ = _aggregate_dir(AggregateType.__dir__)  # type: ignore[method-assign]
+    for cls in (iobjects.ObjectInterface, iobjects.Template):
+        cls.vol = _vol_property(cls.vol)  # type: ignore[method-assign,assignment]
     templates.ObjectTemplate.__call__ = _template_call  # type: ignore[method-assign]
     templates.ObjectTemplate.size = property(_template_size)  # type: ignore[method-assign,assignment]
     iobjects.ObjectInterface.__init__ = _object_interface_init(  # type: ignore[method-assign]

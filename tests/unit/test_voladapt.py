@@ -617,3 +617,58 @@ def test_members_kept_in_the_instance_dict_and_dir_is_stocks():
                 struct.nope
     assert dirs[0] == dirs[1] and dirs[0].count("lo") == 1 and dirs[0].count("c") == 2
     assert values[0] == values[1]
+
+
+view_keys = st.sampled_from(["a", "size", "offset", "type_name", "get", "keys", "_dict", "x"])
+view_ops = st.lists(st.tuples(st.sampled_from(["set", "del", "pop", "clear", "ior", "view"]), view_keys,
+                              st.integers()), max_size=12)
+
+
+def _seen_through(view, names) -> tuple:
+    """What a ReadOnlyMapping shows: attributes (or their error), items, length, iteration."""
+    attrs = []
+    for name in names:
+        try:
+            value = getattr(view, name)
+            attrs.append(("bound", name) if callable(value) and name in ("get", "keys") else value)
+        except AttributeError as exc:
+            attrs.append(("AttributeError", str(exc)))
+    return attrs, [view.get(n) for n in names], [n in view for n in names], len(view), list(view), dict(view)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.dictionaries(view_keys, st.integers()), min_size=1, max_size=3), view_ops)
+def test_vol_views_are_stock_read_only_mappings(ms, script):
+    """``obj.vol`` made once per map (a view over the flat dict where it can be)
+    shows what stock's new ReadOnlyMapping shows, after any writes: views taken
+    before a write (kept by a caller) as well as after, keys that are names of
+    the mapping class (``get``, ``keys``) included."""
+    voladapt.adapt_volatility3()
+    stock = collections.ChainMap(*[dict(m) for m in ms])
+    ours = voladapt.VolChainMap(*[dict(m) for m in ms])
+    holder = type("Holder", (), {"vol": iobjects.ObjectInterface.vol})()
+    holder._vol = ours
+    kept = [holder.vol]
+    assert holder.vol is kept[0]  # made once
+    names = ["a", "size", "offset", "type_name", "get", "keys", "x", "nope"]
+    for op, key, value in script:
+        if op == "set":
+            stock[key] = ours[key] = value
+        elif op in ("del", "pop"):
+            outcomes = []
+            for m in (stock, ours):
+                try:
+                    outcomes.append(m.pop(key) if op == "pop" else m.__delitem__(key))
+                except KeyError:
+                    outcomes.append(KeyError)
+            assert outcomes[0] == outcomes[1]
+        elif op == "clear":
+            stock.clear()
+            ours.clear()
+        elif op == "ior":
+            stock |= {key: value}
+            ours |= {key: value}
+        kept.append(holder.vol)
+        expected = _seen_through(iobjects.ReadOnlyMapping(stock), names)
+        for view in kept:
+            assert _seen_through(view, names) == expected
