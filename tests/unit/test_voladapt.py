@@ -672,3 +672,40 @@ def test_vol_views_are_stock_read_only_mappings(ms, script):
         expected = _seen_through(iobjects.ReadOnlyMapping(stock), names)
         for view in kept:
             assert _seen_through(view, names) == expected
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.binary(min_size=96, max_size=96), st.integers(0, 40), st.sampled_from(
+    ["t!s", "t!unsigned short", "t!int", "t!pointer", "t!list_head"]), st.booleans(), st.sampled_from([None, "native"]))
+def test_context_objects_are_stock_objects(data, offset, type_name, as_template, native):
+    """``Context.object`` for a type name, or for the type's template (as
+    ``Module.object_from_symbol`` passes it), builds what stock's clone, update
+    and call builds; a template with additions, a reference template and extra
+    arguments take stock's path."""
+    import pytest
+
+    from volatility3.framework.layers.physical import BufferDataLayer
+
+    voladapt.adapt_volatility3()
+    ctx = _context_with_table(data)
+    ctx.layers.add_layer(BufferDataLayer(ctx, "cfg2", "native", data))
+    stock_object = contexts.Context.object.__wrapped__
+    kind = ctx.symbol_space.get_type(type_name) if as_template else type_name
+    clones = []
+    with pytest.MonkeyPatch.context() as mp:
+        clone = templates.ObjectTemplate.clone
+        mp.setattr(templates.ObjectTemplate, "clone", lambda self: clones.append(self) or clone(self))
+        ours = ctx.object(kind, "mem", offset, native_layer_name=native)
+    assert ours._vol._parts is not None and not clones  # built by a maker, not by stock's clone and call
+    with pytest.MonkeyPatch.context() as mp:
+        _stock_volatility3(mp)
+        theirs = stock_object(ctx, kind, "mem", offset, native_layer_name=native)
+    _same_state(ours, theirs, {})
+    if isinstance(ours, int):
+        assert int(ours) == int(theirs)
+    ref = templates.ReferenceTemplate(type_name=type_name)  # stock resolves it: the same object
+    _same_state(ctx.object(ref, "mem", offset), stock_object(ctx, ref, "mem", offset), {})
+    grown = ctx.symbol_space.get_type("t!s").clone()
+    grown.update_vol(size=32)  # an addition, which stock writes into its clone again
+    made = ctx.object(grown, "mem", offset)
+    assert made.vol.size == stock_object(ctx, grown, "mem", offset).vol.size == 32
