@@ -250,6 +250,33 @@ ops = st.lists(st.tuples(st.sampled_from(["set", "del", "pop", "update", "child"
                          keys, st.integers()), max_size=12)
 
 
+def _write_both(stock, ours, op: str, key, value) -> bool:
+    """Apply one of ChainMap's writes (set, del, pop, update, clear, ior) to both
+    maps, checking they answer alike; False for an op that is none of them."""
+    if op == "set":
+        stock[key] = ours[key] = value
+    elif op in ("del", "pop"):
+        outcomes = []
+        for m in (stock, ours):
+            try:
+                outcomes.append(m.pop(key) if op == "pop" else m.__delitem__(key))
+            except KeyError:
+                outcomes.append(KeyError)
+        assert outcomes[0] == outcomes[1]
+    elif op == "update":
+        stock.update({key: value})
+        ours.update({key: value})
+    elif op == "clear":
+        stock.clear()
+        ours.clear()
+    elif op == "ior":
+        stock |= {key: value}
+        ours |= {key: value}
+    else:
+        return False
+    return True
+
+
 @settings(max_examples=400, deadline=None)
 @given(maps, ops, keys)
 def test_volchainmap_flat_view_follows_writes(ms, script, probe):
@@ -259,20 +286,7 @@ def test_volchainmap_flat_view_follows_writes(ms, script, probe):
     ours = voladapt.VolChainMap(*[dict(m) for m in ms])
     for op, key, value in script:
         assert ours.get(probe) == stock.get(probe)  # flattens early, then writes follow
-        if op == "set":
-            stock[key] = ours[key] = value
-        elif op in ("del", "pop"):
-            outcomes = []
-            for m in (stock, ours):
-                try:
-                    outcomes.append(m.pop(key) if op == "pop" else m.__delitem__(key))
-                except KeyError:
-                    outcomes.append(KeyError)
-            assert outcomes[0] == outcomes[1]
-        elif op == "update":
-            stock.update({key: value})
-            ours.update({key: value})
-        else:
+        if not _write_both(stock, ours, op, key, value):
             stock = getattr(stock, "new_child")() if op == "child" else \
                 (stock.parents if op == "parents" else stock.copy())
             ours = getattr(ours, "new_child")() if op == "child" else \
@@ -652,22 +666,7 @@ def test_vol_views_are_stock_read_only_mappings(ms, script):
     assert holder.vol is kept[0]  # made once
     names = ["a", "size", "offset", "type_name", "get", "keys", "x", "nope"]
     for op, key, value in script:
-        if op == "set":
-            stock[key] = ours[key] = value
-        elif op in ("del", "pop"):
-            outcomes = []
-            for m in (stock, ours):
-                try:
-                    outcomes.append(m.pop(key) if op == "pop" else m.__delitem__(key))
-                except KeyError:
-                    outcomes.append(KeyError)
-            assert outcomes[0] == outcomes[1]
-        elif op == "clear":
-            stock.clear()
-            ours.clear()
-        elif op == "ior":
-            stock |= {key: value}
-            ours |= {key: value}
+        _write_both(stock, ours, op, key, value)
         kept.append(holder.vol)
         expected = _seen_through(iobjects.ReadOnlyMapping(stock), names)
         for view in kept:
