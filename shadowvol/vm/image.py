@@ -209,18 +209,19 @@ def _decompress_module(path: Path) -> bytes:
     return data
 
 
+def _gcc(src: Path, exe: Path, flags: tuple[str, ...], libs: tuple[str, ...] = (), hint: str = "") -> Path:
+    """``gcc -O2 -Wall FLAGS -o EXE SRC LIBS``; a failure is a VMError naming ``src``."""
+    proc = subprocess.run(["gcc", *flags, "-O2", "-Wall", "-o", str(exe), str(src), *libs],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise VMError(f"compiling {src.name} failed: {proc.stderr.strip().splitlines()[-1:]}{hint}")
+    return exe
+
+
 def compile_workloads(dest: Path) -> list[Path]:
     """Compile the static workload programs (syscall loop, fork/exec, file copy)."""
-    out = []
-    for src in sorted((GUEST_DIR / "workloads").glob("*.c")):
-        exe = dest / src.stem
-        proc = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-o", str(exe), str(src)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise VMError(f"compiling {src.name} failed: {proc.stderr.strip().splitlines()[-1:]}"
-                          " (static glibc comes with libc6-dev)")
-        out.append(exe)
-    return out
+    return [_gcc(src, dest / src.stem, ("-static",), hint=" (static glibc comes with libc6-dev)")
+            for src in sorted((GUEST_DIR / "workloads").glob("*.c"))]
 
 
 def compile_dynamic(dest: Path, root: Path) -> list[Path]:
@@ -230,11 +231,7 @@ def compile_dynamic(dest: Path, root: Path) -> list[Path]:
     files. Returns the files copied."""
     out = []
     for src in sorted((GUEST_DIR / "dynamic").glob("*.c")):
-        exe = dest / src.stem
-        proc = subprocess.run(["gcc", "-O2", "-Wall", "-Wl,--no-as-needed", "-o", str(exe), str(src), "-lm"],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise VMError(f"compiling {src.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        exe = _gcc(src, dest / src.stem, ("-Wl,--no-as-needed",), ("-lm",))
         out.append(exe)
         ldd = subprocess.run(["ldd", str(exe)], capture_output=True, text=True)
         if ldd.returncode != 0:
