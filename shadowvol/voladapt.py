@@ -93,21 +93,19 @@ def _aggregate_getattr(stock: Any) -> Any:
         offset = mask & (vol["offset"] + relative_offset)
         native_layer_name = vol["native_layer_name"] or layer_name
         tvol = template._vol
+        plan = None
         if type(template) is _ObjectTemplate and type(tvol) is VolChainMap:
             plan = tvol._plan
             if plan is None:
                 plan = _plan(template, tvol)
-            if plan and plan[3] is not _UNSIZED:  # the stock steps below, in one call
-                make, object_class, tflat, size = plan
-                member = make(object_class, context, tflat, layer_name, offset, native_layer_name, attr, self, size)
-                concrete[attr] = member
-                if asked is attr:
-                    self.__dict__[attr] = member
-                return member
-        object_info = ObjectInformation(
-            layer_name=layer_name, offset=offset, member_name=attr,
-            parent=self, native_layer_name=native_layer_name, size=template.size)
-        member = template(context=context, object_info=object_info)
+        if plan and plan[3] is not _UNSIZED:  # what the stock steps (else) do, in one call
+            make, object_class, tflat, size = plan
+            member = make(object_class, context, tflat, layer_name, offset, native_layer_name, attr, self, size)
+        else:
+            object_info = ObjectInformation(
+                layer_name=layer_name, offset=offset, member_name=attr,
+                parent=self, native_layer_name=native_layer_name, size=template.size)
+            member = template(context=context, object_info=object_info)
         concrete[attr] = member
         if asked is attr:
             self.__dict__[attr] = member
